@@ -1,0 +1,231 @@
+"""Common services: the tag system and pricing rules (routing lookups are the gateway's).
+
+Never: let a rule-based tag be set by hand or a manual one be removed by a rule.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from cardcore.common import ids
+from cardcore.common.pricing import PricingRule, rule_id_of, validate_rule
+from cardcore.common.tags import TAG_RE, TagRule
+from cardcore.platform.engine import CellEngine
+from cardcore.platform.http import Request, Route, bad_request, conflict, encode, not_found
+from cardcore.platform.service import CoreService, cell_param
+from cardcore.platform.state import load_accounts, write_rule_tags
+
+TagName = Annotated[str, msgspec.Meta(pattern=TAG_RE)]
+CUSTOMERS_PER_PAGE_MAX = 1000
+RULE_SWEEP_BATCH = 500
+
+
+class TagDefinitionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    tag: TagName
+    description: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    rule: TagRule | None = None
+
+
+async def sweep_rule(engine: CellEngine, tag: str) -> int:
+    """Evaluate a new rule over every customer of the cell, in bounded batches. Returns matches."""
+    pool = engine.require_ready()
+    last = ""
+    matched = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            account_ids = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT account_id FROM accounts WHERE account_id > $1 ORDER BY account_id LIMIT $2",
+                    last,
+                    RULE_SWEEP_BATCH,
+                )
+            ]
+            states = await load_accounts(conn, account_ids, datetime.now(UTC), lock=True)
+            await write_rule_tags(conn, list(states.values()), engine.catalogue.tag_rules)
+            matched += sum(1 for s in states.values() if s.tags.get(tag) is not None)
+        if len(account_ids) < RULE_SWEEP_BATCH:
+            return matched
+        last = account_ids[-1]
+
+
+def routes(service: CoreService) -> list[Route]:
+    def customer_engine(customer_id: str) -> CellEngine:
+        return service.engine_for_id(customer_id, ids.PREFIX_CUSTOMER, "customer_id")
+
+    async def customer_tags(request: Request) -> tuple[int, Any]:
+        customer_id = request.params["customer_id"]
+        pool = customer_engine(customer_id).require_ready()
+        async with pool.acquire() as conn:
+            if not await conn.fetchval("SELECT 1 FROM customers WHERE customer_id = $1", customer_id):
+                raise not_found("customer_id", f"customer {customer_id} not found")
+            rows = await conn.fetch(
+                "SELECT tag, source, created_at FROM customer_tags WHERE customer_id = $1 ORDER BY tag",
+                customer_id,
+            )
+        return 200, {
+            "customer_id": customer_id,
+            "tags": [{"tag": r["tag"], "source": r["source"], "since": r["created_at"]} for r in rows],
+        }
+
+    async def put_tag(request: Request) -> tuple[int, Any]:
+        customer_id, tag = request.params["customer_id"], request.params["tag"]
+        engine = customer_engine(customer_id)
+        pool = engine.require_ready()
+        definition = engine.catalogue.tag_definitions.get(tag)
+        if definition is None:
+            raise not_found("tag", f"tag {tag!r} is not defined; define it with POST /v1/tags")
+        if definition[1] is not None:
+            raise conflict("rule_tag", f"tag {tag!r} is set by its rule, not by hand", "tag")
+        async with pool.acquire() as conn:
+            if not await conn.fetchval("SELECT 1 FROM customers WHERE customer_id = $1", customer_id):
+                raise not_found("customer_id", f"customer {customer_id} not found")
+            await conn.execute(
+                "INSERT INTO customer_tags (customer_id, tag, source) VALUES ($1, $2, 'manual') ON CONFLICT DO NOTHING",
+                customer_id,
+                tag,
+            )
+        return 200, {"customer_id": customer_id, "tag": tag, "source": "manual"}
+
+    async def delete_tag(request: Request) -> tuple[int, Any]:
+        customer_id, tag = request.params["customer_id"], request.params["tag"]
+        engine = customer_engine(customer_id)
+        pool = engine.require_ready()
+        definition = engine.catalogue.tag_definitions.get(tag)
+        if definition is not None and definition[1] is not None:
+            raise conflict("rule_tag", f"tag {tag!r} is set by its rule, not by hand", "tag")
+        async with pool.acquire() as conn:
+            deleted = await conn.fetchval(
+                "DELETE FROM customer_tags WHERE customer_id = $1 AND tag = $2 AND source = 'manual' RETURNING 1",
+                customer_id,
+                tag,
+            )
+        if not deleted:
+            raise not_found("tag", f"customer {customer_id} has no tag {tag!r}")
+        return 200, {"customer_id": customer_id, "tag": tag, "deleted": True}
+
+    async def define_tag(request: Request) -> tuple[int, Any]:
+        body: TagDefinitionRequest = request.decode(TagDefinitionRequest)
+        rule_json = encode(body.rule).decode() if body.rule is not None else None
+        status = 201
+        for engine in cell_param(service, request.query, required=False):
+            pool = engine.require_ready()
+            async with pool.acquire() as conn:
+                existing = await conn.fetchrow(
+                    "SELECT description, rule FROM tag_definitions WHERE tag = $1", body.tag
+                )
+                if existing is not None:
+                    same_rule = (msgspec.json.decode(existing["rule"]) if existing["rule"] else None) == (
+                        msgspec.json.decode(rule_json) if rule_json else None
+                    )
+                    if existing["description"] != body.description or not same_rule:
+                        raise conflict(
+                            "tag_exists", f"tag {body.tag!r} is already defined differently", "tag"
+                        )
+                    status = 200
+                    continue
+                await conn.execute(
+                    "INSERT INTO tag_definitions (tag, description, rule) VALUES ($1, $2, $3::jsonb)",
+                    body.tag,
+                    body.description,
+                    rule_json,
+                )
+            await engine.refresh_catalogue()
+            if body.rule is not None:
+                await sweep_rule(engine, body.tag)
+        return status, {"tag": body.tag, "description": body.description, "rule": body.rule}
+
+    async def tag_customers(request: Request) -> tuple[int, Any]:
+        tag = request.params["tag"]
+        limit_raw = request.query.get("limit", str(CUSTOMERS_PER_PAGE_MAX))
+        if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= CUSTOMERS_PER_PAGE_MAX:
+            raise bad_request("limit", f"limit must be 1..{CUSTOMERS_PER_PAGE_MAX}")
+        customers: list[str] = []
+        for engine in cell_param(service, request.query, required=False):
+            if tag not in engine.catalogue.tag_definitions:
+                raise not_found("tag", f"tag {tag!r} is not defined")
+            pool = engine.require_ready()
+            rows = await pool.fetch(
+                "SELECT customer_id FROM customer_tags WHERE tag = $1 ORDER BY customer_id LIMIT $2",
+                tag,
+                int(limit_raw),
+            )
+            customers += [r[0] for r in rows]
+        return 200, {"tag": tag, "customers": customers}
+
+    async def add_rule(request: Request) -> tuple[int, Any]:
+        rule: PricingRule = request.decode(PricingRule)
+        problem = validate_rule(rule)
+        if problem is not None:
+            raise bad_request(*problem)
+        if rule.layer == "account":
+            assert rule.account_id is not None
+            engines = [service.engine_for_id(rule.account_id, ids.PREFIX_ACCOUNT, "account_id")]
+        else:
+            engines = cell_param(service, request.query, required=False)
+        rule_id = rule_id_of(rule)
+        status = 201
+        for engine in engines:
+            pool = engine.require_ready()
+            async with pool.acquire() as conn:
+                if rule.layer == "account" and not await conn.fetchval(
+                    "SELECT 1 FROM accounts WHERE account_id = $1", rule.account_id
+                ):
+                    raise not_found("account_id", f"account {rule.account_id} not found")
+                if rule.layer == "product" and rule.product_code not in engine.catalogue.products:
+                    raise not_found("product_code", f"product {rule.product_code} not found")
+                inserted = await conn.fetchval(
+                    "INSERT INTO pricing_rules (rule_id, layer, body) VALUES ($1, $2, $3::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
+                    rule_id,
+                    rule.layer,
+                    encode(rule).decode(),
+                )
+                if not inserted:
+                    status = 200
+            await engine.refresh_catalogue()
+        return status, {"rule_id": rule_id, **msgspec.to_builtins(rule)}
+
+    async def list_rules(request: Request) -> tuple[int, Any]:
+        layer = request.query.get("layer")
+        if layer is not None and layer not in ("product", "account", "transaction"):
+            raise bad_request("layer", "layer must be product, account or transaction")
+        seen: dict[str, Any] = {}
+        for engine in cell_param(service, request.query, required=False):
+            engine.require_ready()
+            for rule_id, rule in engine.catalogue.rules:
+                if layer is None or rule.layer == layer:
+                    seen[rule_id] = {"rule_id": rule_id, **msgspec.to_builtins(rule)}
+        return 200, {"rules": list(seen.values())}
+
+    return [
+        Route("GET", "/v1/customers/{customer_id}/tags", customer_tags, "The customer's tags", tag="common"),
+        Route("PUT", "/v1/customers/{customer_id}/tags/{tag}", put_tag, "Set a manual tag", tag="common"),
+        Route(
+            "DELETE",
+            "/v1/customers/{customer_id}/tags/{tag}",
+            delete_tag,
+            "Remove a manual tag",
+            tag="common",
+        ),
+        Route(
+            "POST",
+            "/v1/tags",
+            define_tag,
+            "Define a tag, manual or with a rule",
+            TagDefinitionRequest,
+            tag="common",
+        ),
+        Route("GET", "/v1/tags/{tag}/customers", tag_customers, "Customers carrying a tag", tag="common"),
+        Route(
+            "POST",
+            "/v1/pricing/rules",
+            add_rule,
+            "Add a pricing rule (product, account or transaction layer)",
+            PricingRule,
+            tag="common",
+        ),
+        Route("GET", "/v1/pricing/rules", list_rules, "The pricing rules", tag="common"),
+    ]

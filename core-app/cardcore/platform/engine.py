@@ -1,0 +1,508 @@
+"""One cell as seen by an app server: its database, its catalogue cache and its group commit.
+
+Financial requests are queued and written in batches: one database transaction (one commit,
+one synchronous-replication round trip) for up to ``batch_size_max`` requests, gathered for at
+most ``batch_wait_ms_max``. Inside a batch every account is locked in id order, decisions are
+made in Python over the loaded state, and the effects are written with set-based SQL.
+
+Never: answer a financial request before its commit; post twice for one idempotency key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import asyncpg
+import msgspec
+
+from cardcore.common import catalogue, ids
+from cardcore.common.crypto import PanVault
+from cardcore.common.pricing import PricingRule, rule_id_of
+from cardcore.common.tags import BUILTIN_TAGS, TagRule
+from cardcore.limits.lines import AccountState
+from cardcore.platform import db
+from cardcore.platform.http import ApiError, encode
+from cardcore.platform.settings import AppSettings, CellSettings
+from cardcore.platform.state import Writes, load_accounts
+
+log = logging.getLogger("cardcore.engine")
+
+BATCH_RETRIES_MAX = 3
+SUBMIT_TIMEOUT_S = 10.0
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.QueryCanceledError,
+    asyncpg.PostgresConnectionError,
+)
+RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+Result = tuple[int, bytes]
+
+
+def unavailable(cell: int, why: str) -> ApiError:
+    return ApiError(
+        503,
+        "cell_unavailable",
+        f"cell {cell} is unavailable ({why}); retry with the same idempotency_key",
+        None,
+    )
+
+
+@dataclass(slots=True)
+class Needs:
+    pan_tokens: set[bytes] = field(default_factory=set)
+    auth_ids: set[str] = field(default_factory=set)
+    account_ids: set[str] = field(default_factory=set)
+    plan_ids: set[str] = field(default_factory=set)
+    transaction_ids: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Op:
+    kind: str
+    key: str
+    request_hash: bytes
+    request: Any
+    path_id: str | None
+    future: asyncio.Future[Result]
+
+
+class OpHandler(Protocol):
+    def needs(self, op: Op, needs: Needs, vault: PanVault) -> None: ...
+
+    def apply(self, ctx: BatchContext, op: Op) -> tuple[int, dict[str, Any]]: ...
+
+
+HANDLERS: dict[str, OpHandler] = {}
+
+
+def register(kind: str, handler: OpHandler) -> None:
+    HANDLERS[kind] = handler
+
+
+@dataclass(slots=True)
+class Catalogue:
+    products: dict[str, dict[str, Any]] = field(default_factory=dict)
+    product_names: dict[str, str] = field(default_factory=dict)
+    default_product: str = ""
+    rules: list[tuple[str, PricingRule]] = field(default_factory=list)
+    tag_definitions: dict[str, tuple[str, TagRule | None]] = field(default_factory=dict)
+
+    @property
+    def tag_rules(self) -> dict[str, TagRule]:
+        return {tag: rule for tag, (_, rule) in self.tag_definitions.items() if rule is not None}
+
+
+class BatchContext:
+    """What handlers see inside one batch: loaded rows, locked accounts, and the write buffer."""
+
+    def __init__(self, engine: CellEngine, conn: asyncpg.Connection, now: datetime) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.now = now
+        self.cell = engine.cell
+        self.catalogue = engine.catalogue
+        self.vault = engine.vault
+        self.settings = engine.settings
+        self.cards: dict[bytes, asyncpg.Record] = {}
+        self.auths: dict[str, dict[str, Any]] = {}
+        self.plans: dict[str, dict[str, Any]] = {}
+        self.transactions: dict[str, asyncpg.Record] = {}
+        self.accounts: dict[str, AccountState] = {}
+        self.booked_transactions: set[str] = set()
+        self.writes = Writes()
+
+    def new_id(self, prefix: str) -> str:
+        return ids.new_id(prefix, self.cell)
+
+    def account(self, account_id: str) -> AccountState | None:
+        return self.accounts.get(account_id)
+
+    async def load(self, needs: Needs) -> None:
+        conn = self.conn
+        if needs.pan_tokens:
+            for row in await conn.fetch(
+                "SELECT pan_token, card_id, account_id, status, expiry FROM cards WHERE pan_token = ANY($1::bytea[])",
+                list(needs.pan_tokens),
+            ):
+                self.cards[bytes(row[0])] = row
+                needs.account_ids.add(row[2])
+        if needs.auth_ids:
+            for row in await conn.fetch(
+                "SELECT auth_id, account_id, card_id, line, amount_fen, hold_fen, status, expires_at"
+                " FROM authorizations WHERE auth_id = ANY($1::text[])",
+                list(needs.auth_ids),
+            ):
+                self.auths[row[0]] = dict(row)
+                if row[1]:
+                    needs.account_ids.add(row[1])
+        if needs.plan_ids:
+            for row in await conn.fetch(
+                "SELECT plan_id, account_id, principal_fen, terms, schedule, periods_billed, status"
+                " FROM installment_plans WHERE plan_id = ANY($1::text[])",
+                list(needs.plan_ids),
+            ):
+                plan = dict(row)
+                plan["schedule"] = msgspec.json.decode(plan["schedule"])
+                self.plans[row[0]] = plan
+                needs.account_ids.add(row[1])
+        if needs.transaction_ids:
+            for row in await conn.fetch(
+                "SELECT t.transaction_id, t.account_id, t.kind, t.amount_fen, p.plan_id AS converted_by,"
+                " a.mcc FROM transactions t LEFT JOIN installment_plans p ON p.transaction_id = t.transaction_id"
+                " LEFT JOIN authorizations a ON a.auth_id = t.auth_id WHERE t.transaction_id = ANY($1::text[])",
+                list(needs.transaction_ids),
+            ):
+                self.transactions[row[0]] = row
+        self.accounts = await load_accounts(conn, needs.account_ids, self.now, lock=True)
+
+
+class CellEngine:
+    def __init__(
+        self, cell: int, cell_settings: CellSettings, settings: AppSettings, vault: PanVault
+    ) -> None:
+        self.cell = cell
+        self.cell_settings = cell_settings
+        self.settings = settings
+        self.vault = vault
+        self.catalogue = Catalogue()
+        self.pool: asyncpg.Pool | None = None
+        self.ready = False
+        self.leader_site: str | None = cell_settings.leader_site
+        self.last_error = "not started"
+        self._writer_conn: asyncpg.Connection | None = None
+        self._queue: asyncio.Queue[Op] = asyncio.Queue(maxsize=settings.queue_depth_max)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.batches_committed = 0
+        self.ops_committed = 0
+        self.on_batch: Callable[[int, float], None] | None = None
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    def _server_settings(self, role: str) -> dict[str, str]:
+        return {
+            "statement_timeout": str(self.settings.statement_timeout_ms),
+            "lock_timeout": str(self.settings.statement_timeout_ms),
+            "application_name": f"cardcore-{self.settings.site}-cell{self.cell}-{role}",
+        }
+
+    async def _connect(self, role: str) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            self.cell_settings.dsn,
+            timeout=self.settings.connect_timeout_ms / 1000,
+            server_settings=self._server_settings(role),
+            target_session_attrs="read-write",
+        )
+
+    async def start(self) -> None:
+        """Connect, migrate, seed the catalogue; keeps going in the background if the cell is down."""
+        self._tasks.append(asyncio.create_task(self._probe_loop(), name=f"probe-cell{self.cell}"))
+        self._tasks.append(asyncio.create_task(self._writer_loop(), name=f"writer-cell{self.cell}"))
+        self._tasks.append(asyncio.create_task(self._catalogue_loop(), name=f"catalogue-cell{self.cell}"))
+        try:
+            await self._ensure_pool()
+        except UNAVAILABLE_ERRORS as error:
+            self.last_error = f"{type(error).__name__}: {error}"
+            log.warning(
+                "cell %s: database not reachable at start (%s); will keep trying", self.cell, self.last_error
+            )
+
+    async def _ensure_pool(self) -> asyncpg.Pool:
+        if self.pool is None:
+            conn = await self._connect("migrate")
+            try:
+                applied = await db.migrate(conn)
+                if applied:
+                    log.info("cell %s: applied migrations %s", self.cell, ", ".join(applied))
+                await seed_catalogue(conn)
+            finally:
+                await conn.close()
+            self.pool = await asyncpg.create_pool(
+                self.cell_settings.dsn,
+                min_size=1,
+                max_size=self.settings.pool_size_max,
+                timeout=self.settings.connect_timeout_ms / 1000,
+                server_settings=self._server_settings("pool"),
+                target_session_attrs="read-write",
+            )
+            await self.refresh_catalogue()
+        return self.pool
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._writer_conn is not None:
+            await self._writer_conn.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def _probe_loop(self) -> None:
+        interval = self.settings.probe_interval_ms / 1000
+        while True:
+            try:
+                pool = await asyncio.wait_for(
+                    self._ensure_pool(), timeout=self.settings.connect_timeout_ms / 1000 + 5
+                )
+                async with pool.acquire(timeout=1.0) as conn:
+                    row = await conn.fetchrow(
+                        "SELECT pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()",
+                        timeout=1.0,
+                    )
+                assert row is not None
+                member = f"{row[1]}:{row[2]}"
+                self.leader_site = self.cell_settings.member_sites.get(member, self.cell_settings.leader_site)
+                was_ready, self.ready = self.ready, not row[0]
+                self.last_error = "" if self.ready else "connected to a replica"
+                if self.ready and not was_ready:
+                    log.info("cell %s: ready, primary at %s (site %s)", self.cell, member, self.leader_site)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # any failure means: not ready, say why once
+                if self.ready:
+                    log.warning("cell %s: not ready: %s: %s", self.cell, type(error).__name__, error)
+                self.ready = False
+                self.last_error = f"{type(error).__name__}: {error}"
+            await asyncio.sleep(interval)
+
+    async def _catalogue_loop(self) -> None:
+        """Catalogue rows may be changed through another app server: reload them periodically."""
+        while True:
+            await asyncio.sleep(self.settings.catalogue_refresh_ms / 1000)
+            if self.ready:
+                try:
+                    await self.refresh_catalogue()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    log.warning("cell %s: catalogue refresh failed: %s", self.cell, error)
+
+    async def refresh_catalogue(self) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire(timeout=2.0) as conn:
+            products = await conn.fetch("SELECT product_code, name, is_default, params FROM products")
+            rules = await conn.fetch("SELECT rule_id, body FROM pricing_rules ORDER BY created_at, rule_id")
+            tags = await conn.fetch("SELECT tag, description, rule FROM tag_definitions")
+        fresh = Catalogue()
+        for code, name, is_default, params in products:
+            fresh.products[code] = msgspec.json.decode(params)
+            fresh.product_names[code] = name
+            if is_default:
+                fresh.default_product = code
+        fresh.rules = [(rule_id, msgspec.json.decode(body, type=PricingRule)) for rule_id, body in rules]
+        fresh.tag_definitions = {
+            tag: (description, msgspec.json.decode(rule, type=TagRule) if rule else None)
+            for tag, description, rule in tags
+        }
+        self.catalogue = fresh
+
+    def require_ready(self) -> asyncpg.Pool:
+        if not self.ready or self.pool is None:
+            raise unavailable(self.cell, self.last_error or "not ready")
+        return self.pool
+
+    # ---- group commit -------------------------------------------------------------------------
+
+    async def submit(self, kind: str, key: str, request: Any, path_id: str | None = None) -> Result:
+        """Queue a financial request; resolves after its batch commits (or is answered from the
+        idempotency record)."""
+        self.require_ready()
+        digest = hashlib.sha256(
+            kind.encode() + b"\0" + (path_id or "").encode() + b"\0" + encode(request)
+        ).digest()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future))
+        except asyncio.QueueFull:
+            raise ApiError(
+                503, "overloaded", f"cell {self.cell} write queue is full; retry later", None
+            ) from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=SUBMIT_TIMEOUT_S)
+        except TimeoutError:
+            raise ApiError(
+                504,
+                "timeout",
+                f"cell {self.cell} did not commit within {SUBMIT_TIMEOUT_S:.0f} s; retry with the same idempotency_key",
+            ) from None
+
+    async def _collect(self) -> list[Op]:
+        batch = [await self._queue.get()]
+        size_max = self.settings.batch_size_max
+        while len(batch) < size_max and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        wait_s = self.settings.batch_wait_ms_max / 1000
+        if len(batch) < size_max and wait_s > 0 and self._queue.empty():
+            await asyncio.sleep(wait_s)
+            while len(batch) < size_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _writer_loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            live = [op for op in batch if not op.future.done()]
+            if live:
+                await self._execute(live)
+
+    async def _execute(self, batch: list[Op]) -> None:
+        for attempt in range(1, BATCH_RETRIES_MAX + 1):
+            try:
+                if self._writer_conn is None or self._writer_conn.is_closed():
+                    self._writer_conn = await self._connect("writer")
+                started = time.perf_counter()
+                results = await self._run_batch(self._writer_conn, batch)
+                self.batches_committed += 1
+                self.ops_committed += len(batch)
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), time.perf_counter() - started)
+            except RETRY_ERRORS as error:
+                log.info(
+                    "cell %s: batch of %d retried (attempt %d): %s", self.cell, len(batch), attempt, error
+                )
+                continue
+            except UNAVAILABLE_ERRORS as error:
+                await self._drop_writer()
+                reason = f"{type(error).__name__}: {error}"
+                log.warning("cell %s: batch of %d not committed: %s", self.cell, len(batch), reason)
+                self._fail(batch, unavailable(self.cell, reason))
+                return
+            except Exception as error:
+                if len(batch) == 1:
+                    log.exception("cell %s: %s failed", self.cell, batch[0].kind)
+                    self._fail(
+                        batch, ApiError(500, "internal", f"internal error: {type(error).__name__}", None)
+                    )
+                    return
+                # isolate the request that fails: each one alone
+                log.warning(
+                    "cell %s: batch of %d failed (%s); retrying one by one", self.cell, len(batch), error
+                )
+                for op in batch:
+                    await self._execute([op])
+                return
+            for op, result in zip(batch, results, strict=True):
+                if not op.future.done():
+                    op.future.set_result(result)
+            return
+        self._fail(
+            batch, ApiError(503, "contention", "too much contention; retry with the same idempotency_key")
+        )
+
+    async def _drop_writer(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            conn.terminate()
+
+    @staticmethod
+    def _fail(batch: list[Op], error: ApiError) -> None:
+        result = (error.status, encode(error.body()))
+        for op in batch:
+            if not op.future.done():
+                op.future.set_result(result)
+
+    async def _run_batch(self, conn: asyncpg.Connection, batch: list[Op]) -> list[Result]:
+        results: list[Result | None] = [None] * len(batch)
+        async with conn.transaction():
+            seen = await conn.fetch(
+                "SELECT key, request_hash, status, response FROM idempotency WHERE key = ANY($1::text[])",
+                [op.key for op in batch],
+            )
+            stored = {row[0]: (bytes(row[1]), row[2], bytes(row[3])) for row in seen}
+            first_of_key: dict[str, int] = {}
+            live: list[int] = []
+            for index, op in enumerate(batch):
+                previous = stored.get(op.key)
+                if previous is not None:
+                    results[index] = replay(op, previous[0], previous[1], previous[2])
+                elif op.key in first_of_key:
+                    continue  # answered after the first request with this key
+                else:
+                    first_of_key[op.key] = index
+                    live.append(index)
+            ctx = BatchContext(self, conn, datetime.now(UTC))
+            needs = Needs()
+            for index in live:
+                op = batch[index]
+                HANDLERS[op.kind].needs(op, needs, self.vault)
+            await ctx.load(needs)
+            for index in live:
+                op = batch[index]
+                try:
+                    status, body = HANDLERS[op.kind].apply(ctx, op)
+                except ApiError as error:
+                    results[index] = (error.status, encode(error.body()))
+                    continue
+                data = encode(body)
+                results[index] = (status, data)
+                ctx.writes.idempotency.append((op.key, op.request_hash, status, data))
+            await ctx.writes.flush(conn, ctx.accounts.values(), self.catalogue.tag_rules)
+        for index, op in enumerate(batch):
+            if results[index] is None:  # a repeat of a key first seen in this batch
+                first = first_of_key[op.key]
+                status, data = results[first]  # type: ignore[misc]
+                results[index] = (
+                    (status, data)
+                    if op.request_hash == batch[first].request_hash
+                    else replay(op, b"", 0, b"")
+                )
+        return [result for result in results if result is not None]
+
+
+def replay(op: Op, request_hash: bytes, status: int, response: bytes) -> Result:
+    if request_hash != op.request_hash:
+        error = ApiError(
+            409,
+            "idempotency_key_reused",
+            "this idempotency_key was used with a different request",
+            "idempotency_key",
+        )
+        return (error.status, encode(error.body()))
+    return (status, response)
+
+
+async def seed_catalogue(conn: asyncpg.Connection) -> None:
+    """Products, built-in tags and campaigns every cell starts with (idempotent)."""
+    for product in catalogue.PRODUCTS:
+        await conn.execute(
+            "INSERT INTO products (product_code, name, is_default, params) VALUES ($1, $2, $3, $4::jsonb)"
+            " ON CONFLICT (product_code) DO NOTHING",
+            product["product_code"],
+            product["name"],
+            product["is_default"],
+            encode(product["params"]).decode(),
+        )
+    for tag, (description, rule) in BUILTIN_TAGS.items():
+        await conn.execute(
+            "INSERT INTO tag_definitions (tag, description, rule) VALUES ($1, $2, $3::jsonb) ON CONFLICT DO NOTHING",
+            tag,
+            description,
+            encode(rule).decode() if rule is not None else None,
+        )
+    for raw in catalogue.CAMPAIGNS:
+        campaign = msgspec.convert(raw, type=PricingRule)
+        await conn.execute(
+            "INSERT INTO pricing_rules (rule_id, layer, body) VALUES ($1, $2, $3::jsonb) ON CONFLICT DO NOTHING",
+            rule_id_of(campaign),
+            campaign.layer,
+            encode(campaign).decode(),
+        )

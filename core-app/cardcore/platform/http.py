@@ -1,0 +1,254 @@
+"""A small, fast ASGI layer: routes by path template, msgspec bodies, the contract's error body.
+
+Owns: request parsing (bounded body), validation errors that name the field, JSON responses.
+Never: echo a request body into a log or an error message (it may hold a card number).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import msgspec
+
+BODY_BYTES_MAX = 64 * 1024
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_encoder = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    """An error the client gets as ``{"error": {code, message, field}}``."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+def bad_request(field: str, message: str, code: str = "invalid") -> ApiError:
+    return ApiError(400, code, message, field)
+
+
+def not_found(field: str, message: str) -> ApiError:
+    return ApiError(404, "not_found", message, field)
+
+
+def conflict(code: str, message: str, field: str | None = None) -> ApiError:
+    return ApiError(409, code, message, field)
+
+
+def unprocessable(code: str, message: str, field: str | None = None) -> ApiError:
+    return ApiError(422, code, message, field)
+
+
+_PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]+)`")
+_MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+
+
+def field_of_validation_error(message: str) -> str | None:
+    """The dotted field a msgspec validation message points at (``applicant.birth_date``)."""
+    path = ""
+    match = _PATH_RE.search(message)
+    if match:
+        path = match.group(1).lstrip(".")
+    for pattern in (_UNKNOWN_RE, _MISSING_RE):
+        named = pattern.search(message)
+        if named:
+            return f"{path}.{named.group(1)}" if path else named.group(1)
+    return path or None
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    params: dict[str, str]
+    query: dict[str, str]
+    body: bytes
+    route: Route
+
+    def decode(self, kind: type[Any]) -> Any:
+        if not self.body:
+            raise bad_request("body", "a JSON body is required")
+        try:
+            return msgspec.json.decode(self.body, type=kind)
+        except msgspec.ValidationError as error:
+            message = str(error)
+            raise bad_request(field_of_validation_error(message) or "body", message) from None
+        except msgspec.DecodeError as error:
+            raise bad_request("body", f"malformed JSON: {error}") from None
+
+
+Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
+
+
+@dataclass(slots=True)
+class Route:
+    method: str
+    template: str
+    handler: Handler
+    summary: str
+    request_type: type[Any] | None = None
+    response_type: Any = None
+    tag: str = "core"
+    segments: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        self.segments = tuple(self.template.strip("/").split("/"))
+
+    def match(self, parts: list[str]) -> dict[str, str] | None:
+        if len(parts) != len(self.segments):
+            return None
+        params: dict[str, str] = {}
+        for expected, actual in zip(self.segments, parts, strict=True):
+            if expected.startswith("{"):
+                if not actual:
+                    return None
+                params[expected[1:-1]] = actual
+            elif expected != actual:
+                return None
+        return params
+
+
+class RouteTable:
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = list(routes)
+        self._by_length: dict[int, list[Route]] = {}
+        for route in self.routes:
+            self._by_length.setdefault(len(route.segments), []).append(route)
+
+    def resolve(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        parts = path.strip("/").split("/")
+        allowed = False
+        for route in self._by_length.get(len(parts), ()):
+            params = route.match(parts)
+            if params is None:
+                continue
+            if route.method == method:
+                return route, params
+            allowed = True
+        if allowed:
+            raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}", None)
+        raise ApiError(404, "not_found", f"no such endpoint: {method} {path}", "path")
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > BODY_BYTES_MAX:
+            raise ApiError(413, "body_too_large", f"the body exceeds {BODY_BYTES_MAX} bytes", "body")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def send_bytes(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers or _JSON_HEADERS})
+    await send({"type": "http.response.body", "body": body})
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def parse_query(raw: bytes) -> dict[str, str]:
+    if not raw:
+        return {}
+    return {key: values[-1] for key, values in parse_qs(raw.decode("latin-1")).items()}
+
+
+Observer = Callable[[Route | None, int, float], None]
+
+
+class JsonApp:
+    """The ASGI callable: resolves, decodes, calls the handler, encodes; errors as the contract says."""
+
+    def __init__(self, routes: RouteTable, observe: Observer | None = None) -> None:
+        self.routes = routes
+        self.observe = observe
+        self.startup: list[Callable[[], Awaitable[None]]] = []
+        self.shutdown: list[Callable[[], Awaitable[None]]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    for hook in self.startup:
+                        await hook()
+                except Exception as error:  # reported to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": repr(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for hook in self.shutdown:
+                    await hook()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        route: Route | None = None
+        try:
+            route, params = self.routes.resolve(scope["method"], scope["path"])
+            body = await read_body(receive)
+            request = Request(
+                scope["method"],
+                scope["path"],
+                params,
+                parse_query(scope.get("query_string", b"")),
+                body,
+                route,
+            )
+            status, payload = await route.handler(request)
+            data = payload if isinstance(payload, bytes) else encode(payload)
+            headers = _JSON_HEADERS
+            if isinstance(payload, RawText):
+                headers = [(b"content-type", payload.content_type)]
+                data = payload.data
+        except ApiError as error:
+            status, data, headers = error.status, encode(error.body()), _JSON_HEADERS
+        await send_bytes(send, status, data, headers)
+        if self.observe is not None:
+            self.observe(route, status, time.perf_counter() - started)
+
+
+class RawText(bytes):
+    """A non-JSON response body (Prometheus text)."""
+
+    content_type: bytes = b"text/plain; version=0.0.4; charset=utf-8"
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self)

@@ -1,0 +1,49 @@
+"""Run an ASGI app in this process with granian's embedded server on uvloop: one process per
+server, so the runtime's PID is the server (kill -9 of that PID is the loss of that server).
+
+Never: fork workers (the topology counts and signals processes by PID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+from collections.abc import Callable
+from typing import Any
+
+
+def load_factory(target: str) -> Callable[[], Any]:
+    module_name, _, attribute = target.partition(":")
+    factory: Callable[[], Any] = getattr(importlib.import_module(module_name), attribute)
+    return factory
+
+
+def serve(target: str, host: str, port: int) -> None:
+    """Serve ``module:factory`` on host:port until SIGTERM or SIGINT."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.server.embed import Server
+
+    app = load_factory(target)()
+
+    async def main() -> None:
+        server = Server(
+            app,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGI,
+            http=HTTPModes.http1,
+            backlog=2048,
+            log_access=False,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        await server.serve()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
