@@ -205,6 +205,7 @@ class CellEngine:
         return await asyncpg.connect(
             self.cell_settings.dsn,
             timeout=self.settings.connect_timeout_ms / 1000,
+            command_timeout=self.settings.statement_timeout_ms / 1000,
             server_settings=self._server_settings(role),
             target_session_attrs="read-write",
         )
@@ -237,6 +238,7 @@ class CellEngine:
                 min_size=1,
                 max_size=self.settings.pool_size_max,
                 timeout=self.settings.connect_timeout_ms / 1000,
+                command_timeout=self.settings.statement_timeout_ms / 1000,
                 server_settings=self._server_settings("pool"),
                 target_session_attrs="read-write",
             )

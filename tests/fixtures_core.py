@@ -1,0 +1,190 @@
+"""The card core for tests: app servers and a gateway as real processes on a real PostgreSQL.
+
+``core`` (session): cells 1 and 2 as two databases, one app server serving both, one gateway in
+front; tests talk to the gateway (``core.client``) as users do. ``core_factory`` builds private
+stacks (e.g. one app server per cell, to stop one cell) that are torn down after the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from watertight.pg import PostgresServer, free_port
+
+READY_TIMEOUT_S = 30.0
+_database_numbers = itertools.count(1)
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def _spawn(
+    name: str, module: str, config: dict[str, Any], workdir: Path, ready_path: str, ready_status: int = 200
+) -> ServerProcess:
+    config_path = workdir / f"{name}.json"
+    config_path.write_text(json.dumps(config))
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = ServerProcess(name, f"http://{config['host']}:{config['port']}", process, log_path)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + ready_path, timeout=1.0).status_code == ready_status:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"{name} not ready within {READY_TIMEOUT_S} s:\n{server.log()}")
+
+
+@dataclass
+class CoreStack:
+    postgres: PostgresServer
+    workdir: Path
+    pan_key_hex: str
+    cell_count: int
+    databases: dict[int, str]
+    apps: list[ServerProcess] = field(default_factory=list)
+    gateway: ServerProcess | None = None
+    _client: httpx.Client | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.gateway is not None
+        return self.gateway.url
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(base_url=self.url, timeout=30.0)
+        return self._client
+
+    def app_config(self, cells: list[int], site: str = "prod", **overrides: Any) -> dict[str, Any]:
+        return {
+            "site": site,
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "cell_count": self.cell_count,
+            "pan_key_hex": self.pan_key_hex,
+            "cells": {
+                str(c): {"dsn": self.postgres.dsn(self.databases[c]), "leader_site": site} for c in cells
+            },
+            **overrides,
+        }
+
+    def start_app(self, cells: list[int], **overrides: Any) -> ServerProcess:
+        config = self.app_config(cells, **overrides)
+        app = _spawn(f"app{len(self.apps) + 1}", "cardcore", config, self.workdir, "/readyz")
+        self.apps.append(app)
+        return app
+
+    def start_gateway(self, upstreams: dict[int, list[str]], site: str = "prod") -> ServerProcess:
+        config = {
+            "site": site,
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "cell_count": self.cell_count,
+            "upstreams": {str(cell): urls for cell, urls in upstreams.items()},
+            "health_interval_ms": 200,
+        }
+        self.gateway = _spawn("gateway", "cardcore.gateway", config, self.workdir, "/readyz")
+        return self.gateway
+
+    def psql(self, cell: int, sql: str, *args: Any) -> list[Any]:
+        """Read the cell's database directly (for assertions on what was written)."""
+        import asyncio
+
+        import asyncpg
+
+        async def run() -> list[Any]:
+            conn = await asyncpg.connect(self.postgres.dsn(self.databases[cell]))
+            try:
+                return list(await conn.fetch(sql, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        for server in [self.gateway, *self.apps]:
+            if server is not None:
+                server.stop()
+
+
+def new_stack(postgres: PostgresServer, cell_count: int = 2) -> CoreStack:
+    workdir = Path(tempfile.mkdtemp(prefix="watertight-core-"))
+    databases = {}
+    for cell in range(1, cell_count + 1):
+        name = f"core{next(_database_numbers)}_cell{cell}"
+        postgres.create_database(name)
+        databases[cell] = name
+    return CoreStack(postgres, workdir, secrets.token_hex(32), cell_count, databases)
+
+
+@pytest.fixture(scope="session")
+def core(postgres: PostgresServer) -> Iterator[CoreStack]:
+    """Two cells behind one app server and one gateway, shared by the session."""
+    stack = new_stack(postgres)
+    try:
+        app = stack.start_app([1, 2])
+        stack.start_gateway({1: [app.url], 2: [app.url]})
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def core_factory(postgres: PostgresServer) -> Iterator[Callable[[], CoreStack]]:
+    """Private stacks with fresh databases, stopped after the test."""
+    made: list[CoreStack] = []
+
+    def make() -> CoreStack:
+        made.append(new_stack(postgres))
+        return made[-1]
+
+    yield make
+    for stack in made:
+        stack.close()

@@ -1,0 +1,104 @@
+"""The `watertight` command line: one subcommand per verb of CONTRACT.md.
+
+Owns: parsing arguments and handing them to the part of the toolkit that does the work. Must
+never: hold logic of its own beyond that, or exit 0 for something it did not do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_NOT_BUILT = 2
+
+# which piece of work builds each subcommand that does not exist yet
+NOT_BUILT = {
+    "up": "the local runtime (topology rendering and process supervision)",
+    "status": "the local runtime (topology rendering and process supervision)",
+    "down": "the local runtime (topology rendering and process supervision)",
+    "drill": "the drill (load, chaos experiment, verification and report)",
+    "bench": "the CPU-per-transaction benchmark",
+    "runbook": "the runbooks (ansible-runner against the current target)",
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="watertight",
+        description="Stand up a three-site, cell-based credit-card core, load it, break it and report.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="start the local topology in the background")
+    up.add_argument("--topology", metavar="FILE", help="topology description (default: the built-in one)")
+    up.add_argument("--cells", type=_positive_int, metavar="N", help="number of cells")
+
+    status = commands.add_parser("status", help="sites, cells, replication and health of the topology")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    down = commands.add_parser("down", help="stop everything `up` started")
+    down.add_argument("--purge", action="store_true", help="also delete the data")
+
+    drill = commands.add_parser("drill", help="run a chaos drill under load and write a report")
+    drill.add_argument(
+        "experiments",
+        nargs="*",
+        metavar="EXPERIMENT",
+        default=["site-loss-prod"],
+        help="default: site-loss-prod",
+    )
+    drill.add_argument("--rate-financial", type=_positive_float, metavar="N", help="financial TPS")
+    drill.add_argument("--rate-nonfinancial", type=_positive_float, metavar="N", help="non-financial TPS")
+    drill.add_argument("--report-dir", metavar="DIR", help="where report.json and report.html go")
+
+    bench = commands.add_parser("bench", help="CPU microseconds per transaction on the running topology")
+    bench.add_argument("--seconds", type=_positive_float, metavar="S", help="measurement window")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+
+    runbook = commands.add_parser("runbook", help="run a runbook from runbooks/ against the current target")
+    runbook.add_argument("name", metavar="NAME")
+    runbook.add_argument(
+        "--extra",
+        action="extend",
+        nargs="+",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra variables for the runbook",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    builder = NOT_BUILT.get(args.command)
+    if builder is not None:
+        print(f"watertight {args.command} is not built yet; it comes with {builder}.", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
