@@ -14,12 +14,12 @@ EXIT_NOT_BUILT = 2
 
 # which piece of work builds each subcommand that does not exist yet
 NOT_BUILT = {
-    "up": "the local runtime (topology rendering and process supervision)",
-    "status": "the local runtime (topology rendering and process supervision)",
-    "down": "the local runtime (topology rendering and process supervision)",
-    "drill": "the drill (load, chaos experiment, verification and report)",
-    "bench": "the CPU-per-transaction benchmark",
-    "runbook": "the runbooks (ansible-runner against the current target)",
+    "up": "the local three-site topology (issue #3)",
+    "status": "the local three-site topology (issue #3)",
+    "down": "the local three-site topology (issue #3)",
+    "drill": "the chaos drills (issue #5)",
+    "bench": "the load tests and CPU benchmark (issue #4)",
+    "runbook": "the runbooks through ansible-runner (issue #7)",
 }
 
 
