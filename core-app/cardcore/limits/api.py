@@ -16,7 +16,7 @@ from cardcore.common.types import AMOUNT_FEN_MAX, AmountFen, Line
 from cardcore.limits.lines import LINES, PARENT, AccountState
 from cardcore.platform.http import Request, Route, bad_request, not_found, unprocessable
 from cardcore.platform.service import CoreService
-from cardcore.platform.state import load_accounts, write_rule_tags
+from cardcore.platform.state import load_accounts, load_customer_account, write_rule_tags
 
 TEMPORARY_DAYS_MAX = 365
 
@@ -35,12 +35,17 @@ class LimitRequest(msgspec.Struct, forbid_unknown_fields=True):
 async def account_of_customer(
     conn: asyncpg.Connection, customer_id: str, now: datetime, lock: bool
 ) -> AccountState:
+    if not lock:
+        state = await load_customer_account(conn, customer_id, now)
+        if state is None:
+            raise not_found("customer_id", f"customer {customer_id} not found")
+        return state
     account_id = await conn.fetchval(
         "SELECT account_id FROM accounts WHERE customer_id = $1 ORDER BY created_at LIMIT 1", customer_id
     )
     if account_id is None:
         raise not_found("customer_id", f"customer {customer_id} not found")
-    return (await load_accounts(conn, [account_id], now, lock=lock))[account_id]
+    return (await load_accounts(conn, [account_id], now, lock=True))[account_id]
 
 
 def limits_view(customer_id: str, state: AccountState) -> dict[str, Any]:

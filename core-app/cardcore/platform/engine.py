@@ -240,6 +240,7 @@ class CellEngine:
                 timeout=self.settings.connect_timeout_ms / 1000,
                 command_timeout=self.settings.statement_timeout_ms / 1000,
                 server_settings=self._server_settings("pool"),
+                reset=_keep_session,
                 target_session_attrs="read-write",
             )
             await self.refresh_catalogue()
@@ -468,6 +469,11 @@ class CellEngine:
                     else replay(op, b"", 0, b"")
                 )
         return [result for result in results if result is not None]
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without a reset query: handlers never change session state, and a reset
+    is a round trip per request. (asyncpg still rolls back an open transaction.)"""
 
 
 def replay(op: Op, request_hash: bytes, status: int, response: bytes) -> Result:

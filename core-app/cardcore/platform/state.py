@@ -8,98 +8,108 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from cardcore.accounting.journal import BANK, Entry
 from cardcore.issuing.decision import age_on
 from cardcore.limits.lines import AccountState
 
+_STATE_COLUMNS = """
+SELECT a.account_id, a.customer_id, a.product_code, a.status, c.total_spend_fen, c.installment_plan_count,
+  c.birth_date,
+  (SELECT json_agg(json_build_array(l.line, l.limit_fen, l.held_fen)) FROM lines l
+    WHERE l.account_id = a.account_id) AS lines,
+  (SELECT json_agg(json_build_array(b.gl, b.balance_fen)) FROM balances b
+    WHERE b.account_id = a.account_id) AS balances,
+  (SELECT json_agg(json_build_array(t.line, t.amount_fen)) FROM temporary_raises t
+    WHERE t.account_id = a.account_id AND t.expires_at > $2) AS temporary,
+  (SELECT json_agg(json_build_array(ct.tag, ct.source)) FROM customer_tags ct
+    WHERE ct.customer_id = a.customer_id) AS tags,
+  (SELECT json_agg(json_build_array(h.line, h.hold_fen)) FROM authorizations h
+    WHERE h.account_id = a.account_id AND h.status = 'open' AND h.expires_at <= $2) AS expired
+FROM accounts a JOIN customers c USING (customer_id)
+"""
+STATE_BY_ACCOUNTS = _STATE_COLUMNS + "WHERE a.account_id = ANY($1::text[])"
+STATE_BY_CUSTOMER = (
+    _STATE_COLUMNS
+    + "WHERE a.account_id = (SELECT account_id FROM accounts WHERE customer_id = $1 ORDER BY created_at LIMIT 1)"
+)
+_decode_pairs = msgspec.json.Decoder(list[list[Any]])
+
+
+def _state_of(row: asyncpg.Record, today: date) -> tuple[AccountState, bool]:
+    """An account from one row of the state query; and whether stale holds still count in it."""
+    state = AccountState(
+        account_id=row[0],
+        customer_id=row[1],
+        product_code=row[2],
+        status=row[3],
+        limits={},
+        held={},
+        total_spend_fen=row[4],
+        installment_plan_count=row[5],
+        age=age_on(row[6], today),
+    )
+    for line, limit_fen, held_fen in _decode_pairs.decode(row[7] or "[]"):
+        state.limits[line] = limit_fen
+        state.held[line] = held_fen
+    for gl, balance_fen in _decode_pairs.decode(row[8] or "[]"):
+        state.balances[gl] = balance_fen
+    for line, amount_fen in _decode_pairs.decode(row[9] or "[]"):
+        state.temporary[line] = state.temporary.get(line, 0) + amount_fen
+    for tag, source in _decode_pairs.decode(row[10] or "[]"):
+        state.tags[tag] = source
+    # holds past their expiry no longer count, even before anyone marks them expired
+    expired = _decode_pairs.decode(row[11] or "[]")
+    for line, hold_fen in expired:
+        state.held[line] -= hold_fen
+    return state, bool(expired)
+
 
 async def load_accounts(
     conn: asyncpg.Connection, account_ids: Iterable[str], now: datetime, lock: bool
 ) -> dict[str, AccountState]:
-    """Accounts with lines, balances, live temporary raises and tags. ``lock`` takes the account
-    rows FOR UPDATE in id order (so two batches never deadlock) and expires stale holds."""
+    """Accounts with lines, balances, live temporary raises and tags, in two round trips at most.
+
+    ``lock`` first takes the account rows FOR UPDATE in id order (so two batches never deadlock),
+    then reads the state in a new statement, so the read sees everything committed before the
+    lock was granted; it also marks stale holds expired."""
     ids = sorted(set(account_ids))
     if not ids:
         return {}
-    lock_sql = " ORDER BY a.account_id FOR UPDATE OF a" if lock else ""
-    rows = await conn.fetch(
-        "SELECT a.account_id, a.customer_id, a.product_code, a.status, c.total_spend_fen,"
-        " c.installment_plan_count, c.birth_date FROM accounts a JOIN customers c USING (customer_id)"
-        " WHERE a.account_id = ANY($1::text[])" + lock_sql,
-        ids,
-    )
-    today = now.date()
-    states: dict[str, AccountState] = {}
-    by_customer: dict[str, AccountState] = {}
-    for row in rows:
-        state = AccountState(
-            account_id=row[0],
-            customer_id=row[1],
-            product_code=row[2],
-            status=row[3],
-            limits={},
-            held={},
-            total_spend_fen=row[4],
-            installment_plan_count=row[5],
-            age=age_on(row[6], today),
-        )
-        states[row[0]] = state
-        by_customer[row[1]] = state
-    if not states:
-        return states
-    found = list(states)
     if lock:
-        expired = await conn.fetch(
-            "WITH stale AS (SELECT auth_id, account_id, line, hold_fen FROM authorizations"
-            " WHERE account_id = ANY($1::text[]) AND status = 'open' AND expires_at <= $2 FOR UPDATE)"
-            " UPDATE authorizations a SET status = 'expired', hold_fen = 0 FROM stale"
-            " WHERE a.auth_id = stale.auth_id RETURNING stale.account_id, stale.line, stale.hold_fen",
-            found,
+        await conn.execute(
+            "SELECT 1 FROM accounts WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR UPDATE", ids
+        )
+    states: dict[str, AccountState] = {}
+    stale: list[str] = []
+    for row in await conn.fetch(STATE_BY_ACCOUNTS, ids, now):
+        state, has_stale = _state_of(row, now.date())
+        states[state.account_id] = state
+        if has_stale:
+            stale.append(state.account_id)
+    if lock and stale:
+        await conn.execute(
+            "UPDATE authorizations SET status = 'expired', hold_fen = 0 WHERE account_id = ANY($1::text[])"
+            " AND status = 'open' AND expires_at <= $2",
+            stale,
             now,
         )
-    else:
-        expired = []
-    for row in await conn.fetch(
-        "SELECT account_id, line, limit_fen, held_fen FROM lines WHERE account_id = ANY($1::text[])", found
-    ):
-        state = states[row[0]]
-        state.limits[row[1]] = row[2]
-        state.held[row[1]] = row[3]
-    for row in await conn.fetch(
-        "SELECT account_id, gl, balance_fen FROM balances WHERE account_id = ANY($1::text[])", found
-    ):
-        states[row[0]].balances[row[1]] = row[2]
-    for row in await conn.fetch(
-        "SELECT account_id, line, sum(amount_fen)::bigint FROM temporary_raises"
-        " WHERE account_id = ANY($1::text[]) AND expires_at > $2 GROUP BY 1, 2",
-        found,
-        now,
-    ):
-        states[row[0]].temporary[row[1]] = row[2]
-    for row in await conn.fetch(
-        "SELECT customer_id, tag, source FROM customer_tags WHERE customer_id = ANY($1::text[])",
-        list(by_customer),
-    ):
-        by_customer[row[0]].tags[row[1]] = row[2]
-    if not lock:
-        # a read view: holds past their expiry no longer count, even before a batch expires them
-        for row in await conn.fetch(
-            "SELECT account_id, line, sum(hold_fen)::bigint FROM authorizations WHERE account_id = ANY($1::text[])"
-            " AND status = 'open' AND expires_at <= $2 GROUP BY 1, 2",
-            found,
-            now,
-        ):
-            expired.append(row)
-    for account_id, line, hold_fen in expired:
-        state = states[account_id]
-        state.held[line] = state.held.get(line, 0) - hold_fen
-        state.changed_held = lock or state.changed_held
+        for account_id in stale:
+            states[account_id].changed_held = True
     return states
+
+
+async def load_customer_account(
+    conn: asyncpg.Connection, customer_id: str, now: datetime
+) -> AccountState | None:
+    """The (first) account of a customer, read in one round trip, without a lock."""
+    row = await conn.fetchrow(STATE_BY_CUSTOMER, customer_id, now)
+    return None if row is None else _state_of(row, now.date())[0]
 
 
 @dataclass(slots=True)
