@@ -393,11 +393,12 @@ class Gateway:
     ) -> Response:
         """One request to the first candidate that takes it; a second only if nothing was sent."""
         what = f"cell {cell}" if cell is not None else "the core"
+        code = "cell_unavailable" if cell is not None else "unavailable"
         if not candidates:
             raise _Failed(
                 "unavailable",
                 503,
-                "cell_unavailable",
+                code,
                 f"{what} is unavailable: no healthy app server; retry later or through another site",
             )
         headers = [(b"content-type", content_type)] if content_type else None
@@ -422,7 +423,7 @@ class Gateway:
         raise _Failed(
             "unavailable",
             503,
-            "cell_unavailable",
+            code,
             f"{what} is unavailable: {last}; retry later or through another site",
         )
 

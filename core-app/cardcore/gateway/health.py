@@ -156,6 +156,9 @@ class HealthMonitor:
         if self._tasks:
             return
         await asyncio.gather(*(self.poll(upstream) for upstream in self._all))
+        for upstream in self._all:
+            if not upstream.ok:
+                log.warning("upstream %s: not reachable at start: %s", upstream.url, upstream.last_error)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._poll_loop(upstream)) for upstream in self._all]
 
