@@ -108,3 +108,96 @@ def trial_balance(client: httpx.Client, cell: int) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+def customers_in_each_cell(client: httpx.Client, cells: int = 2) -> dict[int, dict[str, Any]]:
+    """One opened account (active card) per cell, keyed by cell: applicants are hashed to cells."""
+    found: dict[int, dict[str, Any]] = {}
+    for _ in range(40):
+        opened = open_account(client)
+        found.setdefault(opened["cell"], opened)
+        if len(found) == cells:
+            return found
+    raise AssertionError(f"applicants landed only in cells {sorted(found)}")
+
+
+WRITTEN_TABLES = (
+    "customers",
+    "accounts",
+    "cards",
+    "lines",
+    "temporary_raises",
+    "authorizations",
+    "journal_entries",
+    "postings",
+    "balances",
+    "transactions",
+    "idempotency",
+    "installment_plans",
+    "statements",
+    "cycle_runs",
+    "tag_definitions",
+    "customer_tags",
+    "pricing_rules",
+)
+
+
+def database_fingerprint(stack: Any) -> dict[int, dict[str, str]]:
+    """Per cell and table, a digest of every row: equal fingerprints mean nothing was written.
+
+    ``stack`` is a ``tests.fixtures_core.CoreStack``; the cells are read concurrently."""
+    import asyncio
+
+    import asyncpg
+
+    query = " UNION ALL ".join(
+        f"SELECT '{table}', md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t"
+        for table in WRITTEN_TABLES
+    )
+
+    async def one(cell: int) -> dict[str, str]:
+        conn = await asyncpg.connect(stack.postgres.dsn(stack.databases[cell]))
+        try:
+            return {row[0]: row[1] for row in await conn.fetch(query)}
+        finally:
+            await conn.close()
+
+    async def every() -> dict[int, dict[str, str]]:
+        cells = range(1, stack.cell_count + 1)
+        return dict(zip(cells, await asyncio.gather(*(one(cell) for cell in cells)), strict=True))
+
+    return asyncio.run(every())
+
+
+def reverse(client: httpx.Client, auth_id: str, amount: int | None = None) -> httpx.Response:
+    """Reverse all (``amount`` None) or part of a hold."""
+    body: dict[str, Any] = {"idempotency_key": key()}
+    if amount is not None:
+        body["amount"] = amount
+    return client.post(f"/v1/authorizations/{auth_id}/reversal", json=body)
+
+
+def book_installment(
+    client: httpx.Client, account_id: str, transaction_id: str, terms: int
+) -> httpx.Response:
+    return client.post(
+        "/v1/installments",
+        json={
+            "idempotency_key": key(),
+            "account_id": account_id,
+            "transaction_id": transaction_id,
+            "terms": terms,
+        },
+    )
+
+
+def assert_books_balance(client: httpx.Client, cells: tuple[int, ...] = (1, 2)) -> None:
+    """Every journal entry balances, balances match postings and line holds match open holds."""
+    for cell in cells:
+        books = trial_balance(client, cell)
+        assert books["cell"] == cell, books
+        assert books["balanced"] is True, books
+        assert books["debits"] == books["credits"], books
+        assert books["entries_unbalanced"] == 0, books
+        assert books["balances_match_postings"] is True, books
+        assert books["holds_match_lines"] is True, books

@@ -50,7 +50,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def _spawn(
+def spawn_server(
     name: str, module: str, config: dict[str, Any], workdir: Path, ready_path: str, ready_status: int = 200
 ) -> ServerProcess:
     config_path = workdir / f"{name}.json"
@@ -115,7 +115,7 @@ class CoreStack:
 
     def start_app(self, cells: list[int], **overrides: Any) -> ServerProcess:
         config = self.app_config(cells, **overrides)
-        app = _spawn(f"app{len(self.apps) + 1}", "cardcore", config, self.workdir, "/readyz")
+        app = spawn_server(f"app{len(self.apps) + 1}", "cardcore", config, self.workdir, "/readyz")
         self.apps.append(app)
         return app
 
@@ -128,7 +128,7 @@ class CoreStack:
             "upstreams": {str(cell): urls for cell, urls in upstreams.items()},
             "health_interval_ms": 200,
         }
-        self.gateway = _spawn("gateway", "cardcore.gateway", config, self.workdir, "/readyz")
+        self.gateway = spawn_server("gateway", "cardcore.gateway", config, self.workdir, "/readyz")
         return self.gateway
 
     def psql(self, cell: int, sql: str, *args: Any) -> list[Any]:

@@ -6,25 +6,21 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
 
-import httpx
 import pytest
 
-from tests.cards import approved, authorize, key, lines, open_account, purchase, trial_balance
+from tests.cards import (
+    approved,
+    authorize,
+    customers_in_each_cell,
+    key,
+    lines,
+    purchase,
+    trial_balance,
+)
 from tests.fixtures_core import CoreStack
 
 FAST_FAILURE_S = 1.0
-
-
-def customers_in_each_cell(client: httpx.Client, cells: int = 2) -> dict[int, dict[str, Any]]:
-    found: dict[int, dict[str, Any]] = {}
-    for _ in range(40):
-        opened = open_account(client)
-        found.setdefault(opened["cell"], opened)
-        if len(found) == cells:
-            return found
-    raise AssertionError(f"applicants landed only in cells {sorted(found)}")
 
 
 @pytest.fixture

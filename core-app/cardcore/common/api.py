@@ -98,6 +98,8 @@ def routes(service: CoreService) -> list[Route]:
         if definition is not None and definition[1] is not None:
             raise conflict("rule_tag", f"tag {tag!r} is set by its rule, not by hand", "tag")
         async with pool.acquire() as conn:
+            if not await conn.fetchval("SELECT 1 FROM customers WHERE customer_id = $1", customer_id):
+                raise not_found("customer_id", f"customer {customer_id} not found")
             deleted = await conn.fetchval(
                 "DELETE FROM customer_tags WHERE customer_id = $1 AND tag = $2 AND source = 'manual' RETURNING 1",
                 customer_id,
@@ -200,7 +202,37 @@ def routes(service: CoreService) -> list[Route]:
                     seen[rule_id] = {"rule_id": rule_id, **msgspec.to_builtins(rule)}
         return 200, {"rules": list(seen.values())}
 
+    def routing(value: str, prefix: str, field: str) -> dict[str, Any]:
+        cell = service.router.cell_for_id(value, prefix)
+        if cell is None:
+            raise not_found(field, f"{field} is not an id this issuer gave out")
+        engine = service.engines.get(cell)
+        return {
+            "cell": cell,
+            "leader_site": engine.leader_site if engine is not None and engine.ready else None,
+        }
+
+    async def route_customer(request: Request) -> tuple[int, Any]:
+        return 200, routing(request.params["customer_id"], ids.PREFIX_CUSTOMER, "customer_id")
+
+    async def route_card(request: Request) -> tuple[int, Any]:
+        return 200, routing(request.params["card_id"], ids.PREFIX_CARD, "card_id")
+
     return [
+        Route(
+            "GET",
+            "/v1/routing/customers/{customer_id}",
+            route_customer,
+            "The cell of a customer and where it is led",
+            tag="common",
+        ),
+        Route(
+            "GET",
+            "/v1/routing/cards/{card_id}",
+            route_card,
+            "The cell of a card and where it is led",
+            tag="common",
+        ),
         Route("GET", "/v1/customers/{customer_id}/tags", customer_tags, "The customer's tags", tag="common"),
         Route("PUT", "/v1/customers/{customer_id}/tags/{tag}", put_tag, "Set a manual tag", tag="common"),
         Route(

@@ -191,6 +191,11 @@ class Gateway:
             "Time from request to answer at the gateway.",
             ("route", "cell", "site"),
         )
+        self.m_decisions = self.registry.counter(
+            "watertight_authorizations_total",
+            "Authorization decisions answered through the gateway, by ISO 8583 response code.",
+            ("cell", "site", "response_code"),
+        )
         self.m_healthy = self.registry.gauge(
             "watertight_upstream_healthy",
             "1 when the upstream app server can serve the cell (last readyz poll), else 0.",
@@ -280,6 +285,8 @@ class Gateway:
         )
         await send({"type": "http.response.body", "body": data})
         self.m_requests.inc((route.template, cell, self.site, outcome))
+        if route.kind is Kind.BODY_PAN and status == 200:
+            self.m_decisions.inc((cell, self.site, _response_code(data)))
         self.m_seconds.observe((route.template, cell, self.site), time.perf_counter() - started)
 
     async def _dispatch(self, route: Route, scope: Scope, body: bytes) -> tuple[int, bytes, bytes, str, str]:
@@ -588,3 +595,15 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return Gateway(settings)
+
+
+_RESPONSE_CODE = b'"response_code":"'
+
+
+def _response_code(answer: bytes) -> str:
+    """The ISO 8583 code of an authorization answer, found without decoding the JSON."""
+    at = answer.find(_RESPONSE_CODE)
+    if at < 0:
+        return "unknown"
+    start = at + len(_RESPONSE_CODE)
+    return answer[start : start + 2].decode("ascii", "replace")

@@ -215,8 +215,7 @@ def routes(service: CoreService) -> list[Route]:
         return card_view(row)
 
     async def activate(request: Request) -> tuple[int, Any]:
-        if request.body.strip() not in (b"", b"{}"):
-            raise bad_request("body", "activate takes no fields")
+        request.expect_no_fields()
         return 200, await change_status(request.params["card_id"], "active")
 
     async def set_status(request: Request) -> tuple[int, Any]:
@@ -224,8 +223,7 @@ def routes(service: CoreService) -> list[Route]:
         return 200, await change_status(request.params["card_id"], body.status)
 
     async def replace(request: Request) -> tuple[int, Any]:
-        if request.body.strip() not in (b"", b"{}"):
-            raise bad_request("body", "replace takes no fields")
+        request.expect_no_fields()
         card_id = request.params["card_id"]
         engine = service.engine_for_id(card_id, ids.PREFIX_CARD, "card_id")
         pool = engine.require_ready()

@@ -93,6 +93,20 @@ class Request:
         except msgspec.DecodeError as error:
             raise bad_request("body", f"malformed JSON: {error}") from None
 
+    def expect_no_fields(self) -> None:
+        """For endpoints without a body: none, or an empty object; any field is unknown."""
+        if not self.body.strip():
+            return
+        try:
+            value = msgspec.json.decode(self.body)
+        except msgspec.DecodeError as error:
+            raise bad_request("body", f"malformed JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise bad_request("body", "expected a JSON object")
+        if value:
+            field = next(iter(value))
+            raise bad_request(field, f"unknown field {field!r}: this endpoint takes no fields")
+
 
 Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
 
