@@ -78,7 +78,7 @@ async def _cycle_account(
             return None
         params = engine.catalogue.products[state.product_code]
         writes = Writes()
-        fees = installment_due = 0
+        fees = installment_due = installment_principal = 0  # installment_due = its principal + fee
         for plan in await conn.fetch(
             "SELECT plan_id, terms, schedule, periods_billed FROM installment_plans WHERE account_id = $1"
             " AND status = 'active' ORDER BY plan_id",
@@ -107,6 +107,7 @@ async def _cycle_account(
             state.apply(entry.legs)
             fees += period["fee"]
             installment_due += period["principal"] + period["fee"]
+            installment_principal += period["principal"]
             periods = plan["periods_billed"] + 1
             writes.plan_updates[plan["plan_id"]] = (
                 periods,
@@ -129,13 +130,14 @@ async def _cycle_account(
         balance = state.posted("total") - state.balances.get(journal.GL_INSTALLMENT_UNBILLED, 0)
         minimum = 0
         if balance > 0:
-            revolving = max(0, balance - fees - interest - installment_due)
+            # each part of the balance counts once: the installment fee is among the fees
+            revolving = max(0, balance - fees - interest - installment_principal)
             minimum = min(
                 balance,
                 max(int(params["min_due_floor_fen"]), round(revolving * float(params["min_due_rate"])))
                 + fees
                 + interest
-                + installment_due,
+                + installment_principal,
             )
         await writes.flush(conn, states.values(), engine.catalogue.tag_rules)
         await conn.execute(
