@@ -364,8 +364,13 @@ class CellEngine:
         while True:
             batch = await self._collect()
             live = [op for op in batch if not op.future.done()]
-            if live:
+            if not live:
+                continue
+            try:
                 await self._execute(live)
+            except Exception:  # never let the writer die: answer the batch and go on
+                log.exception("cell %s: writer failed on a batch of %d", self.cell, len(live))
+                self._fail(live, ApiError(500, "internal", "internal error in the writer", None))
 
     async def _execute(self, batch: list[Op]) -> None:
         for attempt in range(1, BATCH_RETRIES_MAX + 1):
@@ -390,6 +395,13 @@ class CellEngine:
                 self._fail(batch, unavailable(self.cell, reason))
                 return
             except Exception as error:
+                if key_committed_elsewhere(error) and attempt < BATCH_RETRIES_MAX:
+                    # another app server committed one of these keys after we looked: run the
+                    # batch again, and the replay answers with what that server committed
+                    log.info(
+                        "cell %s: batch of %d retried: a key was committed elsewhere", self.cell, len(batch)
+                    )
+                    continue
                 if len(batch) == 1:
                     log.exception("cell %s: %s failed", self.cell, batch[0].kind)
                     self._fail(
@@ -469,6 +481,10 @@ class CellEngine:
                     else replay(op, b"", 0, b"")
                 )
         return [result for result in results if result is not None]
+
+
+def key_committed_elsewhere(error: BaseException) -> bool:
+    return isinstance(error, asyncpg.UniqueViolationError) and error.constraint_name == "idempotency_pkey"
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
