@@ -7,16 +7,18 @@ never: hold logic of its own beyond that, or exit 0 for something it did not do.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_NOT_BUILT = 2
+RUN_DIR_HINT = "run/ in the repository"
 
 # which piece of work builds each subcommand that does not exist yet
 NOT_BUILT = {
-    "up": "the local three-site topology (issue #3)",
-    "status": "the local three-site topology (issue #3)",
-    "down": "the local three-site topology (issue #3)",
     "drill": "the chaos drills (issue #5)",
     "bench": "the load tests and CPU benchmark (issue #4)",
     "runbook": "the runbooks through ansible-runner (issue #7)",
@@ -52,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="start the local topology in the background")
-    up.add_argument("--topology", metavar="FILE", help="topology description (default: the built-in one)")
+    up.add_argument(
+        "--topology", metavar="FILE", help="topology description (default: topology.yaml of the repository)"
+    )
     up.add_argument("--cells", type=_positive_int, metavar="N", help="number of cells")
 
     status = commands.add_parser("status", help="sites, cells, replication and health of the topology")
@@ -60,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = commands.add_parser("down", help="stop everything `up` started")
     down.add_argument("--purge", action="store_true", help="also delete the data")
+    for sub in (up, status, down):
+        sub.add_argument(
+            "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
+        )
 
     drill = commands.add_parser("drill", help="run a chaos drill under load and write a report")
     drill.add_argument(
@@ -91,8 +99,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_dir(args: argparse.Namespace) -> Path:
+    from watertight.runtime.local import RUN_DIR_DEFAULT
+
+    chosen = args.run_dir or os.environ.get("WATERTIGHT_RUN_DIR")
+    return Path(chosen) if chosen else RUN_DIR_DEFAULT
+
+
+def _say(line: str) -> None:
+    print(f"==> {line}", flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from watertight import topology as topology_module
+    from watertight.runtime.local import LocalRuntime
+
+    path = Path(args.topology) if args.topology else topology_module.DEFAULT_PATH
+    topology = topology_module.load(path, cells=args.cells)
+    text = path.read_text(encoding="utf-8") if args.cells is None else topology_module.dump(topology)
+    runtime = LocalRuntime(_run_dir(args), topology, text)
+    _say(
+        f"bringing up {topology.name}: {topology.cells} cells over prod, samecity and dr (run dir {runtime.run_dir})"
+    )
+    result = runtime.up(progress=_say)
+    print(f"entry: {result['entry']}")
+    for site in ("prod", "samecity"):
+        print(f"gateway {site}: {topology.gateway_url(site)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from watertight.runtime.local import LocalRuntime
+    from watertight.runtime.report import status_table
+
+    status = LocalRuntime(_run_dir(args)).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(status_table(status))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from watertight.runtime.local import LocalRuntime, RuntimeError_
+
+    try:
+        runtime = LocalRuntime(_run_dir(args))
+    except RuntimeError_:
+        _say("nothing runs from this run directory")
+        if args.purge:
+            shutil.rmtree(_run_dir(args), ignore_errors=True)
+        return 0
+    runtime.down(purge=args.purge, progress=_say)
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from watertight.runtime.local import RuntimeError_
+    from watertight.topology import TopologyError
+
+    handler = COMMANDS.get(args.command)
+    if handler is not None:
+        try:
+            return handler(args)
+        except (TopologyError, RuntimeError_) as error:
+            print(f"watertight {args.command}: {error}", file=sys.stderr)
+            return 1
     builder = NOT_BUILT.get(args.command)
     if builder is not None:
         print(f"watertight {args.command} is not built yet; it comes with {builder}.", file=sys.stderr)

@@ -82,12 +82,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 def service_tempdir(prefix: str = "watertight-pg-") -> Path:
     """A fresh directory under /tmp, mode 0700, owned by the user PostgreSQL runs as."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    _give_to_service_user(path, mode=0o700)
+    give_to_service_user(path, mode=0o700)
     return path
 
 
 @dataclass
-class _Account:
+class ServiceAccount:
     name: str
     uid: int
     gid: int
@@ -95,22 +95,22 @@ class _Account:
     home: str
 
 
-def _service_account() -> _Account | None:
+def service_account() -> ServiceAccount | None:
     user = service_user()
     if user is None:
         return None
     entry = pwd.getpwnam(user)
-    return _Account(user, entry.pw_uid, entry.pw_gid, os.getgrouplist(user, entry.pw_gid), entry.pw_dir)
+    return ServiceAccount(user, entry.pw_uid, entry.pw_gid, os.getgrouplist(user, entry.pw_gid), entry.pw_dir)
 
 
-def _give_to_service_user(path: Path, mode: int) -> None:
+def give_to_service_user(path: Path, mode: int) -> None:
     path.chmod(mode)
-    account = _service_account()
+    account = service_account()
     if account is not None:
         os.chown(path, account.uid, account.gid)
 
 
-def _check_reachable(path: Path, account: _Account) -> None:
+def check_reachable(path: Path, account: ServiceAccount) -> None:
     """Fail early, with a clear sentence, when the service user cannot reach `path`."""
     for directory in [path, *path.parents]:
         if not directory.exists():
@@ -130,7 +130,7 @@ def _check_reachable(path: Path, account: _Account) -> None:
             )
 
 
-def _clean_env(account: _Account | None) -> dict[str, str]:
+def clean_env(account: ServiceAccount | None) -> dict[str, str]:
     # PG* variables of the caller (PGHOST, PGSSLMODE, ...) would silently redirect our clients
     env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
     env["LC_ALL"] = "C"
@@ -195,11 +195,11 @@ class PostgresServer:
         if self.is_initialised():
             log.info("postgres %s: already initialised, initdb skipped", self.datadir)
             return
-        account = _service_account()
+        account = service_account()
         self.datadir.mkdir(parents=False, exist_ok=True)
-        _give_to_service_user(self.datadir, mode=0o700)
+        give_to_service_user(self.datadir, mode=0o700)
         if account is not None:
-            _check_reachable(self.datadir, account)
+            check_reachable(self.datadir, account)
         args = [
             str(pg_bindir() / "initdb"),
             "--pgdata",
@@ -249,7 +249,7 @@ class PostgresServer:
             input=sql,
             capture_output=True,
             text=True,
-            env=_clean_env(None),
+            env=clean_env(None),
             timeout=PSQL_TIMEOUT_S,
             check=False,
         )
@@ -281,11 +281,11 @@ class PostgresServer:
             return
         if not self.is_initialised():
             raise RuntimeError(f"{self.datadir} holds no PostgreSQL cluster; call initdb() first")
-        account = _service_account()
+        account = service_account()
         self.socket_dir.mkdir(parents=True, exist_ok=True)
-        _give_to_service_user(self.socket_dir, mode=0o700)
+        give_to_service_user(self.socket_dir, mode=0o700)
         if account is not None:
-            _check_reachable(self.socket_dir, account)
+            check_reachable(self.socket_dir, account)
         assert self.log_path is not None
         with open(self.log_path, "ab") as log_file:
             self._process = subprocess.Popen(
@@ -293,7 +293,7 @@ class PostgresServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=_clean_env(account),
+                env=clean_env(account),
                 cwd=self.datadir,
                 # Ctrl-C in the terminal must not reach it: whoever started it stops it
                 start_new_session=True,
@@ -320,7 +320,7 @@ class PostgresServer:
                     f"postgres {self.datadir} exited with code {self._process.returncode} while starting; "
                     f"the end of {self.log_path}:\n{_tail(self.log_path) if self.log_path else ''}"
                 )
-            ready = subprocess.run(args, env=_clean_env(None), timeout=10, check=False)
+            ready = subprocess.run(args, env=clean_env(None), timeout=10, check=False)
             if ready.returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -416,7 +416,7 @@ class PostgresServer:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _run(
-        self, args: Sequence[str], account: _Account | None, timeout_s: float
+        self, args: Sequence[str], account: ServiceAccount | None, timeout_s: float
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             list(args),
@@ -424,7 +424,7 @@ class PostgresServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_clean_env(account),
+            env=clean_env(account),
             cwd="/",
             timeout=timeout_s,
             check=False,

@@ -223,3 +223,8 @@ def load(path: str | Path, cells: int | None = None) -> Topology:
 
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "topology.yaml"
+
+
+def dump(topology: Topology) -> str:
+    """The topology as YAML (what the run directory records)."""
+    return yaml.safe_dump(msgspec.to_builtins(topology), sort_keys=False)

@@ -374,7 +374,14 @@ class Gateway:
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         try:
             response = await self._exchange(
-                cell, candidates, scope["method"], target, body, _content_type(scope), deadline
+                cell,
+                candidates,
+                scope["method"],
+                target,
+                body,
+                _content_type(scope),
+                deadline,
+                replayable=_replayable(scope["method"], scope["path"]),
             )
         except _Failed as failed:
             if authorization:
@@ -397,6 +404,7 @@ class Gateway:
         body: bytes,
         content_type: bytes | None,
         deadline: float,
+        replayable: bool = False,
     ) -> Response:
         """One request to the first candidate that takes it; a second only if nothing was sent."""
         what = f"cell {cell}" if cell is not None else "the core"
@@ -417,7 +425,7 @@ class Gateway:
                 self.health.mark_down(upstream, str(error))
                 last = error
             except UpstreamProtocolError as error:
-                if error.sent and not (method == "GET" and not error.responded):
+                if error.sent and not ((method == "GET" or replayable) and not error.responded):
                     raise _Failed(
                         "5xx", 502, "upstream_error", f"{what}: the app server broke the connection"
                     ) from None
@@ -442,6 +450,14 @@ class Gateway:
         method = scope["method"]
         path = _path_target(scope)
         query = _query_of(scope)
+        chosen = parse_qs(query).get("cell")
+        if chosen:
+            # one cell asked for (e.g. by a gateway in front of this one): no fan-out
+            raw = chosen[-1].strip()
+            if not raw.isdigit() or int(raw) not in self.cells:
+                message = f"query parameter cell must be a cell number in 1..{len(self.cells)}"
+                return 400, JSON, error_body("invalid", message, "cell"), "none", "4xx"
+            return await self._to_cell(int(raw), scope, body)
         content_type = _content_type(scope)
         deadline = asyncio.get_running_loop().time() + self.request_timeout
 
@@ -517,7 +533,13 @@ class Gateway:
                 break
             merged = {
                 "business_date": business_date,
-                "cells": {str(cell): value for cell, value in decoded.items()},
+                # an app server answers {"cells": {"N": ...}} for ?cell=N: keep the inner answer
+                "cells": {
+                    str(cell): value.get("cells", {}).get(str(cell), value)
+                    if isinstance(value, dict)
+                    else value
+                    for cell, value in decoded.items()
+                },
             }
         else:
             key = "customers" if kind is Kind.FANOUT_TAG_CUSTOMERS else "rules"
@@ -607,3 +629,15 @@ def _response_code(answer: bytes) -> str:
         return "unknown"
     start = at + len(_RESPONSE_CODE)
     return answer[start : start + 2].decode("ascii", "replace")
+
+
+# financial requests carry an idempotency key: sending one again cannot post twice
+_FINANCIAL_PATHS = frozenset({"/v1/authorizations", "/v1/clearing", "/v1/repayments", "/v1/installments"})
+
+
+def _replayable(method: str, path: str) -> bool:
+    """A request that may be sent to a second app server when the first broke the connection
+    before answering: reads, and financial writes (their idempotency key makes a resend safe)."""
+    if method == "GET":
+        return True
+    return method == "POST" and (path in _FINANCIAL_PATHS or path.endswith(("/reversal", "/payoff")))

@@ -1,0 +1,426 @@
+"""The renderers of watertight.render, without starting anything: what each component is told."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import yaml
+from cardcore.gateway.settings import parse as parse_gateway
+from cardcore.platform.settings import AppSettings
+
+from watertight import pg, render, topology
+from watertight.topology import Topology
+
+PYTHON = "/opt/venv/bin/python"
+RUN_DIR = Path("/tmp/wt-run")
+
+# every address and port differs from the defaults, so a hard-coded value shows up as a failure
+CUSTOM = """
+name: custom
+cells: 3
+sites:
+  prod: {role: center, address: 127.0.11.1}
+  samecity: {role: center, address: 127.0.12.1}
+  dr: {role: dr, address: 127.0.13.1}
+leaders: {3: samecity}
+entry: {address: 127.0.10.1, port: 28080}
+ports:
+  etcd_client: 22379
+  etcd_peer: 22380
+  etcd_dr_client: 22479
+  etcd_dr_peer: 22480
+  postgres_base: 25500
+  patroni_base: 28800
+  app: 28100
+  gateway: 28000
+patroni: {ttl: 30, loop_wait: 2, retry_timeout: 7, maximum_lag_on_failover: 4096}
+postgres: {shared_buffers: 48MB, max_connections: 60}
+app: {batch_size_max: 64, batch_wait_ms_max: 2.0, hold_ttl_seconds: 3600}
+"""
+
+
+@pytest.fixture
+def topo() -> Topology:
+    return topology.parse(CUSTOM, "custom")
+
+
+@pytest.fixture
+def default_topo() -> Topology:
+    return topology.load(topology.DEFAULT_PATH)
+
+
+@pytest.fixture
+def secrets() -> dict[str, str]:
+    return {
+        render.SECRET_PAN_KEY: "ab" * 32,
+        render.SECRET_SUPERUSER_PASSWORD: "super-Secret-1",
+        render.SECRET_REPLICATION_PASSWORD: "repl-Secret-2",
+    }
+
+
+def components(topo: Topology, secrets: dict[str, str]) -> dict[str, render.Component]:
+    return {c.name: c for c in render.render_local(topo, RUN_DIR, PYTHON, secrets)}
+
+
+def patroni_of(component: render.Component) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(component.files["patroni.yml"])
+    return config
+
+
+def member(topo: Topology, cell: int, site: str) -> dict[str, Any]:
+    endpoints = render.LocalEndpoints(topo)
+    return render.patroni_config(
+        topo, endpoints, cell, site, RUN_DIR / "data" / render.pg_name(cell, site), Path("/pg/bin")
+    )
+
+
+# ---- Patroni: the main clusters ----------------------------------------------------------------
+
+
+def test_every_cell_has_a_synchronous_not_strict_cluster_over_both_centers(topo: Topology) -> None:
+    for cell in topo.cell_numbers:
+        configs = [member(topo, cell, site) for site in ("prod", "samecity")]
+        assert {c["scope"] for c in configs} == {f"watertight-cell{cell}"}
+        assert [c["name"] for c in configs] == [f"pg-cell{cell}-prod", f"pg-cell{cell}-samecity"]
+        for config in configs:
+            dcs = config["bootstrap"]["dcs"]
+            assert dcs["synchronous_mode"] is True
+            assert dcs["synchronous_mode_strict"] is False
+            assert dcs["synchronous_node_count"] == 1
+            assert "standby_cluster" not in dcs
+            assert dcs["postgresql"]["use_pg_rewind"] is True
+            parameters = dcs["postgresql"]["parameters"]
+            assert parameters["wal_level"] == "replica"
+            assert parameters["hot_standby"] == "on"
+            assert parameters["wal_log_hints"] == "on"
+            assert parameters["max_wal_senders"] >= 4
+
+
+def test_patroni_timings_and_postgres_sizes_come_from_the_topology(topo: Topology) -> None:
+    dcs = member(topo, 1, "prod")["bootstrap"]["dcs"]
+    assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (30, 2, 7)
+    assert dcs["maximum_lag_on_failover"] == 4096
+    parameters = dcs["postgresql"]["parameters"]
+    assert parameters["shared_buffers"] == "48MB"
+    assert parameters["max_connections"] == 60
+
+
+def test_members_listen_on_their_site_address_and_cell_ports(topo: Topology) -> None:
+    for cell in topo.cell_numbers:
+        for site in topo.sites:
+            config = member(topo, cell, site)
+            address = topo.address(site)
+            assert config["postgresql"]["listen"] == f"{address}:{25500 + cell}"
+            assert config["postgresql"]["connect_address"] == f"{address}:{25500 + cell}"
+            assert config["restapi"]["listen"] == f"{address}:{28800 + cell}"
+            assert config["restapi"]["connect_address"] == f"{address}:{28800 + cell}"
+            assert config["postgresql"]["bin_dir"] == "/pg/bin"
+            data = RUN_DIR / "data" / render.pg_name(cell, site)
+            assert config["postgresql"]["data_dir"] == str(data / "pgdata")
+            assert config["postgresql"]["parameters"]["unix_socket_directories"] == str(data)
+
+
+def test_main_clusters_use_the_three_site_etcd_own_site_first(topo: Topology) -> None:
+    for site in ("prod", "samecity"):
+        etcd = member(topo, 1, site)["etcd3"]
+        assert etcd["protocol"] == "http"
+        assert etcd["hosts"][0] == f"{topo.address(site)}:22379"
+        assert sorted(etcd["hosts"]) == sorted(f"{topo.address(s)}:22379" for s in topo.sites)
+
+
+def test_password_auth_on_the_site_addresses(topo: Topology) -> None:
+    hba = member(topo, 1, "prod")["postgresql"]["pg_hba"]
+    for address in ("127.0.11.1", "127.0.12.1", "127.0.13.1", "127.0.0.1"):
+        assert f"host replication replicator {address}/32 scram-sha-256" in hba
+        assert f"host all all {address}/32 scram-sha-256" in hba
+    assert not any(line.startswith("host") and "trust" in line for line in hba)
+    assert not any("0.0.0.0" in line for line in hba)
+
+
+def test_every_main_cluster_keeps_a_slot_for_its_dr_copy(topo: Topology) -> None:
+    for cell in topo.cell_numbers:
+        slots = member(topo, cell, "prod")["bootstrap"]["dcs"]["slots"]
+        assert slots == {render.dr_slot_name(cell): {"type": "physical"}}
+
+
+def test_leaders_alternate_and_start_before_their_replicas(topo: Topology, secrets: dict[str, str]) -> None:
+    found = components(topo, secrets)
+    # cells 1, 2 alternate prod, samecity; cell 3 is pinned to samecity by the topology
+    expected = {1: "prod", 2: "samecity", 3: "samecity"}
+    for cell, leader in expected.items():
+        assert topo.leader_site(cell) == leader
+        other = "samecity" if leader == "prod" else "prod"
+        assert found[render.pg_name(cell, leader)].stage == render.STAGE_PATRONI_LEADER
+        assert found[render.pg_name(cell, other)].stage == render.STAGE_PATRONI_REPLICA
+
+
+def test_default_topology_leads_cell_1_in_prod_and_cell_2_in_samecity(
+    default_topo: Topology, secrets: dict[str, str]
+) -> None:
+    found = components(default_topo, secrets)
+    leaders = {c.cell: c.site for c in found.values() if c.stage == render.STAGE_PATRONI_LEADER}
+    assert leaders == {1: "prod", 2: "samecity"}
+
+
+# ---- Patroni: the dr standby clusters -----------------------------------------------------------
+
+
+def test_dr_clusters_are_standby_clusters_on_the_dr_local_etcd(topo: Topology) -> None:
+    for cell in topo.cell_numbers:
+        config = member(topo, cell, "dr")
+        assert config["scope"] == f"watertight-cell{cell}-dr"
+        assert config["name"] == f"pg-cell{cell}-dr"
+        assert config["etcd3"]["hosts"] == ["127.0.13.1:22479"]
+        dcs = config["bootstrap"]["dcs"]
+        assert dcs["synchronous_mode"] is False
+        standby = dcs["standby_cluster"]
+        leader, other = topo.leader_site(cell), topo.standby_site(cell)
+        # libpq multi-host: the standby leader follows whichever center member is the primary
+        assert standby["host"] == f"{topo.address(leader)},{topo.address(other)}"
+        assert standby["port"] == 25500 + cell
+        # a slot is what makes Patroni add target_session_attrs=read-write; it must be the one
+        # the main cluster keeps
+        assert standby["primary_slot_name"] in member(topo, cell, "prod")["bootstrap"]["dcs"]["slots"]
+
+
+def test_dr_scopes_differ_from_the_main_scopes(topo: Topology) -> None:
+    scopes = [member(topo, cell, site)["scope"] for cell in topo.cell_numbers for site in topo.sites]
+    assert len(set(scopes)) == 2 * topo.cells
+
+
+def test_patroni_config_passes_patroni_s_own_schema(topo: Topology, tmp_path: Path) -> None:
+    validator = pytest.importorskip("patroni.validator")
+    validator.populate_validate_params(ignore_listen_port=True)
+    endpoints = render.LocalEndpoints(topo)
+    for site in topo.sites:
+        config = render.patroni_config(topo, endpoints, 1, site, tmp_path / site, pg.pg_bindir())
+        errors = validator.schema(config)
+        # the schema also checks that etcd answers; nothing runs here
+        assert [e for e in errors if "is not reachable" not in e] == [], site
+
+
+def test_unknown_site_or_cell_is_refused(topo: Topology) -> None:
+    endpoints = render.LocalEndpoints(topo)
+    with pytest.raises(ValueError, match="site"):
+        render.patroni_config(topo, endpoints, 1, "moon", RUN_DIR, Path("/pg/bin"))
+    with pytest.raises(ValueError, match="cell 4"):
+        render.patroni_config(topo, endpoints, 4, "prod", RUN_DIR, Path("/pg/bin"))
+
+
+def test_a_socket_path_that_does_not_fit_fails_clearly(topo: Topology, secrets: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="socket path"):
+        render.render_local(topo, Path("/tmp/" + "x" * 100), PYTHON, secrets)
+
+
+# ---- etcd ------------------------------------------------------------------------------------------
+
+
+def flags(argv: list[str]) -> dict[str, str]:
+    return dict(zip(argv[1::2], argv[2::2], strict=False))
+
+
+def test_etcd_one_member_per_site_in_one_cluster_of_three(topo: Topology) -> None:
+    endpoints = render.LocalEndpoints(topo)
+    initial = set()
+    for site in topo.sites:
+        argv = render.etcd_args(topo, endpoints, site, Path(f"/d/{site}"))
+        assert argv[0] == "/usr/bin/etcd"
+        f = flags(argv)
+        address = topo.address(site)
+        assert f["--name"] == site
+        assert f["--listen-client-urls"] == f["--advertise-client-urls"] == f"http://{address}:22379"
+        assert f["--listen-peer-urls"] == f["--initial-advertise-peer-urls"] == f"http://{address}:22380"
+        assert f["--data-dir"] == f"/d/{site}"
+        initial.add(f["--initial-cluster"])
+    assert initial == {
+        "prod=http://127.0.11.1:22380,samecity=http://127.0.12.1:22380,dr=http://127.0.13.1:22380"
+    }
+
+
+def test_etcd_dr_local_is_a_separate_single_member_cluster(topo: Topology) -> None:
+    endpoints = render.LocalEndpoints(topo)
+    f = flags(render.etcd_dr_args(topo, endpoints, Path("/d/dr-local")))
+    assert f["--listen-client-urls"] == "http://127.0.13.1:22479"
+    assert f["--initial-cluster"] == "dr-local=http://127.0.13.1:22480"
+    main = flags(render.etcd_args(topo, endpoints, "dr", Path("/d/dr")))
+    assert f["--initial-cluster-token"] != main["--initial-cluster-token"]
+
+
+# ---- app, gateway, entry -------------------------------------------------------------------------
+
+
+def test_app_dsn_lists_both_centers_read_write(topo: Topology) -> None:
+    endpoints = render.LocalEndpoints(topo)
+    for site in ("prod", "samecity"):
+        settings = render.app_settings(topo, endpoints, site, "cd" * 32)
+        parsed = msgspec.convert(settings, AppSettings)
+        parsed.cell_numbers()
+        assert parsed.pan_key() == bytes.fromhex("cd" * 32)
+        assert (parsed.host, parsed.port) == (topo.address(site), 28100)
+        assert (parsed.batch_size_max, parsed.batch_wait_ms_max, parsed.hold_ttl_seconds) == (64, 2.0, 3600)
+        assert sorted(settings["cells"]) == ["1", "2", "3"]
+        for cell in topo.cell_numbers:
+            cell_settings = parsed.cells[str(cell)]
+            leader, other = topo.leader_site(cell), topo.standby_site(cell)
+            port = 25500 + cell
+            hosts = f"{topo.address(leader)}:{port},{topo.address(other)}:{port}"
+            assert (
+                cell_settings.dsn == f"postgresql://postgres@{hosts}/cardcore?target_session_attrs=read-write"
+            )
+            assert cell_settings.member_sites == {
+                f"{topo.address(leader)}:{port}": leader,
+                f"{topo.address(other)}:{port}": other,
+            }
+            assert cell_settings.leader_site == leader
+
+
+def test_app_at_dr_names_the_dr_members(topo: Topology) -> None:
+    settings = render.app_settings(topo, render.LocalEndpoints(topo), "dr", "cd" * 32)
+    assert settings["cells"]["2"]["member_sites"] == {"127.0.13.1:25502": "dr"}
+
+
+def test_gateway_upstreams_own_site_first_then_the_other_center(topo: Topology) -> None:
+    endpoints = render.LocalEndpoints(topo)
+    for site, other in (("prod", "samecity"), ("samecity", "prod")):
+        settings = render.gateway_settings(topo, endpoints, site)
+        parsed = parse_gateway(json.dumps(settings))
+        assert (parsed.site, parsed.host, parsed.port) == (site, topo.address(site), 28000)
+        assert parsed.cell_upstreams() == {
+            cell: [f"http://{topo.address(site)}:28100", f"http://{topo.address(other)}:28100"]
+            for cell in topo.cell_numbers
+        }
+
+
+def test_entry_is_a_gateway_over_the_two_site_gateways(topo: Topology) -> None:
+    settings = render.entry_settings(topo, render.LocalEndpoints(topo))
+    parsed = parse_gateway(json.dumps(settings))
+    assert (parsed.host, parsed.port) == ("127.0.10.1", 28080)
+    for cell, urls in parsed.cell_upstreams().items():
+        assert sorted(urls) == ["http://127.0.11.1:28000", "http://127.0.12.1:28000"]
+        assert urls[0] == f"http://{topo.address(topo.leader_site(cell))}:28000"
+
+
+# ---- the local set ---------------------------------------------------------------------------------
+
+
+def test_names_are_unique_and_the_set_is_complete(default_topo: Topology, secrets: dict[str, str]) -> None:
+    listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
+    names = [c.name for c in listed]
+    assert len(names) == len(set(names))
+    assert set(names) == {
+        "etcd-prod",
+        "etcd-samecity",
+        "etcd-dr",
+        "etcd-dr-local",
+        "pg-cell1-prod",
+        "pg-cell1-samecity",
+        "pg-cell1-dr",
+        "pg-cell2-prod",
+        "pg-cell2-samecity",
+        "pg-cell2-dr",
+        "app-prod",
+        "app-samecity",
+        "gateway-prod",
+        "gateway-samecity",
+        "entry",
+    }
+    assert {c.kind for c in listed} <= set(render.KINDS)
+
+
+def test_stages_are_ordered_by_kind(default_topo: Topology, secrets: dict[str, str]) -> None:
+    listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
+    stages = [c.stage for c in listed]
+    assert stages == sorted(stages)
+    by_kind: dict[str, set[int]] = {}
+    for c in listed:
+        key = c.kind if c.kind != "patroni" else ("patroni-dr" if c.site == "dr" else "patroni")
+        by_kind.setdefault(key, set()).add(c.stage)
+    assert by_kind == {
+        "etcd": {1},
+        "etcd-dr": {1},
+        "patroni": {2, 3},
+        "patroni-dr": {4},
+        "app": {5},
+        "gateway": {6},
+        "entry": {7},
+    }
+
+
+def test_components_carry_how_to_start_them(default_topo: Topology, secrets: dict[str, str]) -> None:
+    for c in render.render_local(default_topo, RUN_DIR, PYTHON, secrets):
+        assert Path(c.argv[0]).is_absolute()
+        assert c.ready_url and c.ready_url.startswith("http://")
+        assert c.service_user == (c.kind == "patroni")
+        assert (c.site is None) == (c.kind == "entry")
+        assert (c.cell is not None) == (c.kind == "patroni")
+        for relative in c.files:
+            assert not Path(relative).is_absolute()
+            # the program reads its file from the component's own directory
+            assert str(render.component_dir(RUN_DIR, c.name) / relative) in c.argv
+        if c.kind in ("app", "gateway", "entry"):
+            assert c.argv[:2] == [PYTHON, "-m"]
+            (content,) = c.files.values()
+            json.loads(content)
+        if c.kind in ("etcd", "etcd-dr"):
+            assert c.data_dir == render.data_dir(RUN_DIR, c.name)
+            assert flags(c.argv)["--data-dir"] == str(c.data_dir)
+        if c.kind == "patroni":
+            # the postmaster runs detached from Patroni: the runtime finds it through its pid file
+            assert c.data_dir == render.data_dir(RUN_DIR, c.name)
+            assert c.detached_pid_file == Path(patroni_of(c)["postgresql"]["data_dir"]) / "postmaster.pid"
+        else:
+            assert c.detached_pid_file is None
+
+
+def test_no_secret_in_any_argv_or_patroni_yaml(default_topo: Topology, secrets: dict[str, str]) -> None:
+    listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
+    for c in listed:
+        for value in secrets.values():
+            assert not any(value in arg for arg in c.argv), c.name
+            if c.kind != "app":
+                assert not any(value in content for content in c.files.values()), c.name
+    # where they are instead: Patroni's env, the app's env and (the PAN key) its settings file
+    patroni = next(c for c in listed if c.kind == "patroni")
+    assert patroni.env["PATRONI_SUPERUSER_PASSWORD"] == secrets[render.SECRET_SUPERUSER_PASSWORD]
+    assert patroni.env["PATRONI_REPLICATION_PASSWORD"] == secrets[render.SECRET_REPLICATION_PASSWORD]
+    app = next(c for c in listed if c.kind == "app")
+    assert app.env == {"PGPASSWORD": secrets[render.SECRET_SUPERUSER_PASSWORD]}
+    assert json.loads(app.files["app.json"])["pan_key_hex"] == secrets[render.SECRET_PAN_KEY]
+    assert secrets[render.SECRET_SUPERUSER_PASSWORD] not in app.files["app.json"]
+
+
+def test_missing_secrets_fail_by_name_without_values(default_topo: Topology) -> None:
+    with pytest.raises(ValueError, match="replication_password") as caught:
+        render.render_local(
+            default_topo,
+            RUN_DIR,
+            PYTHON,
+            {render.SECRET_PAN_KEY: "ab" * 32, render.SECRET_SUPERUSER_PASSWORD: "pw-xyz"},
+        )
+    assert "pw-xyz" not in str(caught.value)
+
+
+def test_generated_secrets_are_complete_and_fresh() -> None:
+    first, second = render.generate_secrets(), render.generate_secrets()
+    assert set(first) == set(render.REQUIRED_SECRETS)
+    assert len(bytes.fromhex(first[render.SECRET_PAN_KEY])) == 32
+    assert all(first[key] != second[key] for key in first)
+
+
+def test_patroni_component_runs_patroni_on_its_yaml(default_topo: Topology, secrets: dict[str, str]) -> None:
+    found = components(default_topo, secrets)
+    c = found["pg-cell2-samecity"]
+    assert c.argv == [
+        PYTHON,
+        "-m",
+        "patroni",
+        str(RUN_DIR / "components" / "pg-cell2-samecity" / "patroni.yml"),
+    ]
+    assert c.ready_url == "http://127.0.2.1:18802/readiness"
+    config = patroni_of(c)
+    assert config["postgresql"]["bin_dir"] == str(pg.pg_bindir())
+    assert config["postgresql"]["data_dir"] == str(RUN_DIR / "data" / "pg-cell2-samecity" / "pgdata")

@@ -1,0 +1,735 @@
+"""Render a Topology into the configuration of every component: etcd flags, Patroni YAML, app server,
+gateway and entry settings.
+
+Owns: what each process is told (its command line, environment and config files) and the order in
+which they start. The renderers take an ``Endpoints`` for every address they write, so the Pulumi
+programs can reuse them with Kubernetes service names; ``render_local`` is the local runtime's
+whole set.
+
+Secrets (the PAN key, PostgreSQL passwords) never go on a command line: Patroni reads its passwords
+from ``PATRONI_*_PASSWORD`` and the app servers from ``PGPASSWORD`` (the Kubernetes form is an env
+var from a Secret), and the PAN key is in the app server's settings file, which the runtime writes
+readable by its owner only. Never: start or contact anything.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets as secrets_module
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from watertight import pg
+from watertight.topology import CENTERS, Topology
+
+# ---- names ----------------------------------------------------------------------------------------
+
+DATABASE = "cardcore"
+SUPERUSER = pg.SUPERUSER
+REPLICATION_USER = "replicator"
+ETCD_BIN = "/usr/bin/etcd"
+ETCD_CLUSTER_TOKEN_SUFFIX = "-etcd"
+PATRONI_NAMESPACE = "/watertight/"
+DR_SITE = "dr"
+ENTRY = "entry"
+
+SECRET_PAN_KEY = "pan_key_hex"
+SECRET_SUPERUSER_PASSWORD = "superuser_password"
+SECRET_REPLICATION_PASSWORD = "replication_password"
+REQUIRED_SECRETS = (SECRET_PAN_KEY, SECRET_SUPERUSER_PASSWORD, SECRET_REPLICATION_PASSWORD)
+
+# start order; components of one stage may start together
+STAGE_ETCD = 1
+STAGE_PATRONI_LEADER = 2
+STAGE_PATRONI_REPLICA = 3
+STAGE_DR_STANDBY = 4
+STAGE_APP = 5
+STAGE_GATEWAY = 6
+STAGE_ENTRY = 7
+
+KINDS = ("etcd", "etcd-dr", "patroni", "app", "gateway", "entry")
+
+# a crashed primary PostgreSQL (Patroni alive) is restarted in place for this long before failing
+# over; Patroni's default of 300 s is ten times the RTO. Failover in synchronous mode loses nothing.
+PRIMARY_START_TIMEOUT_S = 10
+# the dr slot on each cell's primary keeps WAL for dr while dr is down, but never more than this
+DR_SLOT_WAL_KEEP = "1GB"
+
+
+def scope(cell: int) -> str:
+    """The Patroni cluster (DCS scope) of a cell's main cluster."""
+    return f"watertight-cell{cell}"
+
+
+def dr_scope(cell: int) -> str:
+    """The Patroni standby cluster of a cell at dr: its own scope in dr's own etcd."""
+    return f"watertight-cell{cell}-dr"
+
+
+def dr_slot_name(cell: int) -> str:
+    """The permanent physical slot on the cell's primary that the dr standby leader streams from."""
+    return f"dr_cell{cell}"
+
+
+def etcd_name(site: str) -> str:
+    return f"etcd-{site}"
+
+
+ETCD_DR_NAME = "etcd-dr-local"
+
+
+def pg_name(cell: int, site: str) -> str:
+    """The component name of a cell's member in a site; also its Patroni member name."""
+    return f"pg-cell{cell}-{site}"
+
+
+def app_name(site: str) -> str:
+    return f"app-{site}"
+
+
+def gateway_name(site: str) -> str:
+    return f"gateway-{site}"
+
+
+def generate_secrets() -> dict[str, str]:
+    """Fresh random values for every key of REQUIRED_SECRETS (the runtime keeps them per run)."""
+    return {
+        SECRET_PAN_KEY: secrets_module.token_hex(32),
+        SECRET_SUPERUSER_PASSWORD: secrets_module.token_urlsafe(24),
+        SECRET_REPLICATION_PASSWORD: secrets_module.token_urlsafe(24),
+    }
+
+
+# ---- endpoints ------------------------------------------------------------------------------------
+
+
+class Endpoints(abc.ABC):
+    """How components reach each other, and where they listen.
+
+    Local: site addresses on loopback plus the topology's ports. Kubernetes (later): service names,
+    listening on every interface of the pod.
+    """
+
+    @abc.abstractmethod
+    def listen_address(self, site: str) -> str:
+        """The address a component of ``site`` binds to (local: the site address)."""
+
+    @abc.abstractmethod
+    def client_networks(self) -> list[str]:
+        """CIDRs that clients of PostgreSQL connect from (pg_hba host lines)."""
+
+    @abc.abstractmethod
+    def etcd_client_url(self, site: str) -> str: ...
+
+    @abc.abstractmethod
+    def etcd_peer_url(self, site: str) -> str: ...
+
+    @abc.abstractmethod
+    def etcd_dr_client_url(self) -> str: ...
+
+    @abc.abstractmethod
+    def etcd_dr_peer_url(self) -> str: ...
+
+    @abc.abstractmethod
+    def postgres_host(self, cell: int, site: str) -> str: ...
+
+    @abc.abstractmethod
+    def postgres_port(self, cell: int) -> int: ...
+
+    @abc.abstractmethod
+    def patroni_api_url(self, cell: int, site: str) -> str: ...
+
+    @abc.abstractmethod
+    def app_url(self, site: str) -> str: ...
+
+    @abc.abstractmethod
+    def gateway_url(self, site: str) -> str: ...
+
+    @abc.abstractmethod
+    def entry_url(self) -> str: ...
+
+    @abc.abstractmethod
+    def entry_listen_address(self) -> str: ...
+
+    # derived -----------------------------------------------------------------------------------
+
+    def postgres_member(self, cell: int, site: str) -> str:
+        """``host:port`` of a cell's member in a site, as a client names it."""
+        return f"{self.postgres_host(cell, site)}:{self.postgres_port(cell)}"
+
+
+@dataclass(frozen=True)
+class LocalEndpoints(Endpoints):
+    """Every site is a loopback address of this machine; ports come from the topology."""
+
+    topology: Topology
+
+    def listen_address(self, site: str) -> str:
+        return self.topology.address(site)
+
+    def client_networks(self) -> list[str]:
+        # a process in the root namespace connecting to 127.0.2.1 gets the kernel's source address
+        # for loopback, 127.0.0.1; inside a per-site network namespace it is the site's address
+        addresses = [self.topology.address(site) for site in self.topology.sites]
+        addresses += ["127.0.0.1", self.topology.entry.address]
+        return [f"{address}/32" for address in dict.fromkeys(addresses)]
+
+    def etcd_client_url(self, site: str) -> str:
+        return f"http://{self.topology.address(site)}:{self.topology.ports.etcd_client}"
+
+    def etcd_peer_url(self, site: str) -> str:
+        return f"http://{self.topology.address(site)}:{self.topology.ports.etcd_peer}"
+
+    def etcd_dr_client_url(self) -> str:
+        return f"http://{self.topology.address(DR_SITE)}:{self.topology.ports.etcd_dr_client}"
+
+    def etcd_dr_peer_url(self) -> str:
+        return f"http://{self.topology.address(DR_SITE)}:{self.topology.ports.etcd_dr_peer}"
+
+    def postgres_host(self, cell: int, site: str) -> str:
+        return self.topology.address(site)
+
+    def postgres_port(self, cell: int) -> int:
+        return self.topology.postgres_port(cell)
+
+    def patroni_api_url(self, cell: int, site: str) -> str:
+        return f"http://{self.topology.address(site)}:{self.topology.patroni_port(cell)}"
+
+    def app_url(self, site: str) -> str:
+        return self.topology.app_url(site)
+
+    def gateway_url(self, site: str) -> str:
+        return self.topology.gateway_url(site)
+
+    def entry_url(self) -> str:
+        return self.topology.entry_url
+
+    def entry_listen_address(self) -> str:
+        return self.topology.entry.address
+
+
+def _port(url: str) -> int:
+    port = urlsplit(url).port
+    if port is None:
+        raise ValueError(f"{url}: no port")
+    return port
+
+
+def _netloc(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def _listen_url(url: str, host: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{host}:{_port(url)}"
+
+
+# ---- component -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process of the topology, ready to start."""
+
+    name: str
+    kind: str  # one of KINDS
+    site: str | None  # None for the entry
+    cell: int | None
+    argv: list[str]  # absolute program path first
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # path relative to the component's directory
+    service_user: bool = False  # run as watertight.pg.service_user() when root
+    ready_url: str | None = None  # GET answers 2xx when ready
+    stage: int = 0
+    # the runtime creates it before the start (mode 0700, owned by the service user when
+    # service_user) and `down --purge` deletes it
+    data_dir: Path | None = None
+    # first line: the PID of a process the component starts outside its own process tree (Patroni
+    # starts the postmaster detached): kill, stop, freeze and RSS must include it and its children
+    detached_pid_file: Path | None = None
+
+
+def component_dir(run_dir: Path, name: str) -> Path:
+    """Where the runtime writes a component's ``files`` (and its working directory)."""
+    return run_dir / "components" / name
+
+
+def data_dir(run_dir: Path, name: str) -> Path:
+    """A component's data: etcd's data dir; for a PostgreSQL member the directory that holds its
+    PGDATA (``pgdata/``), its socket and its pgpass. Owned by the service user for Patroni."""
+    return run_dir / "data" / name
+
+
+def pgdata(member_dir: Path) -> Path:
+    """PGDATA of a PostgreSQL member whose data directory is ``member_dir``."""
+    return member_dir / "pgdata"
+
+
+# ---- etcd ----------------------------------------------------------------------------------------
+
+
+def _etcd_common(data_dir: Path) -> list[str]:
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+        # small and fast: Patroni writes a few keys a second; keep history and snapshots short
+        "--snapshot-count",
+        "5000",
+        "--auto-compaction-mode",
+        "periodic",
+        "--auto-compaction-retention",
+        "10m",
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+    ]
+
+
+def etcd_args(topology: Topology, endpoints: Endpoints, site: str, data_dir: Path) -> list[str]:
+    """etcd 3.4 command line of ``site``'s member of the three-site cluster (one member per site).
+
+    The v3 API only (Patroni's etcd3 module); the same flags start the member again on its data
+    (etcd ignores the --initial-* flags once its data dir holds a member).
+    """
+    if site not in topology.sites:
+        raise ValueError(f"etcd_args: unknown site {site!r}")
+    listen = endpoints.listen_address(site)
+    initial = ",".join(f"{s}={endpoints.etcd_peer_url(s)}" for s in topology.sites)
+    return [
+        ETCD_BIN,
+        "--name",
+        site,
+        "--listen-client-urls",
+        _listen_url(endpoints.etcd_client_url(site), listen),
+        "--advertise-client-urls",
+        endpoints.etcd_client_url(site),
+        "--listen-peer-urls",
+        _listen_url(endpoints.etcd_peer_url(site), listen),
+        "--initial-advertise-peer-urls",
+        endpoints.etcd_peer_url(site),
+        "--initial-cluster",
+        initial,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        topology.name + ETCD_CLUSTER_TOKEN_SUFFIX,
+        *_etcd_common(data_dir),
+    ]
+
+
+def etcd_dr_args(topology: Topology, endpoints: Endpoints, data_dir: Path) -> list[str]:
+    """The single-member etcd at dr that holds the dr standby clusters' leader keys, so they can be
+    promoted when the three-site quorum is gone."""
+    listen = endpoints.listen_address(DR_SITE)
+    return [
+        ETCD_BIN,
+        "--name",
+        "dr-local",
+        "--listen-client-urls",
+        _listen_url(endpoints.etcd_dr_client_url(), listen),
+        "--advertise-client-urls",
+        endpoints.etcd_dr_client_url(),
+        "--listen-peer-urls",
+        _listen_url(endpoints.etcd_dr_peer_url(), listen),
+        "--initial-advertise-peer-urls",
+        endpoints.etcd_dr_peer_url(),
+        "--initial-cluster",
+        f"dr-local={endpoints.etcd_dr_peer_url()}",
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        topology.name + ETCD_CLUSTER_TOKEN_SUFFIX + "-dr",
+        *_etcd_common(data_dir),
+    ]
+
+
+# ---- Patroni -------------------------------------------------------------------------------------
+
+
+def _postgres_parameters(topology: Topology) -> dict[str, Any]:
+    """Cluster-wide PostgreSQL settings (Patroni keeps them equal on every member), small for a
+    2-core laptop."""
+    return {
+        "wal_level": "replica",
+        "hot_standby": "on",
+        "wal_log_hints": "on",  # pg_rewind after failover
+        "max_connections": topology.postgres.max_connections,
+        "shared_buffers": topology.postgres.shared_buffers,
+        "max_wal_senders": 10,
+        "max_replication_slots": 10,
+        "max_worker_processes": 4,
+        "max_parallel_workers": 2,
+        "max_parallel_workers_per_gather": 0,
+        "autovacuum_max_workers": 2,
+        "jit": "off",
+        "wal_keep_size": "128MB",
+        "max_slot_wal_keep_size": DR_SLOT_WAL_KEEP,
+        "max_wal_size": "256MB",
+        "min_wal_size": "64MB",
+        # notice a silent peer (a partition, a frozen process) in seconds, not the default minute:
+        # a leader's commits wait on its sync standby until its walsender gives up on it
+        "wal_sender_timeout": "5s",
+        "wal_receiver_timeout": "5s",
+        "wal_receiver_status_interval": "1s",
+        "hot_standby_feedback": "on",
+        "password_encryption": "scram-sha-256",
+        "log_line_prefix": "%m [%p] %q%u@%d ",
+        "log_min_messages": "warning",
+    }
+
+
+def _pg_hba(endpoints: Endpoints) -> list[str]:
+    # the socket lives in the member's own 0700 directory of the service user: trust there
+    lines = ["local all all trust"]
+    for network in endpoints.client_networks():
+        lines.append(f"host replication {REPLICATION_USER} {network} scram-sha-256")
+        lines.append(f"host all all {network} scram-sha-256")
+    return lines
+
+
+def _patroni_common(
+    topology: Topology, endpoints: Endpoints, cell: int, site: str, data_dir: Path, bin_dir: Path
+) -> dict[str, Any]:
+    listen = endpoints.listen_address(site)
+    port = endpoints.postgres_port(cell)
+    api = endpoints.patroni_api_url(cell, site)
+    socket_path = data_dir / f".s.PGSQL.{port}"
+    if len(str(socket_path)) > pg.SOCKET_PATH_LENGTH_MAX:
+        raise ValueError(
+            f"{pg_name(cell, site)}: socket path {socket_path} is longer than {pg.SOCKET_PATH_LENGTH_MAX} "
+            "bytes; use a shorter run directory"
+        )
+    return {
+        "name": pg_name(cell, site),
+        "namespace": PATRONI_NAMESPACE,
+        "log": {"level": "INFO"},
+        "restapi": {"listen": f"{listen}:{_port(api)}", "connect_address": _netloc(api)},
+        "watchdog": {"mode": "off"},
+        "postgresql": {
+            "listen": f"{listen}:{port}",
+            "connect_address": endpoints.postgres_member(cell, site),
+            "data_dir": str(pgdata(data_dir)),
+            "bin_dir": str(bin_dir),
+            "pgpass": str(data_dir / "pgpass"),
+            "use_unix_socket": True,
+            # a replica's copy starts with a checkpoint on the primary: a spread one takes minutes
+            "basebackup": [{"checkpoint": "fast"}],
+            # passwords come from PATRONI_SUPERUSER_PASSWORD / PATRONI_REPLICATION_PASSWORD
+            "authentication": {
+                "superuser": {"username": SUPERUSER},
+                "replication": {"username": REPLICATION_USER},
+            },
+            "parameters": {"unix_socket_directories": str(data_dir)},
+            "pg_hba": _pg_hba(endpoints),
+        },
+        "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+    }
+
+
+def _bootstrap_dcs(topology: Topology) -> dict[str, Any]:
+    t = topology.patroni
+    return {
+        "ttl": t.ttl,
+        "loop_wait": t.loop_wait,
+        "retry_timeout": t.retry_timeout,
+        "maximum_lag_on_failover": t.maximum_lag_on_failover,
+        "primary_start_timeout": PRIMARY_START_TIMEOUT_S,
+        "postgresql": {
+            "use_pg_rewind": True,
+            "use_slots": True,
+            "parameters": _postgres_parameters(topology),
+        },
+    }
+
+
+def patroni_config(
+    topology: Topology, endpoints: Endpoints, cell: int, site: str, data_dir: Path, bin_dir: Path
+) -> dict[str, Any]:
+    """Patroni YAML (as a dict) of a cell's member in ``site``.
+
+    prod / samecity: a member of the cell's main cluster (scope ``watertight-cell<N>``) in the
+    three-site etcd, synchronous mode (not strict): the sync standby is the other center, and a
+    leader that lost it keeps accepting writes. dr: the cell's standby cluster (scope
+    ``watertight-cell<N>-dr``) in dr's own etcd, streaming asynchronously from whichever center
+    member is the primary (libpq multi-host; Patroni adds target_session_attrs=read-write because
+    it uses a slot).
+
+    ``data_dir`` holds PGDATA (``pgdata/``), the socket and pgpass; ``bin_dir`` is
+    watertight.pg.pg_bindir() locally. No password is in it (see the module docstring).
+    """
+    if not 1 <= cell <= topology.cells:
+        raise ValueError(f"patroni_config: cell {cell} is not one of 1..{topology.cells}")
+    if site not in topology.sites:
+        raise ValueError(f"patroni_config: unknown site {site!r}")
+    config = _patroni_common(topology, endpoints, cell, site, data_dir, bin_dir)
+    dcs = _bootstrap_dcs(topology)
+    if site in CENTERS:
+        config["scope"] = scope(cell)
+        config["etcd3"] = _etcd3_section(
+            [endpoints.etcd_client_url(site)]
+            + [endpoints.etcd_client_url(s) for s in topology.sites if s != site]
+        )
+        dcs.update(
+            synchronous_mode=True,
+            synchronous_mode_strict=False,
+            synchronous_node_count=1,
+            slots={dr_slot_name(cell): {"type": "physical"}},
+        )
+    else:
+        config["scope"] = dr_scope(cell)
+        config["etcd3"] = _etcd3_section([endpoints.etcd_dr_client_url()])
+        hosts = [endpoints.postgres_host(cell, s) for s in _centers_leader_first(topology, cell)]
+        dcs.update(
+            synchronous_mode=False,
+            standby_cluster={
+                "host": ",".join(hosts),
+                "port": endpoints.postgres_port(cell),
+                "primary_slot_name": dr_slot_name(cell),
+                "create_replica_methods": ["basebackup"],
+            },
+        )
+    config["bootstrap"] = {
+        "dcs": dcs,
+        "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, {"auth-local": "trust"}],
+        # Patroni appends the connection string as the last argument
+        "post_bootstrap": f"{bin_dir / 'psql'} -X -q -v ON_ERROR_STOP=1 -c 'CREATE DATABASE {DATABASE}'",
+    }
+    # keys in the order a reader expects
+    order = ["scope", "namespace", "name", "log", "restapi", "etcd3", "bootstrap", "postgresql"]
+    return {key: config[key] for key in order} | {k: v for k, v in config.items() if k not in order}
+
+
+def _etcd3_section(urls: list[str]) -> dict[str, Any]:
+    schemes = {urlsplit(url).scheme for url in urls}
+    if len(schemes) != 1:
+        raise ValueError(f"etcd URLs mix schemes: {urls}")
+    return {"hosts": [_netloc(url) for url in urls], "protocol": schemes.pop()}
+
+
+def _centers_leader_first(topology: Topology, cell: int) -> list[str]:
+    return [topology.leader_site(cell), topology.standby_site(cell)]
+
+
+def patroni_env(secrets: Mapping[str, str]) -> dict[str, str]:
+    """The environment that carries Patroni's passwords (never its YAML or its command line)."""
+    return {
+        "PATRONI_SUPERUSER_PASSWORD": secrets[SECRET_SUPERUSER_PASSWORD],
+        "PATRONI_REPLICATION_PASSWORD": secrets[SECRET_REPLICATION_PASSWORD],
+    }
+
+
+# ---- app, gateway, entry -------------------------------------------------------------------------
+
+
+def _dsn(members: list[str]) -> str:
+    return f"postgresql://{SUPERUSER}@{','.join(members)}/{DATABASE}?target_session_attrs=read-write"
+
+
+def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_hex: str) -> dict[str, Any]:
+    """cardcore AppSettings of ``site``'s app server, as a dict.
+
+    Every cell's dsn is libpq multi-host over the cell's members in both centers (the cell's
+    leader-to-be first) with target_session_attrs=read-write, so the app follows the primary. At dr
+    (idle until the activate-dr runbook) it names the dr members. The password is not in it: the
+    app server reads PGPASSWORD.
+    """
+    if site not in topology.sites:
+        raise ValueError(f"app_settings: unknown site {site!r}")
+    cells: dict[str, Any] = {}
+    for cell in topology.cell_numbers:
+        sites = [DR_SITE] if site == DR_SITE else _centers_leader_first(topology, cell)
+        members = [endpoints.postgres_member(cell, s) for s in sites]
+        cells[str(cell)] = {
+            "dsn": _dsn(members),
+            "member_sites": dict(zip(members, sites, strict=True)),
+            "leader_site": sites[0],
+        }
+    url = endpoints.app_url(site)
+    return {
+        "site": site,
+        "cells": cells,
+        "cell_count": topology.cells,
+        "pan_key_hex": pan_key_hex,
+        "host": endpoints.listen_address(site),
+        "port": _port(url),
+        "hold_ttl_seconds": topology.app.hold_ttl_seconds,
+        "batch_size_max": topology.app.batch_size_max,
+        "batch_wait_ms_max": topology.app.batch_wait_ms_max,
+    }
+
+
+def gateway_settings(topology: Topology, endpoints: Endpoints, site: str) -> dict[str, Any]:
+    """cardcore GatewaySettings of ``site``'s gateway: every cell -> its own site's app server, then
+    the other center's (the gateway spreads over the healthy ones)."""
+    if site not in topology.sites:
+        raise ValueError(f"gateway_settings: unknown site {site!r}")
+    apps = [endpoints.app_url(site)] + [endpoints.app_url(s) for s in CENTERS if s != site]
+    if site == DR_SITE:
+        apps = [endpoints.app_url(DR_SITE)]
+    url = endpoints.gateway_url(site)
+    return {
+        "site": site,
+        "cell_count": topology.cells,
+        "upstreams": {str(cell): list(apps) for cell in topology.cell_numbers},
+        "host": endpoints.listen_address(site),
+        "port": _port(url),
+    }
+
+
+def entry_settings(topology: Topology, endpoints: Endpoints) -> dict[str, Any]:
+    """The entry: a gateway (python -m cardcore.gateway) in front of the two site gateways, standing
+    for the bank's global load balancer. Each cell lists its leader-to-be center's gateway first."""
+    return {
+        "site": ENTRY,
+        "cell_count": topology.cells,
+        "upstreams": {
+            str(cell): [endpoints.gateway_url(s) for s in _centers_leader_first(topology, cell)]
+            for cell in topology.cell_numbers
+        },
+        "host": endpoints.entry_listen_address(),
+        "port": _port(endpoints.entry_url()),
+    }
+
+
+# ---- the local set -------------------------------------------------------------------------------
+
+
+def _json(settings: dict[str, Any]) -> str:
+    return msgspec.json.format(msgspec.json.encode(settings), indent=2).decode() + "\n"
+
+
+def render_local(
+    topology: Topology, run_dir: Path, python: str, secrets: Mapping[str, str]
+) -> list[Component]:
+    """Every component of the local runtime, in start order.
+
+    ``python`` is an interpreter with watertight, cardcore and Patroni installed that the service
+    user can run (the project's .venv). ``secrets`` holds every key of REQUIRED_SECRETS. Files go to
+    ``component_dir(run_dir, name)``; each component's ``data_dir`` is ``data_dir(run_dir, name)``.
+    """
+    missing = [key for key in REQUIRED_SECRETS if not secrets.get(key)]
+    if missing:
+        raise ValueError(f"render_local: secrets missing: {', '.join(missing)}")
+    run_dir = Path(run_dir).absolute()
+    endpoints = LocalEndpoints(topology)
+    bin_dir = pg.pg_bindir()
+    components: list[Component] = []
+
+    for site in topology.sites:
+        name = etcd_name(site)
+        components.append(
+            Component(
+                name=name,
+                kind="etcd",
+                site=site,
+                cell=None,
+                argv=etcd_args(topology, endpoints, site, data_dir(run_dir, name)),
+                ready_url=endpoints.etcd_client_url(site) + "/health",
+                stage=STAGE_ETCD,
+                data_dir=data_dir(run_dir, name),
+            )
+        )
+    components.append(
+        Component(
+            name=ETCD_DR_NAME,
+            kind="etcd-dr",
+            site=DR_SITE,
+            cell=None,
+            argv=etcd_dr_args(topology, endpoints, data_dir(run_dir, ETCD_DR_NAME)),
+            ready_url=endpoints.etcd_dr_client_url() + "/health",
+            stage=STAGE_ETCD,
+            data_dir=data_dir(run_dir, ETCD_DR_NAME),
+        )
+    )
+
+    def member(cell: int, site: str, stage: int) -> Component:
+        name = pg_name(cell, site)
+        member_dir = data_dir(run_dir, name)
+        config = patroni_config(topology, endpoints, cell, site, member_dir, bin_dir)
+        return Component(
+            name=name,
+            kind="patroni",
+            site=site,
+            cell=cell,
+            argv=[python, "-m", "patroni", str(component_dir(run_dir, name) / "patroni.yml")],
+            env=patroni_env(secrets),
+            files={"patroni.yml": yaml.safe_dump(config, sort_keys=False)},
+            service_user=True,
+            ready_url=endpoints.patroni_api_url(cell, site) + "/readiness",
+            stage=stage,
+            data_dir=member_dir,
+            detached_pid_file=pgdata(member_dir) / "postmaster.pid",
+        )
+
+    for cell in topology.cell_numbers:
+        components.append(member(cell, topology.leader_site(cell), STAGE_PATRONI_LEADER))
+    for cell in topology.cell_numbers:
+        components.append(member(cell, topology.standby_site(cell), STAGE_PATRONI_REPLICA))
+    for cell in topology.cell_numbers:
+        components.append(member(cell, DR_SITE, STAGE_DR_STANDBY))
+
+    for site in CENTERS:
+        name = app_name(site)
+        components.append(
+            Component(
+                name=name,
+                kind="app",
+                site=site,
+                cell=None,
+                argv=[python, "-m", "cardcore", "--config", str(component_dir(run_dir, name) / "app.json")],
+                env={"PGPASSWORD": secrets[SECRET_SUPERUSER_PASSWORD]},
+                files={"app.json": _json(app_settings(topology, endpoints, site, secrets[SECRET_PAN_KEY]))},
+                ready_url=endpoints.app_url(site) + "/readyz",
+                stage=STAGE_APP,
+            )
+        )
+    for site in CENTERS:
+        name = gateway_name(site)
+        components.append(
+            Component(
+                name=name,
+                kind="gateway",
+                site=site,
+                cell=None,
+                argv=[
+                    python,
+                    "-m",
+                    "cardcore.gateway",
+                    "--config",
+                    str(component_dir(run_dir, name) / "gateway.json"),
+                ],
+                files={"gateway.json": _json(gateway_settings(topology, endpoints, site))},
+                ready_url=endpoints.gateway_url(site) + "/readyz",
+                stage=STAGE_GATEWAY,
+            )
+        )
+    components.append(
+        Component(
+            name=ENTRY,
+            kind="entry",
+            site=None,
+            cell=None,
+            argv=[
+                python,
+                "-m",
+                "cardcore.gateway",
+                "--config",
+                str(component_dir(run_dir, ENTRY) / "entry.json"),
+            ],
+            files={"entry.json": _json(entry_settings(topology, endpoints))},
+            ready_url=endpoints.entry_url() + "/readyz",
+            stage=STAGE_ENTRY,
+        )
+    )
+    return components

@@ -1,0 +1,501 @@
+"""The local runtime: every site of the topology as processes on this machine.
+
+Owns: the run directory (state, secrets, configs, data, one log per component), starting the
+components stage by stage with bounded waits, status, fault control by PID, and down.
+Never: signal a process it did not start (PIDs are checked against their recorded start time),
+or leave a wait unbounded. One line per decision, so an operator can read what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from watertight import pg, render
+from watertight.runtime import processes
+from watertight.runtime.processes import ProcessRecord
+from watertight.topology import Topology, parse
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+RUN_DIR_DEFAULT = REPO_ROOT / "run"
+STAGE_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 20.0
+HTTP_TIMEOUT_S = 1.0
+
+Progress = Callable[[str], None]
+
+
+class RuntimeError_(RuntimeError):
+    """A step of the runtime failed; the message says what and what to do next."""
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def http_json(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, Any]:
+    """GET a JSON document; (status, body) with status 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.loads(error.read() or b"null")
+        except ValueError:
+            return error.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+class LocalRuntime:
+    """The topology of one run directory. Construct with a topology to bring it up; without one,
+    the running topology's is read from the run directory."""
+
+    def __init__(
+        self,
+        run_dir: Path = RUN_DIR_DEFAULT,
+        topology: Topology | None = None,
+        topology_text: str | None = None,
+    ) -> None:
+        self.run_dir = run_dir.absolute()
+        self.state_path = self.run_dir / "state.json"
+        state = self._read_state()
+        if topology is None:
+            if state is None:
+                raise RuntimeError_(f"no topology runs from {self.run_dir}; start one with `watertight up`")
+            topology_text = state["topology"]
+            topology = parse(topology_text, str(self.state_path))
+        self.topology = topology
+        self.topology_text = topology_text or ""
+        self.records: dict[str, ProcessRecord] = {
+            name: ProcessRecord(**record) for name, record in (state or {}).get("processes", {}).items()
+        }
+        self._components: list[render.Component] | None = None
+
+    # ---- run directory --------------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            state: dict[str, Any] = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        return state
+
+    def _write_state(self) -> None:
+        state = {
+            "topology": self.topology_text,
+            "processes": {name: asdict(record) for name, record in self.records.items()},
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_path)
+
+    def _secrets(self) -> dict[str, str]:
+        path = self.run_dir / "secrets.json"
+        if path.exists():
+            loaded: dict[str, str] = json.loads(path.read_text())
+            return loaded
+        values = render.generate_secrets()
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(values))
+        return values
+
+    @property
+    def components(self) -> list[render.Component]:
+        if self._components is None:
+            self._components = render.render_local(
+                self.topology, self.run_dir, sys.executable, self._secrets()
+            )
+        return self._components
+
+    def component(self, name: str) -> render.Component:
+        for component in self.components:
+            if component.name == name:
+                return component
+        raise RuntimeError_(f"no component named {name!r}; see `watertight status`")
+
+    def component_dir(self, component: render.Component) -> Path:
+        return render.component_dir(self.run_dir, component.name)
+
+    def log_path(self, component: render.Component) -> Path:
+        return self.run_dir / "logs" / f"{component.name}.log"
+
+    # ---- selection and PIDs ---------------------------------------------------------------------
+
+    def select(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[render.Component]:
+        if site is not None and site not in self.topology.sites:
+            raise RuntimeError_(f"no site named {site!r}; sites are {', '.join(self.topology.sites)}")
+        if cell is not None and cell not in self.topology.cell_numbers:
+            raise RuntimeError_(f"no cell {cell}; cells are 1..{self.topology.cells}")
+        chosen = [
+            c
+            for c in self.components
+            if (site is None or c.site == site)
+            and (cell is None or c.cell == cell)
+            and (component is None or c.name == component)
+        ]
+        if component is not None and not chosen:
+            self.component(component)  # raises with the list hint
+        return chosen
+
+    def running(self, component: render.Component) -> bool:
+        record = self.records.get(component.name)
+        return record is not None and processes.alive(record)
+
+    def _postmaster_pids(self, component: render.Component, tree: dict[int, list[int]]) -> list[int]:
+        """Patroni starts PostgreSQL detached from itself: find the postmaster by its pid file."""
+        if component.detached_pid_file is None:
+            return []
+        try:
+            pid = int(component.detached_pid_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return []
+        if processes.state_of(pid) in (None, "Z", "X"):
+            return []
+        return [pid, *processes.descendants(pid, tree)]
+
+    def component_pids(
+        self, component: render.Component, tree: dict[int, list[int]] | None = None
+    ) -> list[int]:
+        tree = tree if tree is not None else processes.children_map()
+        record = self.records.get(component.name)
+        pids: list[int] = []
+        if record is not None and processes.alive(record):
+            pids = [record.pid, *processes.descendants(record.pid, tree)]
+        for pid in self._postmaster_pids(component, tree):
+            if pid not in pids:
+                pids.append(pid)
+        return pids
+
+    def pids(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[int]:
+        tree = processes.children_map()
+        return [pid for c in self.select(site, cell, component) for pid in self.component_pids(c, tree)]
+
+    # ---- starting -------------------------------------------------------------------------------
+
+    def start_component(self, component: render.Component) -> ProcessRecord:
+        """Start one component (no-op if it runs). Its files are (re)written from the topology."""
+        if self.running(component):
+            return self.records[component.name]
+        directory = self.component_dir(component)
+        directory.mkdir(parents=True, exist_ok=True)
+        account = pg.service_account() if component.service_user else None
+        written = [directory]
+        for relative, content in component.files.items():
+            path = directory / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+            path.chmod(0o600)
+            written.append(path)
+        if component.data_dir is not None:
+            component.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            component.data_dir.parent.chmod(0o711)
+            component.data_dir.mkdir(mode=0o700, exist_ok=True)
+            if account is not None and component.data_dir.stat().st_uid != account.uid:
+                written.append(component.data_dir)
+        if account is not None:
+            for path in written:
+                os.chown(path, account.uid, account.gid)
+            directory.chmod(0o700)
+            pg.check_reachable(directory, account)
+            if component.data_dir is not None:
+                pg.check_reachable(component.data_dir, account)
+        record = processes.spawn(
+            component.argv, directory, self.log_path(component), component.env, component.service_user
+        )
+        self.records[component.name] = record
+        self._write_state()
+        return record
+
+    def up(self, progress: Progress = _quiet) -> dict[str, Any]:
+        """Start whatever is not running, stage by stage; return when every cell has a leader and
+        a streaming sync standby and every gateway is ready. Idempotent."""
+        started_at = time.monotonic()
+        state = self._read_state()
+        if state is not None and state.get("topology") and state["topology"] != self.topology_text:
+            if any(self.running(c) for c in self.components):
+                raise RuntimeError_(
+                    f"a different topology runs from {self.run_dir}; run `watertight down` first (or `down --purge` to drop its data)"
+                )
+        for folder in ("logs", "components"):
+            (self.run_dir / folder).mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o755)
+        self._write_state()
+        started: list[str] = []
+        stages = sorted({c.stage for c in self.components})
+        for stage in stages:
+            members = [c for c in self.components if c.stage == stage]
+            todo = [c for c in members if not self.running(c)]
+            for component in todo:
+                self.start_component(component)
+                started.append(component.name)
+            if todo:
+                progress(f"stage {stage}: started {', '.join(c.name for c in todo)}")
+            self._wait_stage(stage, members, progress)
+        self._wait_topology_ready(progress)
+        seconds = time.monotonic() - started_at
+        if started:
+            progress(f"topology up in {seconds:.1f} s ({len(started)} components started)")
+        else:
+            progress("topology already up: nothing to start")
+        return {"started": started, "seconds": round(seconds, 1), "entry": self.topology.entry_url}
+
+    def _wait_stage(self, stage: int, members: list[render.Component], progress: Progress) -> None:
+        deadline = time.monotonic() + STAGE_TIMEOUT_S
+        pending = [c for c in members if c.ready_url]
+        last_note = time.monotonic()
+        while pending:
+            for component in list(pending):
+                if not self.running(component):
+                    raise RuntimeError_(
+                        f"{component.name} exited while starting; read {self.log_path(component)}, fix the cause, then run `watertight up` again"
+                    )
+                status, _ = http_json(component.ready_url or "")
+                if 200 <= status < 300:
+                    pending.remove(component)
+            if not pending:
+                return
+            now = time.monotonic()
+            if now > deadline:
+                names = ", ".join(c.name for c in pending)
+                raise RuntimeError_(
+                    f"stage {stage}: {names} not ready within {STAGE_TIMEOUT_S:.0f} s; read their logs in {self.run_dir / 'logs'}"
+                )
+            if now - last_note > 5:
+                progress(f"stage {stage}: waiting for {', '.join(c.name for c in pending)}")
+                last_note = now
+            time.sleep(0.2)
+
+    def _wait_topology_ready(self, progress: Progress) -> None:
+        deadline = time.monotonic() + STAGE_TIMEOUT_S
+        while True:
+            missing = self._not_ready()
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError_(
+                    f"the topology is not ready after {STAGE_TIMEOUT_S:.0f} s: {'; '.join(missing)}; "
+                    f"see `watertight status` and the logs in {self.run_dir / 'logs'}"
+                )
+            time.sleep(0.3)
+
+    def _not_ready(self) -> list[str]:
+        missing = []
+        for cell in self.topology.cell_numbers:
+            view = self.cell_view(cell)
+            if view["leader_site"] is None:
+                missing.append(f"cell {cell} has no leader")
+            elif view["sync_standby"] is None:
+                missing.append(f"cell {cell} has no streaming sync standby")
+        for component in self.components:
+            if component.kind in ("gateway", "entry") and http_json(component.ready_url or "")[0] != 200:
+                missing.append(f"{component.name} is not ready")
+        return missing
+
+    # ---- views ----------------------------------------------------------------------------------
+
+    def cluster_members(self, cell: int, dr: bool = False) -> list[dict[str, Any]]:
+        """Patroni's view of a cell's cluster (main, or the dr standby cluster), from any member
+        that answers."""
+        for component in self.components:
+            if component.kind != "patroni" or component.cell != cell or (component.site == "dr") != dr:
+                continue
+            api = render.LocalEndpoints(self.topology).patroni_api_url(cell, component.site or "")
+            status, body = http_json(f"{api}/cluster", timeout_s=0.5)
+            if status == 200 and isinstance(body, dict):
+                members: list[dict[str, Any]] = body.get("members", [])
+                return members
+        return []
+
+    def site_of_member(self, member: dict[str, Any]) -> str | None:
+        for name, site in self.topology.sites.items():
+            if member.get("host") == site.address:
+                return name
+        return None
+
+    def cell_view(self, cell: int) -> dict[str, Any]:
+        members = self.cluster_members(cell)
+        leader = next((m for m in members if m.get("role") == "leader" and m.get("state") == "running"), None)
+        sync = next(
+            (m for m in members if m.get("role") == "sync_standby" and m.get("state") == "streaming"), None
+        )
+        dr_members = self.cluster_members(cell, dr=True)
+        dr = next((m for m in dr_members if m.get("role") in ("standby_leader", "leader")), None)
+        return {
+            "leader_site": self.site_of_member(leader) if leader else None,
+            "sync_standby": self.site_of_member(sync) if sync else None,
+            "timeline": leader.get("timeline") if leader else None,
+            "replication_lag_bytes": sync.get("lag") if sync else None,
+            "dr_copy": {
+                "role": dr.get("role"),
+                "state": dr.get("state"),
+                "lag": dr.get("lag"),
+                "timeline": dr.get("timeline"),
+            }
+            if dr
+            else None,
+            "members": [
+                {
+                    "name": m.get("name"),
+                    "site": self.site_of_member(m),
+                    "role": m.get("role"),
+                    "state": m.get("state"),
+                    "lag": m.get("lag"),
+                    "timeline": m.get("timeline"),
+                }
+                for m in [*members, *dr_members]
+            ],
+        }
+
+    def status(self) -> dict[str, Any]:
+        tree = processes.children_map()
+        cells = {str(cell): self.cell_view(cell) for cell in self.topology.cell_numbers}
+        roles: dict[str, str] = {}
+        for cell, view in cells.items():
+            for member in view["members"]:
+                roles[f"pg-cell{cell}-{member['site']}"] = member["role"] or "unknown"
+        components = []
+        rss_total = 0
+        for component in self.components:
+            record = self.records.get(component.name)
+            pids = self.component_pids(component, tree)
+            rss = sum(processes.rss_bytes(pid) for pid in pids)
+            rss_total += rss
+            is_alive = self.running(component)
+            healthy = None
+            if component.kind in ("app", "gateway", "entry") and is_alive and component.ready_url:
+                healthy = http_json(component.ready_url, timeout_s=0.5)[0] == 200
+            components.append(
+                {
+                    "name": component.name,
+                    "kind": component.kind,
+                    "site": component.site,
+                    "cell": component.cell,
+                    "role": roles.get(component.name, component.kind),
+                    "pid": record.pid if record and is_alive else None,
+                    "alive": is_alive,
+                    "frozen": bool(record and processes.frozen(record)),
+                    "healthy": healthy,
+                    "rss_bytes": rss,
+                    "log": str(self.log_path(component)),
+                }
+            )
+        endpoints = render.LocalEndpoints(self.topology)
+        sites = {}
+        for name, site in self.topology.sites.items():
+            own = [c for c in components if c["site"] == name]
+            up = bool(own) and all(c["alive"] and not c["frozen"] for c in own)
+            sites[name] = {
+                "up": up,
+                "role": site.role,
+                "address": site.address,
+                "gateway": endpoints.gateway_url(name) if site.role == "center" else None,
+                "components_alive": sum(1 for c in own if c["alive"]),
+                "components": len(own),
+            }
+        return {
+            "name": self.topology.name,
+            "run_dir": str(self.run_dir),
+            "logs": str(self.run_dir / "logs"),
+            "entry": self.topology.entry_url,
+            "sites": sites,
+            "cells": cells,
+            "components": components,
+            "rss_total_bytes": rss_total,
+        }
+
+    # ---- fault control (the Target interface) ---------------------------------------------------
+
+    def kill(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return self._stop(self.select(site, cell, component), hard=True)
+
+    def stop(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return self._stop(self.select(site, cell, component), hard=False)
+
+    def _stop(self, chosen: Iterable[render.Component], hard: bool) -> list[str]:
+        tree = processes.children_map()
+        hit = []
+        # reverse start order: the entry before the gateways before the databases
+        for component in sorted(chosen, key=lambda c: -c.stage):
+            record = self.records.get(component.name)
+            pids = self.component_pids(component, tree)
+            if record is None or not pids:
+                continue
+            processes.stop_tree(record, [p for p in pids if p != record.pid], STOP_TIMEOUT_S, hard=hard)
+            hit.append(component.name)
+        return hit
+
+    def freeze(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return self._signal(self.select(site, cell, component), signal.SIGSTOP)
+
+    def thaw(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return self._signal(self.select(site, cell, component), signal.SIGCONT)
+
+    def _signal(self, chosen: Iterable[render.Component], sig: int) -> list[str]:
+        tree = processes.children_map()
+        hit = []
+        for component in chosen:
+            pids = self.component_pids(component, tree)
+            if processes.signal_pids(pids, sig):
+                hit.append(component.name)
+        return hit
+
+    def restart(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        chosen = self.select(site, cell, component)
+        self._stop(chosen, hard=False)
+        for item in sorted(chosen, key=lambda c: c.stage):
+            self.start_component(item)
+        return [c.name for c in chosen]
+
+    def start(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        chosen = [c for c in self.select(site, cell, component) if not self.running(c)]
+        for item in sorted(chosen, key=lambda c: c.stage):
+            self.start_component(item)
+        return [c.name for c in chosen]
+
+    # ---- down -----------------------------------------------------------------------------------
+
+    def down(self, purge: bool = False, progress: Progress = _quiet) -> list[str]:
+        stopped = self._stop(self.components, hard=False)
+        if stopped:
+            progress(f"stopped {len(stopped)} components: {', '.join(stopped)}")
+        else:
+            progress("nothing was running")
+        left = self.pids()
+        if left:
+            raise RuntimeError_(
+                f"processes {left} survived the stop; stop them by PID and run `watertight down` again"
+            )
+        if purge:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            progress(f"deleted {self.run_dir}")
+        else:
+            self.records = {}
+            self._write_state()
+        return stopped
