@@ -1,0 +1,253 @@
+"""The local three-site topology for real: etcd, Patroni and PostgreSQL per cell, app servers,
+gateways and the entry as processes; the loss of the prod site under financial writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.cards import customers_in_each_cell
+from watertight import topology as topology_module
+from watertight.pg import service_tempdir
+from watertight.runtime import processes
+from watertight.runtime.local import LocalRuntime
+
+UP_TARGET_S = 60.0
+RTO_S = 30.0
+RSS_MAX_BYTES = 2 * 1024**3
+
+# its own addresses and ports, so a developer's running topology is left alone
+TEST_TOPOLOGY = (
+    (topology_module.DEFAULT_PATH.read_text())
+    .replace("127.0.1.1", "127.0.21.1")
+    .replace("127.0.2.1", "127.0.22.1")
+    .replace("127.0.3.1", "127.0.23.1")
+    .replace("port: 18080", "port: 28080")
+    .replace(": 123", ": 223")
+    .replace(": 124", ": 224")
+    .replace(": 155", ": 255")
+    .replace(": 188", ": 288")
+    .replace(": 181", ": 281")
+    .replace(": 180", ": 280")
+)
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[LocalRuntime]:
+    run_dir = service_tempdir("watertight-topology-")
+    run_dir.chmod(0o755)
+    topology = topology_module.parse(TEST_TOPOLOGY, "test topology")
+    local = LocalRuntime(run_dir, topology, TEST_TOPOLOGY)
+    try:
+        started = time.monotonic()
+        result = local.up(progress=print)
+        local.up_seconds = time.monotonic() - started  # type: ignore[attr-defined]
+        assert set(result["started"]) == {c.name for c in local.components}
+        yield local
+    finally:
+        local.down(purge=True)
+
+
+def test_up_brings_every_cell_a_leader_and_a_sync_standby_in_the_other_center(runtime: LocalRuntime) -> None:
+    assert runtime.up_seconds < UP_TARGET_S  # type: ignore[attr-defined]
+    status = runtime.status()
+    assert all(site["up"] for site in status["sites"].values()), status["sites"]
+    for cell in runtime.topology.cell_numbers:
+        view = status["cells"][str(cell)]
+        assert view["leader_site"] == runtime.topology.leader_site(cell)
+        assert view["sync_standby"] == runtime.topology.standby_site(cell)
+        assert view["dr_copy"]["role"] == "standby_leader"
+        assert view["dr_copy"]["state"] == "streaming"
+    assert status["entry"] == runtime.topology.entry_url
+    for component in status["components"]:
+        assert component["alive"], component
+        assert component["pid"] and component["site"] in (None, "prod", "samecity", "dr")
+    assert 0 < status["rss_total_bytes"] < RSS_MAX_BYTES
+
+
+def test_up_again_changes_nothing(runtime: LocalRuntime) -> None:
+    before = {name: record.pid for name, record in runtime.records.items()}
+    result = runtime.up()
+    assert result["started"] == []
+    assert {name: record.pid for name, record in runtime.records.items()} == before
+
+
+def test_status_and_up_on_the_command_line(runtime: LocalRuntime) -> None:
+    env = {**os.environ, "WATERTIGHT_RUN_DIR": str(runtime.run_dir)}
+    shown = subprocess.run(
+        [sys.executable, "-m", "watertight.cli", "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert "cell-1" in shown.stdout and "total RSS" in shown.stdout
+    as_json = subprocess.run(
+        [sys.executable, "-m", "watertight.cli", "status", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert '"entry": "http://127.0.0.1:28080"' in as_json.stdout
+
+
+def test_freeze_and_thaw_a_gateway(runtime: LocalRuntime) -> None:
+    assert runtime.freeze(component="gateway-samecity") == ["gateway-samecity"]
+    record = runtime.records["gateway-samecity"]
+    assert processes.frozen(record)
+    assert runtime.status()["sites"]["samecity"]["up"] is False
+    runtime.thaw(component="gateway-samecity")
+    assert not processes.frozen(record)
+    assert runtime.pids(component="gateway-samecity")[0] == record.pid
+
+
+class Writers:
+    """One client per cell writing repayments through the entry, remembering every answer."""
+
+    def __init__(self, entry: str, accounts: dict[int, str]) -> None:
+        self.entry = entry
+        self.accounts = accounts
+        self.acked: dict[int, list[str]] = {cell: [] for cell in accounts}
+        self.failed: dict[int, list[tuple[float, Any]]] = {cell: [] for cell in accounts}
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._write, args=(cell,), daemon=True) for cell in accounts]
+
+    def _write(self, cell: int) -> None:
+        with httpx.Client(base_url=self.entry, timeout=10.0) as client:
+            while not self.stopping.is_set():
+                key = uuid.uuid4().hex
+                body = {"idempotency_key": key, "account_id": self.accounts[cell], "amount": 1}
+                try:
+                    answer = client.post("/v1/repayments", json=body)
+                    if answer.status_code == 200:
+                        self.acked[cell].append(answer.json()["transaction_id"])
+                    else:
+                        self.failed[cell].append((time.monotonic(), answer.status_code))
+                except httpx.HTTPError as error:
+                    self.failed[cell].append((time.monotonic(), repr(error)))
+                time.sleep(0.02)
+
+    def __enter__(self) -> Writers:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+
+
+def ledger_transactions(client: httpx.Client, account_id: str) -> set[str]:
+    found: set[str] = set()
+    cursor = None
+    for _ in range(1000):
+        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/v1/accounts/{account_id}/transactions", params=params).json()
+        found |= {t["transaction_id"] for t in page["transactions"]}
+        cursor = page["next_cursor"]
+        if not cursor:
+            return found
+    raise AssertionError("more pages than expected")
+
+
+def test_loss_of_the_prod_site_fails_over_within_the_rto_and_loses_nothing(runtime: LocalRuntime) -> None:
+    topology = runtime.topology
+    led_by_prod = [c for c in topology.cell_numbers if topology.leader_site(c) == "prod"]
+    led_by_samecity = [c for c in topology.cell_numbers if topology.leader_site(c) == "samecity"]
+    assert led_by_prod and led_by_samecity
+    client = httpx.Client(base_url=topology.entry_url, timeout=10.0)
+    accounts = {cell: opened["account_id"] for cell, opened in customers_in_each_cell(client).items()}
+
+    with Writers(topology.entry_url, accounts) as writers:
+        time.sleep(2)
+        killed_at = time.monotonic()
+        hit = runtime.kill(site="prod")
+        assert set(hit) == {c.name for c in runtime.components if c.site == "prod"}
+        assert runtime.pids(site="prod") == []
+        deadline = killed_at + RTO_S
+        recovered: dict[int, float] = {}
+        while time.monotonic() < deadline + 10 and len(recovered) < len(led_by_prod):
+            for cell in led_by_prod:
+                if cell not in recovered and runtime.cell_view(cell)["leader_site"] == "samecity":
+                    recovered[cell] = time.monotonic() - killed_at
+            time.sleep(0.2)
+        acked_before_end = {cell: len(v) for cell, v in writers.acked.items()}
+        time.sleep(3)  # writes go on after the failover
+    for cell in led_by_prod:
+        assert cell in recovered and recovered[cell] <= RTO_S, (
+            f"cell {cell} recovered after {recovered.get(cell)} s"
+        )
+        assert len(writers.acked[cell]) > acked_before_end[cell], "no write succeeded after the failover"
+    for cell in led_by_samecity:
+        assert writers.failed[cell] == [], (
+            f"cell {cell} (led by samecity) saw errors: {writers.failed[cell][:5]}"
+        )
+    for cell, account_id in accounts.items():
+        missing = set(writers.acked[cell]) - ledger_transactions(client, account_id)
+        assert not missing, f"cell {cell}: {len(missing)} acknowledged transactions missing"
+
+    # prod comes back: its members rejoin as replicas of the samecity leaders
+    runtime.start(site="prod")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        views = [runtime.cell_view(cell) for cell in topology.cell_numbers]
+        if all(v["leader_site"] == "samecity" and v["sync_standby"] == "prod" for v in views):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"prod did not rejoin as replicas: {views}")
+    client.close()
+
+
+def test_down_leaves_no_process_behind(runtime: LocalRuntime) -> None:
+    records = dict(runtime.records)
+    stopped = runtime.down()
+    assert stopped
+    assert runtime.pids() == []
+    for record in records.values():
+        assert not processes.alive(record)
+    runtime.up()  # the fixture's down --purge must still work from a running topology
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (("cells: 2", "cells: many"), "cells"),
+        (("address: 127.0.2.1", "address: 10.1.2.3"), "sites.samecity.address"),
+        (("  app: 18100", "  app: 18000"), "ports.gateway"),
+        (("ttl: 20", "ttl: 10"), "patroni.ttl"),
+        (("role: dr", "role: center"), "sites.dr.role"),
+        (("slo:", "slo:\n  rto_minutes: 3"), "slo"),
+        (("leaders: {}", "leaders: {7: prod}"), "leaders"),
+    ],
+)
+def test_a_bad_topology_file_fails_naming_the_key_and_starts_nothing(
+    tmp_path: Path, change: tuple[str, str], named: str
+) -> None:
+    text = topology_module.DEFAULT_PATH.read_text()
+    assert change[0] in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(change[0], change[1], 1))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WATERTIGHT_RUN_DIR": str(run_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "watertight.cli", "up", "--topology", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert named in result.stderr, result.stderr
+    assert not run_dir.exists()
