@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.cards import customers_in_each_cell
+from watertight import bench
 from watertight import topology as topology_module
 from watertight.pg import service_tempdir
 from watertight.runtime import processes
@@ -110,6 +111,22 @@ def test_freeze_and_thaw_a_gateway(runtime: LocalRuntime) -> None:
     runtime.thaw(component="gateway-samecity")
     assert not processes.frozen(record)
     assert runtime.pids(component="gateway-samecity")[0] == record.pid
+
+
+def test_bench_reports_cpu_per_transaction_within_sane_bounds(runtime: LocalRuntime) -> None:
+    result = bench.run(runtime, seconds=3, rate_financial=100, rate_nonfinancial=300, customers=20)
+    for name, row in (("financial", result["financial"]), ("nonfinancial", result["nonfinancial"])):
+        assert row["errors"] == 0, (name, row)
+        assert row["completed"] >= 0.8 * row["offered_tps"] * 3, (name, row)
+        # a transaction costs some CPU, and less than 50 ms of it even on a loaded 2-core machine
+        assert 10 < row["us_per_txn"] < 50_000, (name, row)
+        assert row["us_per_txn"] <= row["us_per_txn_gross"]
+        assert {"app", "gateway", "postgres+patroni"} <= set(row["us_per_txn_by_kind"]), row
+        assert row["p50_ms"] is not None and row["p50_ms"] <= row["p99_ms"]
+    expected = (10_000 * result["financial_us"] + 50_000 * result["nonfinancial_us"]) / 1e6
+    assert result["cores_for_headline"] == pytest.approx(expected, abs=0.1)
+    assert result["machine"]["cores"] and result["machine"]["cpu"]
+    assert "financial_us" in bench.table(result) or "cores for" in bench.table(result)
 
 
 class Writers:

@@ -20,7 +20,6 @@ RUN_DIR_HINT = "run/ in the repository"
 # which piece of work builds each subcommand that does not exist yet
 NOT_BUILT = {
     "drill": "the chaos drills (issue #5)",
-    "bench": "the load tests and CPU benchmark (issue #4)",
     "runbook": "the runbooks through ansible-runner (issue #7)",
 }
 
@@ -82,8 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--report-dir", metavar="DIR", help="where report.json and report.html go")
 
     bench = commands.add_parser("bench", help="CPU microseconds per transaction on the running topology")
-    bench.add_argument("--seconds", type=_positive_float, metavar="S", help="measurement window")
+    bench.add_argument(
+        "--seconds", type=_positive_float, default=15.0, metavar="S", help="measurement window per class (15)"
+    )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument(
+        "--rate-financial",
+        type=_positive_float,
+        default=500.0,
+        metavar="N",
+        help="financial TPS offered (500)",
+    )
+    bench.add_argument(
+        "--rate-nonfinancial",
+        type=_positive_float,
+        default=2500.0,
+        metavar="N",
+        help="non-financial TPS offered (2500)",
+    )
+    bench.add_argument(
+        "--customers", type=_positive_int, default=100, metavar="N", help="customers opened for the run (100)"
+    )
+    bench.add_argument(
+        "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
+    )
 
     runbook = commands.add_parser("runbook", help="run a runbook from runbooks/ against the current target")
     runbook.add_argument("name", metavar="NAME")
@@ -154,7 +175,20 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from watertight import bench
+    from watertight.runtime.local import LocalRuntime
+
+    runtime = LocalRuntime(_run_dir(args))
+    say = (lambda line: print(f"==> {line}", file=sys.stderr, flush=True)) if args.json else _say
+    result = bench.run(
+        runtime, args.seconds, args.rate_financial, args.rate_nonfinancial, args.customers, say
+    )
+    print(json.dumps(result, indent=2) if args.json else bench.table(result))
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
