@@ -198,7 +198,7 @@ def _auth_of(ctx: BatchContext, auth_id: str) -> tuple[dict[str, Any], AccountSt
         raise conflict("authorization_declined", f"authorization {auth_id} was declined", "auth_id")
     state = ctx.account(auth["account_id"])
     assert state is not None
-    if auth["status"] == "open" and auth["expires_at"] <= ctx.now:
+    if auth["status"] == "open" and auth["expired"]:
         auth["status"], auth["hold_fen"] = "expired", 0  # load_accounts released it already
     return auth, state
 

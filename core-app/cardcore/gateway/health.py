@@ -98,21 +98,21 @@ class HealthMonitor:
     # -- choosing -------------------------------------------------------------------------------
 
     def candidates(self, cell: int, limit: int = 2) -> list[Upstream]:
-        """Up to ``limit`` healthy upstreams of ``cell``, round-robin; empty when the cell is down."""
+        """Up to ``limit`` healthy upstreams of ``cell``; empty when the cell is down.
+
+        Upstreams in the site that leads the cell come first (round-robin among them): one app
+        server then writes each cell, so its group commits are as large as they can be, and
+        nothing crosses a site it need not. The others follow as the second choice."""
         ring = self.by_cell.get(cell)
         if not ring:
             return []
         start = self._rr[cell]
         self._rr[cell] = start + 1
         size = len(ring)
-        chosen: list[Upstream] = []
-        for offset in range(size):
-            upstream = ring[(start + offset) % size]
-            if upstream.ok and cell in upstream.ready_cells:
-                chosen.append(upstream)
-                if len(chosen) == limit:
-                    break
-        return chosen
+        healthy = [ring[(start + offset) % size] for offset in range(size)]
+        healthy = [u for u in healthy if u.ok and cell in u.ready_cells]
+        healthy.sort(key=lambda u: u.site is None or u.site != u.leader_sites.get(cell))
+        return healthy[:limit]
 
     def any_candidates(self, limit: int = 2) -> list[Upstream]:
         """Upstreams for requests of no particular cell: ones with a ready cell first, then any alive."""

@@ -30,7 +30,7 @@ from cardcore.limits.lines import AccountState
 from cardcore.platform import db
 from cardcore.platform.http import ApiError, encode
 from cardcore.platform.settings import AppSettings, CellSettings
-from cardcore.platform.state import Writes, load_accounts
+from cardcore.platform.state import Writes, state_from_row
 
 log = logging.getLogger("cardcore.engine")
 
@@ -119,10 +119,10 @@ class BatchContext:
         self.catalogue = engine.catalogue
         self.vault = engine.vault
         self.settings = engine.settings
-        self.cards: dict[bytes, asyncpg.Record] = {}
+        self.cards: dict[bytes, dict[str, Any]] = {}
         self.auths: dict[str, dict[str, Any]] = {}
         self.plans: dict[str, dict[str, Any]] = {}
-        self.transactions: dict[str, asyncpg.Record] = {}
+        self.transactions: dict[str, dict[str, Any]] = {}
         self.accounts: dict[str, AccountState] = {}
         self.booked_transactions: set[str] = set()
         self.writes = Writes()
@@ -133,43 +133,78 @@ class BatchContext:
     def account(self, account_id: str) -> AccountState | None:
         return self.accounts.get(account_id)
 
-    async def load(self, needs: Needs) -> None:
-        conn = self.conn
-        if needs.pan_tokens:
-            for row in await conn.fetch(
-                "SELECT pan_token, card_id, account_id, status, expiry FROM cards WHERE pan_token = ANY($1::bytea[])",
-                list(needs.pan_tokens),
-            ):
-                self.cards[bytes(row[0])] = row
-                needs.account_ids.add(row[2])
-        if needs.auth_ids:
-            for row in await conn.fetch(
-                "SELECT auth_id, account_id, card_id, line, amount_fen, hold_fen, status, expires_at"
-                " FROM authorizations WHERE auth_id = ANY($1::text[])",
-                list(needs.auth_ids),
-            ):
-                self.auths[row[0]] = dict(row)
-                if row[1]:
-                    needs.account_ids.add(row[1])
-        if needs.plan_ids:
-            for row in await conn.fetch(
-                "SELECT plan_id, account_id, principal_fen, terms, schedule, periods_billed, status"
-                " FROM installment_plans WHERE plan_id = ANY($1::text[])",
-                list(needs.plan_ids),
-            ):
-                plan = dict(row)
-                plan["schedule"] = msgspec.json.decode(plan["schedule"])
-                self.plans[row[0]] = plan
-                needs.account_ids.add(row[1])
-        if needs.transaction_ids:
-            for row in await conn.fetch(
-                "SELECT t.transaction_id, t.account_id, t.kind, t.amount_fen, p.plan_id AS converted_by,"
-                " a.mcc FROM transactions t LEFT JOIN installment_plans p ON p.transaction_id = t.transaction_id"
-                " LEFT JOIN authorizations a ON a.auth_id = t.auth_id WHERE t.transaction_id = ANY($1::text[])",
-                list(needs.transaction_ids),
-            ):
-                self.transactions[row[0]] = row
-        self.accounts = await load_accounts(conn, needs.account_ids, self.now, lock=True)
+    async def load(self, needs: Needs, keys: list[str]) -> dict[str, tuple[bytes, int, bytes]]:
+        """Everything the batch needs, with its accounts locked, in one round trip; returns the
+        idempotency records of ``keys`` that exist."""
+        raw = await self.conn.fetchval(
+            "SELECT cardcore_load_batch($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[], $7)",
+            keys,
+            list(needs.pan_tokens),
+            list(needs.auth_ids),
+            list(needs.plan_ids),
+            list(needs.transaction_ids),
+            list(needs.account_ids),
+            self.now,
+        )
+        loaded = _decode_loaded(raw)
+        for token, card_id, account_id, status, expiry in loaded.cards or ():
+            self.cards[bytes.fromhex(token)] = {
+                "card_id": card_id,
+                "account_id": account_id,
+                "status": status,
+                "expiry": expiry,
+            }
+        for auth_id, auth_account, auth_card, line, amount, hold, status, expired in loaded.auths or ():
+            self.auths[auth_id] = {
+                "auth_id": auth_id,
+                "account_id": auth_account,
+                "card_id": auth_card,
+                "line": line,
+                "amount_fen": amount,
+                "hold_fen": hold,
+                "status": status,
+                "expired": expired,
+            }
+        for plan_id, account_id, principal, terms, schedule, periods_billed, status in loaded.plans or ():
+            self.plans[plan_id] = {
+                "plan_id": plan_id,
+                "account_id": account_id,
+                "principal_fen": principal,
+                "terms": terms,
+                "schedule": schedule,
+                "periods_billed": periods_billed,
+                "status": status,
+            }
+        for transaction_id, account_id, kind, amount, converted_by, mcc in loaded.txns or ():
+            self.transactions[transaction_id] = {
+                "transaction_id": transaction_id,
+                "account_id": account_id,
+                "kind": kind,
+                "amount_fen": amount,
+                "converted_by": converted_by,
+                "mcc": mcc,
+            }
+        today = self.now.date()
+        for row in loaded.accounts or ():
+            state, has_stale = state_from_row(row, today)
+            state.changed_held = has_stale
+            self.accounts[state.account_id] = state
+        return {
+            key: (bytes.fromhex(digest), status, response.encode())
+            for key, digest, status, response in loaded.idem or ()
+        }
+
+
+class _Loaded(msgspec.Struct):
+    idem: list[tuple[str, str, int, str]] | None = None
+    cards: list[tuple[str, str, str, str, str]] | None = None
+    auths: list[tuple[str, str | None, str | None, str, int, int, str, bool]] | None = None
+    plans: list[tuple[str, str, int, int, list[dict[str, int]], int, str]] | None = None
+    txns: list[tuple[str, str, str, int, str | None, str | None]] | None = None
+    accounts: list[list[Any]] | None = None
+
+
+_decode_loaded = msgspec.json.Decoder(_Loaded).decode
 
 
 class CellEngine:
@@ -438,11 +473,11 @@ class CellEngine:
     async def _run_batch(self, conn: asyncpg.Connection, batch: list[Op]) -> list[Result]:
         results: list[Result | None] = [None] * len(batch)
         async with conn.transaction():
-            seen = await conn.fetch(
-                "SELECT key, request_hash, status, response FROM idempotency WHERE key = ANY($1::text[])",
-                [op.key for op in batch],
-            )
-            stored = {row[0]: (bytes(row[1]), row[2], bytes(row[3])) for row in seen}
+            ctx = BatchContext(self, conn, datetime.now(UTC))
+            needs = Needs()
+            for op in batch:
+                HANDLERS[op.kind].needs(op, needs, self.vault)
+            stored = await ctx.load(needs, [op.key for op in batch])
             first_of_key: dict[str, int] = {}
             live: list[int] = []
             for index, op in enumerate(batch):
@@ -454,12 +489,6 @@ class CellEngine:
                 else:
                     first_of_key[op.key] = index
                     live.append(index)
-            ctx = BatchContext(self, conn, datetime.now(UTC))
-            needs = Needs()
-            for index in live:
-                op = batch[index]
-                HANDLERS[op.kind].needs(op, needs, self.vault)
-            await ctx.load(needs)
             for index in live:
                 op = batch[index]
                 try:

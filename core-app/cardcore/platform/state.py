@@ -6,7 +6,7 @@ a handful of ``unnest`` statements. Never: commit (the caller owns the transacti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -41,8 +41,19 @@ STATE_BY_CUSTOMER = (
 _decode_pairs = msgspec.json.Decoder(list[list[Any]])
 
 
-def _state_of(row: asyncpg.Record, today: date) -> tuple[AccountState, bool]:
+def _pairs(value: Any) -> list[list[Any]]:
+    """A json_agg column: text from asyncpg, already a list inside a decoded document."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        decoded: list[list[Any]] = _decode_pairs.decode(value)
+        return decoded
+    return list(value)
+
+
+def state_from_row(row: Sequence[Any], today: date) -> tuple[AccountState, bool]:
     """An account from one row of the state query; and whether stale holds still count in it."""
+    birth_date = row[6] if isinstance(row[6], date) else date.fromisoformat(row[6])
     state = AccountState(
         account_id=row[0],
         customer_id=row[1],
@@ -52,19 +63,19 @@ def _state_of(row: asyncpg.Record, today: date) -> tuple[AccountState, bool]:
         held={},
         total_spend_fen=row[4],
         installment_plan_count=row[5],
-        age=age_on(row[6], today),
+        age=age_on(birth_date, today),
     )
-    for line, limit_fen, held_fen in _decode_pairs.decode(row[7] or "[]"):
+    for line, limit_fen, held_fen in _pairs(row[7]):
         state.limits[line] = limit_fen
         state.held[line] = held_fen
-    for gl, balance_fen in _decode_pairs.decode(row[8] or "[]"):
+    for gl, balance_fen in _pairs(row[8]):
         state.balances[gl] = balance_fen
-    for line, amount_fen in _decode_pairs.decode(row[9] or "[]"):
+    for line, amount_fen in _pairs(row[9]):
         state.temporary[line] = state.temporary.get(line, 0) + amount_fen
-    for tag, source in _decode_pairs.decode(row[10] or "[]"):
+    for tag, source in _pairs(row[10]):
         state.tags[tag] = source
     # holds past their expiry no longer count, even before anyone marks them expired
-    expired = _decode_pairs.decode(row[11] or "[]")
+    expired = _pairs(row[11])
     for line, hold_fen in expired:
         state.held[line] -= hold_fen
     return state, bool(expired)
@@ -88,7 +99,7 @@ async def load_accounts(
     states: dict[str, AccountState] = {}
     stale: list[str] = []
     for row in await conn.fetch(STATE_BY_ACCOUNTS, ids, now):
-        state, has_stale = _state_of(row, now.date())
+        state, has_stale = state_from_row(row, now.date())
         states[state.account_id] = state
         if has_stale:
             stale.append(state.account_id)
@@ -109,7 +120,7 @@ async def load_customer_account(
 ) -> AccountState | None:
     """The (first) account of a customer, read in one round trip, without a lock."""
     row = await conn.fetchrow(STATE_BY_CUSTOMER, customer_id, now)
-    return None if row is None else _state_of(row, now.date())[0]
+    return None if row is None else state_from_row(row, now.date())[0]
 
 
 @dataclass(slots=True)
@@ -127,161 +138,93 @@ class Writes:
     async def flush(
         self, conn: asyncpg.Connection, accounts: Iterable[AccountState], tag_rules: dict[str, Any]
     ) -> None:
+        """Write everything in one round trip (``cardcore_apply_batch``)."""
         accounts = list(accounts)
-        if self.entries:
-            await self._write_entries(conn)
-        if self.auth_inserts:
-            await conn.execute(
-                "INSERT INTO authorizations (auth_id, account_id, card_id, line, amount_fen, hold_fen, status,"
-                " response_code, mcc, merchant_id, channel, expires_at) SELECT * FROM unnest($1::text[],"
-                " $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[],"
-                " $9::text[], $10::text[], $11::text[], $12::timestamptz[])",
-                *columns(self.auth_inserts, 12),
-            )
-        if self.auth_updates:
-            ids = list(self.auth_updates)
-            await conn.execute(
-                "UPDATE authorizations a SET hold_fen = u.hold_fen, status = u.status FROM unnest($1::text[],"
-                " $2::bigint[], $3::text[]) AS u(auth_id, hold_fen, status) WHERE a.auth_id = u.auth_id",
-                ids,
-                [self.auth_updates[i][0] for i in ids],
-                [self.auth_updates[i][1] for i in ids],
-            )
-        if self.transactions:
-            await conn.execute(
-                "INSERT INTO transactions (transaction_id, account_id, kind, amount_fen, auth_id, plan_id,"
-                " entry_id, details) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],"
-                " $5::text[], $6::text[], $7::bigint[], $8::jsonb[])",
-                *columns(
-                    [
-                        (*t[:6], t[6].entry_id if isinstance(t[6], Entry) else t[6], t[7])
-                        for t in self.transactions
-                    ],
-                    8,
-                ),
-            )
-        if self.plan_inserts:
-            await conn.execute(
-                "INSERT INTO installment_plans (plan_id, account_id, transaction_id, principal_fen, terms,"
-                " fee_rate, apr, schedule, status, pricing_trace) SELECT * FROM unnest($1::text[], $2::text[],"
-                " $3::text[], $4::bigint[], $5::smallint[], $6::numeric[], $7::numeric[], $8::jsonb[],"
-                " $9::text[], $10::jsonb[])",
-                *columns(self.plan_inserts, 10),
-            )
-        if self.plan_updates:
-            ids = list(self.plan_updates)
-            await conn.execute(
-                "UPDATE installment_plans p SET periods_billed = u.periods, status = u.status FROM"
-                " unnest($1::text[], $2::smallint[], $3::text[]) AS u(plan_id, periods, status)"
-                " WHERE p.plan_id = u.plan_id",
-                ids,
-                [self.plan_updates[i][0] for i in ids],
-                [self.plan_updates[i][1] for i in ids],
-            )
-        held = [
-            (s.account_id, line, amount)
-            for s in accounts
-            if s.changed_held
-            for line, amount in s.held.items()
-        ]
-        if held:
-            await conn.execute(
-                "UPDATE lines l SET held_fen = u.held FROM unnest($1::text[], $2::text[], $3::bigint[])"
-                " AS u(account_id, line, held) WHERE l.account_id = u.account_id AND l.line = u.line",
-                *columns(held, 3),
-            )
-        changed = [s for s in accounts if s.changed_metrics]
-        if changed:
-            await conn.execute(
-                "UPDATE customers c SET total_spend_fen = u.spend, installment_plan_count = u.plans FROM"
-                " unnest($1::text[], $2::bigint[], $3::integer[]) AS u(customer_id, spend, plans)"
-                " WHERE c.customer_id = u.customer_id",
-                [s.customer_id for s in changed],
-                [s.total_spend_fen for s in changed],
-                [s.installment_plan_count for s in changed],
-            )
-            await write_rule_tags(conn, changed, tag_rules)
-        if self.idempotency:
-            await conn.execute(
-                "INSERT INTO idempotency (key, request_hash, status, response) SELECT * FROM"
-                " unnest($1::text[], $2::bytea[], $3::smallint[], $4::bytea[])",
-                *columns(self.idempotency, 4),
-            )
-
-    async def _write_entries(self, conn: asyncpg.Connection) -> None:
-        ids = await conn.fetch(
-            "SELECT nextval('journal_entry_id') FROM generate_series(1, $1::integer)", len(self.entries)
-        )
-        for entry, row in zip(self.entries, ids, strict=True):
-            entry.entry_id = row[0]
-        await conn.execute(
-            "INSERT INTO journal_entries (entry_id, account_id, kind, transaction_id, business_date)"
-            " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::date[])",
-            [e.entry_id for e in self.entries],
-            [e.account_id for e in self.entries],
-            [e.kind for e in self.entries],
-            [e.transaction_id for e in self.entries],
-            [e.business_date for e in self.entries],
-        )
-        legs = [
-            (entry.entry_id, seq, leg.account_id, leg.gl, leg.debit_fen, leg.credit_fen)
-            for entry in self.entries
-            for seq, leg in enumerate(entry.legs, start=1)
-        ]
-        await conn.execute(
-            "INSERT INTO postings (entry_id, seq, account_id, gl, debit_fen, credit_fen) SELECT * FROM"
-            " unnest($1::bigint[], $2::smallint[], $3::text[], $4::text[], $5::bigint[], $6::bigint[])",
-            *columns(legs, 6),
-        )
+        entry_index = {id(entry): index for index, entry in enumerate(self.entries, start=1)}
         deltas: dict[tuple[str, str], int] = {}
         for entry in self.entries:
             for leg in entry.legs:
                 if leg.account_id != BANK:  # the bank's ledgers derive from postings: no hot row
                     key = (leg.account_id, leg.gl)
                     deltas[key] = deltas.get(key, 0) + leg.debit_fen - leg.credit_fen
-        keys = sorted(deltas)
-        await conn.execute(
-            "INSERT INTO balances (account_id, gl, balance_fen) SELECT * FROM unnest($1::text[], $2::text[],"
-            " $3::bigint[]) ON CONFLICT (account_id, gl) DO UPDATE SET balance_fen = balances.balance_fen"
-            " + EXCLUDED.balance_fen",
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [deltas[k] for k in keys],
-        )
+        changed = [s for s in accounts if s.changed_metrics]
+        tags_add, tags_remove = rule_tag_changes(changed, tag_rules)
+        document = {
+            "entries": [[e.account_id, e.kind, e.transaction_id, e.business_date] for e in self.entries],
+            "legs": [
+                [entry_index[id(entry)], seq, leg.account_id, leg.gl, leg.debit_fen, leg.credit_fen]
+                for entry in self.entries
+                for seq, leg in enumerate(entry.legs, start=1)
+            ],
+            "balances": [[account, gl, deltas[(account, gl)]] for account, gl in sorted(deltas)],
+            "auth_inserts": self.auth_inserts,
+            "auth_updates": [
+                [auth_id, hold, status] for auth_id, (hold, status) in self.auth_updates.items()
+            ],
+            "transactions": [
+                [*t[:6], entry_index[id(t[6])] if isinstance(t[6], Entry) else None, t[7]]
+                for t in self.transactions
+            ],
+            "plan_inserts": self.plan_inserts,
+            "plan_updates": [
+                [plan_id, periods, status] for plan_id, (periods, status) in self.plan_updates.items()
+            ],
+            "held": [
+                [s.account_id, line, amount]
+                for s in accounts
+                if s.changed_held
+                for line, amount in s.held.items()
+            ],
+            "customers": [[s.customer_id, s.total_spend_fen, s.installment_plan_count] for s in changed],
+            "tags_add": tags_add,
+            "tags_remove": tags_remove,
+            "idempotency": [
+                [key, digest.hex(), status, response.decode()]
+                for key, digest, status, response in self.idempotency
+            ],
+        }
+        await conn.execute("SELECT cardcore_apply_batch($1::json)", msgspec.json.encode(document).decode())
 
 
-def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
-
-
-async def write_rule_tags(
-    conn: asyncpg.Connection, accounts: list[AccountState], tag_rules: dict[str, Any]
-) -> None:
-    """Bring each customer's rule-based tags in line with the rules; manual tags stay as they are."""
+def rule_tag_changes(
+    accounts: list[AccountState], tag_rules: dict[str, Any]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Rule-based tags to add and remove so each customer matches the rules (manual tags stay);
+    updates ``state.tags`` to match."""
     from cardcore.common.tags import holds
 
-    add: list[tuple[str, str]] = []
-    remove: list[tuple[str, str]] = []
+    add: list[list[str]] = []
+    remove: list[list[str]] = []
     for state in accounts:
         metrics = state.metrics()
         for tag, rule in tag_rules.items():
             present = state.tags.get(tag)
             wanted = holds(rule, metrics)
             if wanted and present is None:
-                add.append((state.customer_id, tag))
+                add.append([state.customer_id, tag])
                 state.tags[tag] = "rule"
             elif not wanted and present == "rule":
-                remove.append((state.customer_id, tag))
+                remove.append([state.customer_id, tag])
                 del state.tags[tag]
+    return add, remove
+
+
+async def write_rule_tags(
+    conn: asyncpg.Connection, accounts: list[AccountState], tag_rules: dict[str, Any]
+) -> None:
+    """Bring each customer's rule-based tags in line with the rules, outside a batch."""
+    add, remove = rule_tag_changes(accounts, tag_rules)
     if add:
         await conn.execute(
             "INSERT INTO customer_tags (customer_id, tag, source) SELECT c, t, 'rule' FROM unnest($1::text[],"
             " $2::text[]) AS u(c, t) ON CONFLICT DO NOTHING",
-            *columns(add, 2),
+            [a[0] for a in add],
+            [a[1] for a in add],
         )
     if remove:
         await conn.execute(
             "DELETE FROM customer_tags ct USING unnest($1::text[], $2::text[]) AS u(c, t)"
             " WHERE ct.customer_id = u.c AND ct.tag = u.t AND ct.source = 'rule'",
-            *columns(remove, 2),
+            [r[0] for r in remove],
+            [r[1] for r in remove],
         )
