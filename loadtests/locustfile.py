@@ -1,0 +1,180 @@
+"""Card traffic for the watertight core: cardholders paying, and customers looking things up.
+
+Two kinds of users over a population of customers opened through the API and spread over every
+cell (``--customers``, or a ``--population`` file from an earlier run):
+
+- ``Cardholder`` does the financial transactions, at ``--rate-financial`` per second in total:
+  authorizations, most of them cleared later (~90 %), a few reversed (~5 %), the rest left to
+  expire; cleared purchases of 500 CNY or more turned into installment plans; what was spent
+  repaid so the lines never run out.
+- ``Enquirer`` does the non-financial ones, at ``--rate-nonfinancial`` per second: balance,
+  limits, card, tags, installment quotes and routing lookups.
+
+Each task is one request, and each request waits for a slot of its class's fixed-rate schedule,
+so the rate offered does not depend on the core's latency. Requests are named by route and
+cell (``/v1/clearing [cell 2]``). Declines are business answers, not failures; response code 91
+(issuer unavailable) is a failure. The plumbing lives in ``watertight_load/``; see README.md.
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:18080
+"""
+
+from __future__ import annotations
+
+import random
+
+from locust import events, task
+from watertight_load import session
+from watertight_load.outstanding import INSTALLMENT_MIN_FEN, Hold, Purchase, purchase_amount_fen
+from watertight_load.traffic import FINANCIAL, NONFINANCIAL
+from watertight_load.users import CardCoreUser
+
+session.attach(events)
+
+MERCHANTS = [
+    ("5411", "M-GROCERY-0001"),
+    ("5812", "M-RESTAURANT-0002"),
+    ("5541", "M-FUEL-0003"),
+    ("5732", "M-ELECTRONICS-0004"),
+    ("4111", "M-TRANSIT-0005"),
+    ("5311", "M-STORE-0006"),
+]
+INSTALLMENT_TERMS = [3, 6, 12]
+
+
+class Cardholder(CardCoreUser):
+    """A cardholder paying with the card, and paying the bill."""
+
+    traffic = FINANCIAL
+
+    @task(20)
+    def authorize(self) -> None:
+        customer = self.customer()
+        amount_fen = purchase_amount_fen()
+        mcc, merchant_id = random.choice(MERCHANTS)
+        answer = self.transact(
+            "/v1/authorizations",
+            "/v1/authorizations",
+            customer,
+            amount_fen,
+            {
+                "pan": customer.pan,
+                "expiry": customer.expiry,
+                "amount": amount_fen,
+                "currency": "CNY",
+                "mcc": mcc,
+                "merchant_id": merchant_id,
+                "channel": random.choice(["pos", "pos", "online"]),
+                "kind": "purchase",
+            },
+        )
+        if answer is not None and answer.get("approved"):
+            self.outstanding.held(Hold(answer["auth_id"], customer, amount_fen))
+
+    @task(18)
+    def clear(self) -> None:
+        hold = self.outstanding.next_hold()
+        if hold is None:
+            self.authorize()  # nothing held yet: buy something instead
+            return
+        answer = self.transact(
+            "/v1/clearing",
+            "/v1/clearing",
+            hold.customer,
+            hold.amount_fen,
+            {"auth_id": hold.auth_id, "amount": hold.amount_fen},
+        )
+        if answer is not None:
+            self.outstanding.cleared(Purchase(answer["transaction_id"], hold.customer, hold.amount_fen))
+
+    @task(1)
+    def reverse(self) -> None:
+        hold = self.outstanding.next_hold()
+        if hold is None:
+            self.authorize()  # nothing held yet: buy something instead
+            return
+        self.transact(
+            "/v1/authorizations/{auth_id}/reversal",
+            f"/v1/authorizations/{hold.auth_id}/reversal",
+            hold.customer,
+            hold.amount_fen,
+            {},
+        )
+
+    @task(2)
+    def repay(self) -> None:
+        owed = self.outstanding.next_repayment()
+        if owed is None:
+            self.authorize()  # nothing to repay yet
+            return
+        customer, amount_fen = owed
+        answer = self.transact(
+            "/v1/repayments",
+            "/v1/repayments",
+            customer,
+            amount_fen,
+            {"account_id": customer.account_id, "amount": amount_fen},
+        )
+        if answer is None:
+            self.outstanding.owe(customer, amount_fen)  # repay it later, with a new key
+
+    @task(1)
+    def book_installment(self) -> None:
+        purchase = self.outstanding.next_bookable()
+        if purchase is None:
+            self.authorize()  # no large purchase waiting
+            return
+        answer = self.transact(
+            "/v1/installments",
+            "/v1/installments",
+            purchase.customer,
+            purchase.amount_fen,
+            {
+                "account_id": purchase.customer.account_id,
+                "transaction_id": purchase.transaction_id,
+                "terms": random.choice(INSTALLMENT_TERMS),
+            },
+        )
+        if answer is None:
+            self.outstanding.owe(purchase.customer, purchase.amount_fen)  # stays a purchase: repay it
+
+
+class Enquirer(CardCoreUser):
+    """A customer (or the bank's app on their behalf) looking at cards and accounts."""
+
+    traffic = NONFINANCIAL
+
+    @task(4)
+    def balance(self) -> None:
+        customer = self.customer()
+        route = "/v1/accounts/{account_id}/balance"
+        self.call("GET", route, f"/v1/accounts/{customer.account_id}/balance", customer.cell)
+
+    @task(3)
+    def limits(self) -> None:
+        customer = self.customer()
+        route = "/v1/customers/{customer_id}/limits"
+        self.call("GET", route, f"/v1/customers/{customer.customer_id}/limits", customer.cell)
+
+    @task(2)
+    def card(self) -> None:
+        customer = self.customer()
+        self.call("GET", "/v1/cards/{card_id}", f"/v1/cards/{customer.card_id}", customer.cell)
+
+    @task(1)
+    def tags(self) -> None:
+        customer = self.customer()
+        route = "/v1/customers/{customer_id}/tags"
+        self.call("GET", route, f"/v1/customers/{customer.customer_id}/tags", customer.cell)
+
+    @task(1)
+    def installment_quote(self) -> None:
+        customer = self.customer()
+        amount_fen = random.randrange(INSTALLMENT_MIN_FEN, 500_001, 100)  # quotes start at 500 CNY
+        body = {"account_id": customer.account_id, "amount": amount_fen, "terms": INSTALLMENT_TERMS}
+        self.call("POST", "/v1/installments/quote", "/v1/installments/quote", customer.cell, body)
+
+    @task(1)
+    def routing(self) -> None:
+        customer = self.customer()
+        route = "/v1/routing/cards/{card_id}"
+        self.call("GET", route, f"/v1/routing/cards/{customer.card_id}", customer.cell)

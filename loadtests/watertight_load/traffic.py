@@ -1,0 +1,84 @@
+"""What a request is: its traffic class, its cell, its name in the statistics, and its verdict.
+
+Owns: naming every request ``<route> [cell N]`` so one cell's trouble shows in the console, the
+CSV and the HTML report; telling financial from non-financial routes; judging an answer (a
+decline is a success, HTTP errors, no answer and response code 91 are failures); masking PANs.
+Never: put an id or a card number into a request name or a failure message (they would make the
+statistics unbounded and leak card data).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+FINANCIAL = "financial"
+NONFINANCIAL = "nonfinancial"
+TRAFFIC_CLASSES = (FINANCIAL, NONFINANCIAL)
+
+# the routes that move money or credit (DESIGN.md): everything else is non-financial
+FINANCIAL_ROUTES = frozenset(
+    {
+        ("POST", "/v1/authorizations"),
+        ("POST", "/v1/authorizations/{auth_id}/reversal"),
+        ("POST", "/v1/clearing"),
+        ("POST", "/v1/repayments"),
+        ("POST", "/v1/installments"),
+        ("POST", "/v1/installments/{plan_id}/payoff"),
+    }
+)
+
+ISSUER_UNAVAILABLE = "91"
+_NAME = re.compile(r"^(?P<route>\S+) \[cell (?P<cell>\d+)\]$")
+
+
+def request_name(route: str, cell: int) -> str:
+    """``/v1/clearing [cell 2]``: the route template (no ids) tagged with the cell."""
+    return f"{route} [cell {cell}]"
+
+
+def parse_request_name(name: str) -> tuple[str, int | None]:
+    """The route and cell of a request name; cell None for names not made by ``request_name``."""
+    match = _NAME.match(name)
+    if match is None:
+        return name, None
+    return match["route"], int(match["cell"])
+
+
+def traffic_class(method: str, name: str) -> str:
+    route, _ = parse_request_name(name)
+    return FINANCIAL if (method, route) in FINANCIAL_ROUTES else NONFINANCIAL
+
+
+def cell_of_customer_id(customer_id: str) -> int:
+    """Ids carry their cell: ``CU02…`` is a customer of cell 2."""
+    return int(customer_id[2:4])
+
+
+def cell_of_pan(pan: str) -> int:
+    """PAN ``625977`` + two cell digits + serial + Luhn digit."""
+    return int(pan[6:8])
+
+
+def mask_pan(pan: str) -> str:
+    return f"{pan[:6]}******{pan[-4:]}" if len(pan) >= 10 else "******"
+
+
+def failure_reason(route: str, status_code: int | None, body: Any) -> str | None:
+    """Why an answer counts as a failure, or None when it is a success.
+
+    A decline (200, ``approved: false``) is a business answer, not a failure; an authorization
+    declined with 91 means the issuer's cell could not answer, so it is one."""
+    if not status_code:
+        return "no answer (connection refused, reset or timed out)"
+    if status_code >= 400:
+        code = None
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            code = body["error"].get("code")
+        return f"HTTP {status_code} {code or ''}".rstrip()
+    if route == "/v1/authorizations":
+        if not isinstance(body, dict) or "response_code" not in body:
+            return f"HTTP {status_code} without a response_code"
+        if body["response_code"] == ISSUER_UNAVAILABLE:
+            return "declined 91: issuer (cell) unavailable"
+    return None
