@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,6 @@ RUN_DIR_HINT = "run/ in the repository"
 
 # which piece of work builds each subcommand that does not exist yet
 NOT_BUILT = {
-    "drill": "the chaos drills (issue #5)",
     "runbook": "the runbooks through ansible-runner (issue #7)",
 }
 
@@ -76,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=["site-loss-prod"],
         help="default: site-loss-prod",
     )
-    drill.add_argument("--rate-financial", type=_positive_float, metavar="N", help="financial TPS")
-    drill.add_argument("--rate-nonfinancial", type=_positive_float, metavar="N", help="non-financial TPS")
+    drill.add_argument(
+        "--rate-financial", type=_positive_float, metavar="N", help="financial TPS offered (100)"
+    )
+    drill.add_argument(
+        "--rate-nonfinancial", type=_positive_float, metavar="N", help="non-financial TPS offered (300)"
+    )
     drill.add_argument("--report-dir", metavar="DIR", help="where report.json and report.html go")
+    drill.add_argument(
+        "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
+    )
 
     bench = commands.add_parser("bench", help="CPU microseconds per transaction on the running topology")
     bench.add_argument(
@@ -175,6 +182,26 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drill(args: argparse.Namespace) -> int:
+    from watertight import drill
+
+    report_dir = (
+        Path(args.report_dir) if args.report_dir else Path("reports") / time.strftime("drill-%Y%m%d-%H%M%S")
+    )
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _say(f"drill {', '.join(args.experiments)}: reports in {report_dir}")
+    code = drill.run(
+        args.experiments,
+        args.rate_financial or 100.0,
+        args.rate_nonfinancial or 300.0,
+        report_dir.absolute(),
+        _run_dir(args),
+        _say,
+    )
+    _say(("PASSED" if code == 0 else "FAILED") + f": see {report_dir.absolute()}/*/report.html")
+    return code
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from watertight import bench
     from watertight.runtime.local import LocalRuntime
@@ -188,7 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "bench": cmd_bench}
+COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "bench": cmd_bench, "drill": cmd_drill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,8 @@ or leave a wait unbounded. One line per decision, so an operator can read what h
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -16,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,14 @@ class LocalRuntime:
 
     # ---- run directory --------------------------------------------------------------------------
 
+    def reload(self) -> None:
+        """Read the PIDs again: another process (a chaos action, a runbook) may have started or
+        stopped components since this object read them."""
+        state = self._read_state()
+        self.records = {
+            name: ProcessRecord(**record) for name, record in (state or {}).get("processes", {}).items()
+        }
+
     def _read_state(self) -> dict[str, Any] | None:
         try:
             state: dict[str, Any] = json.loads(self.state_path.read_text())
@@ -135,6 +145,7 @@ class LocalRuntime:
     def select(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
     ) -> list[render.Component]:
+        self.reload()
         if site is not None and site not in self.topology.sites:
             raise RuntimeError_(f"no site named {site!r}; sites are {', '.join(self.topology.sites)}")
         if cell is not None and cell not in self.topology.cell_numbers:
@@ -189,8 +200,27 @@ class LocalRuntime:
 
     def start_component(self, component: render.Component) -> ProcessRecord:
         """Start one component (no-op if it runs). Its files are (re)written from the topology."""
-        if self.running(component):
-            return self.records[component.name]
+        with self._state_lock():
+            self.reload()
+            if self.running(component):
+                return self.records[component.name]
+            record = self._spawn(component)
+            self.records[component.name] = record
+            self._write_state()
+            return record
+
+    @contextlib.contextmanager
+    def _state_lock(self) -> Iterator[None]:
+        """One writer of state.json at a time, across processes (the drill, chaos actions)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "state.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _spawn(self, component: render.Component) -> ProcessRecord:
         directory = self.component_dir(component)
         directory.mkdir(parents=True, exist_ok=True)
         account = pg.service_account() if component.service_user else None
@@ -225,6 +255,7 @@ class LocalRuntime:
         """Start whatever is not running, stage by stage; return when every cell has a leader and
         a streaming sync standby and every gateway is ready. Idempotent."""
         started_at = time.monotonic()
+        self.reload()
         state = self._read_state()
         if state is not None and state.get("topology") and state["topology"] != self.topology_text:
             if any(self.running(c) for c in self.components):
@@ -256,7 +287,10 @@ class LocalRuntime:
 
     def _wait_stage(self, stage: int, members: list[render.Component], progress: Progress) -> None:
         deadline = time.monotonic() + STAGE_TIMEOUT_S
-        pending = [c for c in members if c.ready_url]
+        # a member that has data already rejoins whoever leads now, which may be a member of a
+        # later stage: only the first bootstrap needs the stages in order (the end of `up` waits
+        # for every cell's leader and sync standby anyway)
+        pending = [c for c in members if c.ready_url and not self._has_data(c)]
         last_note = time.monotonic()
         while pending:
             for component in list(pending):
@@ -279,6 +313,13 @@ class LocalRuntime:
                 progress(f"stage {stage}: waiting for {', '.join(c.name for c in pending)}")
                 last_note = now
             time.sleep(0.2)
+
+    def _has_data(self, component: render.Component) -> bool:
+        return (
+            component.kind == "patroni"
+            and component.detached_pid_file is not None
+            and (component.detached_pid_file.parent / "PG_VERSION").exists()
+        )
 
     def _wait_topology_ready(self, progress: Progress) -> None:
         deadline = time.monotonic() + STAGE_TIMEOUT_S
@@ -362,6 +403,7 @@ class LocalRuntime:
         }
 
     def status(self) -> dict[str, Any]:
+        self.reload()
         tree = processes.children_map()
         cells = {str(cell): self.cell_view(cell) for cell in self.topology.cell_numbers}
         roles: dict[str, str] = {}
@@ -482,6 +524,7 @@ class LocalRuntime:
     # ---- down -----------------------------------------------------------------------------------
 
     def down(self, purge: bool = False, progress: Progress = _quiet) -> list[str]:
+        self.reload()
         stopped = self._stop(self.components, hard=False)
         if stopped:
             progress(f"stopped {len(stopped)} components: {', '.join(stopped)}")

@@ -1,0 +1,403 @@
+"""``watertight drill``: the main job. Bring the topology up, drive card traffic at it with
+Locust (every acknowledged financial transaction in an ack log), run a Chaos Toolkit experiment,
+stop the load and verify: RTO per affected cell from the load timeline, acknowledged
+transactions missing from the ledgers (RPO), errors of the cells the fault should not touch,
+ledger invariants and split brain. Writes report.json, report.html and the Chaos Toolkit journal;
+the exit code is the verdict.
+
+Never: judge from anything but what was measured; leave the load generator running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from watertight import report, verdicts
+from watertight import topology as topology_module
+from watertight.runtime.local import REPO_ROOT, LocalRuntime, RuntimeError_, http_json
+
+EXPERIMENTS_DIR = REPO_ROOT / "chaos" / "experiments"
+LOCUSTFILE = REPO_ROOT / "loadtests" / "locustfile.py"
+WARMUP_S = 8.0
+TAIL_S = 10.0
+CHAOS_TIMEOUT_S = 600.0
+LOAD_STOP_TIMEOUT_S = 30.0
+SAMPLE_INTERVAL_S = 0.5
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What an experiment breaks, read from its ``configuration.watertight_fault``."""
+
+    kind: str
+    site: str | None = None
+    cell: int | None = None
+
+    @property
+    def target(self) -> str:
+        return self.site or (f"cell-{self.cell}" if self.cell is not None else "topology")
+
+    def affected_cells(self, leaders: dict[int, str | None]) -> list[int]:
+        """Cells whose service the fault interrupts (judged on RTO); the rest must not notice."""
+        if self.cell is not None:
+            return [self.cell]
+        if self.kind in ("site-loss", "site-freeze", "partition") and self.site is not None:
+            return [cell for cell, site in leaders.items() if site == self.site]
+        return []
+
+
+# what each experiment breaks; an experiment file may say it itself in configuration.watertight_fault
+FAULTS = {
+    "site-loss-prod": Fault("site-loss", site="prod"),
+    "site-loss-samecity": Fault("site-loss", site="samecity"),
+    "site-freeze-prod": Fault("site-freeze", site="prod"),
+    "partition-prod": Fault("partition", site="prod"),
+    "cell-loss": Fault("cell-loss", cell=1),
+    "cell-primary-kill": Fault("cell-primary-kill", cell=1),
+    "etcd-member-loss": Fault("etcd-member-loss", site="prod"),
+    "inter-site-latency": Fault("latency"),
+}
+
+
+def load_experiment(name: str) -> tuple[Path, Fault]:
+    path = Path(name) if name.endswith(".json") else EXPERIMENTS_DIR / f"{name}.json"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.json"))) or "none"
+        raise RuntimeError_(f"no experiment {name!r}; known: {known}")
+    raw = json.loads(path.read_text()).get("configuration", {}).get("watertight_fault")
+    if isinstance(raw, dict) and "kind" in raw:
+        return path, Fault(raw["kind"], raw.get("site"), raw.get("cell"))
+    if path.stem not in FAULTS:
+        raise RuntimeError_(
+            f"{path}: say what it breaks in configuration.watertight_fault (kind, site or cell)"
+        )
+    return path, FAULTS[path.stem]
+
+
+def marks_of(path: Path) -> tuple[float | None, float | None]:
+    """When the fault was injected (the first action of the method) and when the rollbacks began,
+    from the marks the extension's controls wrote."""
+    fault_at = rollback_at = None
+    in_method = False
+    if not path.exists():
+        return None, None
+    for line in path.read_text().splitlines():
+        mark = json.loads(line)
+        if mark["event"] == "method-start":
+            in_method = True
+        elif (
+            mark["event"] == "activity-start"
+            and in_method
+            and fault_at is None
+            and mark.get("activity_type") == "action"
+        ):
+            fault_at = float(mark["t"])
+        elif mark["event"] == "rollback-start" and rollback_at is None:
+            rollback_at = float(mark["t"])
+    return fault_at, rollback_at
+
+
+class Sampler(threading.Thread):
+    """Polls every member's own view of its role: two that say 'primary' for one cell at the
+    same moment is a split brain."""
+
+    def __init__(self, runtime: LocalRuntime) -> None:
+        super().__init__(daemon=True)
+        self.runtime = runtime
+        self.samples: list[tuple[float, int, int]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from watertight import render
+
+        endpoints = render.LocalEndpoints(self.runtime.topology)
+        while not self.stopping.is_set():
+            at = time.time()
+            for cell in self.runtime.topology.cell_numbers:
+                primaries = []
+                for site in ("prod", "samecity"):
+                    status, body = http_json(
+                        f"{endpoints.patroni_api_url(cell, site)}/patroni", timeout_s=0.4
+                    )
+                    if status and isinstance(body, dict) and body.get("role") in ("primary", "master"):
+                        primaries.append(site)
+                self.samples.append((at, cell, len(primaries)))
+            self.stopping.wait(SAMPLE_INTERVAL_S)
+
+
+def start_load(
+    runtime: LocalRuntime, directory: Path, rate_financial: float, rate_nonfinancial: float, seconds: float
+) -> subprocess.Popen[bytes]:
+    users = max(20, int((rate_financial + rate_nonfinancial) / 10))
+    population = runtime.run_dir / "load" / "population.json"
+    population.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", runtime.topology.entry_url,
+        "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "5",
+        "--rate-financial", f"{rate_financial:g}", "--rate-nonfinancial", f"{rate_nonfinancial:g}",
+        "--population", str(population), "--ack-log", str(directory / "ack.jsonl"),
+        "--csv", str(directory / "load"), "--csv-full-history", "--html", str(directory / "load.html"),
+        "--summary-json", str(directory / "load-summary.json"),
+        # the drill judges by its verdicts; the gates only report
+        "--max-error-ratio", "1", "--max-p99-ms", "1000000", "--min-tps-ratio", "0",
+    ]  # fmt: skip
+    log = (directory / "locust.log").open("wb")
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+
+
+def timeline_of(
+    history_csv: Path,
+) -> tuple[list[tuple[float, int, bool]], dict[str, list[tuple[float, float, float]]]]:
+    """Per-cell successes and failures per second from Locust's full stats history: samples for
+    the verdicts, and series for the plots (seconds since the first row)."""
+    from watertight_load.traffic import parse_request_name
+
+    totals: dict[tuple[float, int], list[int]] = {}
+    previous: dict[str, tuple[int, int]] = {}
+    if not history_csv.exists():
+        return [], {}
+    with history_csv.open() as handle:
+        for row in csv.DictReader(handle):
+            name = row.get("Name", "")
+            cell = parse_request_name(name)[1]
+            if cell is None:
+                continue
+            requests, failures = int(row["Total Request Count"]), int(row["Total Failure Count"])
+            before = previous.get(name, (0, 0))
+            previous[name] = (requests, failures)
+            slot = totals.setdefault((float(row["Timestamp"]), cell), [0, 0])
+            slot[0] += (requests - failures) - (before[0] - before[1])
+            slot[1] += failures - before[1]
+    samples: list[tuple[float, int, bool]] = []
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    start = min((t for t, _ in totals), default=0.0)
+    for (t, cell), (ok, failed) in sorted(totals.items()):
+        if ok:
+            samples.append((t, cell, True))
+        if failed:
+            samples.append((t, cell, False))
+        series.setdefault(f"cell-{cell}", []).append((t - start, float(ok), float(failed)))
+    return samples, series
+
+
+async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[str]]) -> set[str]:
+    """The idempotency keys each cell's primary has committed: every acknowledged financial
+    request leaves its key there, in the same transaction as its postings."""
+    secrets = json.loads((runtime.run_dir / "secrets.json").read_text())
+    found: set[str] = set()
+    for cell, keys in keys_by_cell.items():
+        hosts = ",".join(runtime.topology.address(site) for site in ("prod", "samecity"))
+        conn = await asyncpg.connect(
+            host=hosts.split(","),
+            port=runtime.topology.postgres_port(cell),
+            user="postgres",
+            password=secrets["superuser_password"],
+            database="cardcore",
+            target_session_attrs="read-write",
+            timeout=10,
+        )
+        try:
+            for start in range(0, len(keys), 5000):
+                rows = await conn.fetch(
+                    "SELECT key FROM idempotency WHERE key = ANY($1::text[])", keys[start : start + 5000]
+                )
+                found.update(row[0] for row in rows)
+        finally:
+            await conn.close()
+    return found
+
+
+def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """Trial balance of every cell through the entry, and the limits of a sample of customers."""
+    entry = runtime.topology.entry_url
+    balances = []
+    for cell in runtime.topology.cell_numbers:
+        status, body = http_json(f"{entry}/v1/admin/trial-balance?cell={cell}", timeout_s=30)
+        balances.append(
+            body
+            if status == 200 and isinstance(body, dict)
+            else {"cell": cell, "balanced": False, "error": status}
+        )
+    lines_views: list[list[dict[str, Any]]] = []
+    population = runtime.run_dir / "load" / "population.json"
+    if population.exists():
+        customers = json.loads(population.read_text()).get("customers", [])[:50]
+        for customer in customers:
+            status, body = http_json(f"{entry}/v1/customers/{customer['customer_id']}/limits", timeout_s=10)
+            if status == 200 and isinstance(body, dict):
+                lines_views.append(body["lines"])
+    return balances, lines_views
+
+
+def stop_load(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)  # Locust writes its CSV, HTML and summary on the way out
+        try:
+            process.wait(timeout=LOAD_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=LOAD_STOP_TIMEOUT_S)
+
+
+def run_one(
+    runtime: LocalRuntime,
+    name: str,
+    rate_financial: float,
+    rate_nonfinancial: float,
+    report_dir: Path,
+    progress: Progress,
+) -> dict[str, Any]:
+    path, fault = load_experiment(name)
+    directory = report_dir / path.stem if report_dir.name != path.stem else report_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    leaders = {cell: runtime.cell_view(cell)["leader_site"] for cell in runtime.topology.cell_numbers}
+    affected = fault.affected_cells(leaders)
+    unaffected = [cell for cell in runtime.topology.cell_numbers if cell not in affected]
+    progress(
+        f"{path.stem}: leaders {leaders}; the fault should interrupt cells {affected or 'none'}, not {unaffected or 'none'}"
+    )
+    load = start_load(runtime, directory, rate_financial, rate_nonfinancial, WARMUP_S + CHAOS_TIMEOUT_S)
+    sampler = Sampler(runtime)
+    chaos_status = "not run"
+    started = time.time()
+    fault_at: float | None = None
+    rollback_at: float | None = None
+    try:
+        progress(
+            f"load: {rate_financial:g} financial + {rate_nonfinancial:g} non-financial TPS through {runtime.topology.entry_url}; warming up {WARMUP_S:g} s"
+        )
+        time.sleep(WARMUP_S)
+        if load.poll() is not None:
+            raise RuntimeError_(f"the load generator exited early; read {directory / 'locust.log'}")
+        sampler.start()
+        journal = directory / "journal.json"
+        progress(f"chaos: running {path.name} (journal {journal})")
+        marks = directory / "marks.jsonl"
+        env = {**os.environ, "WATERTIGHT_RUN_DIR": str(runtime.run_dir), "WATERTIGHT_MARKS_PATH": str(marks)}
+        with (directory / "chaos.log").open("wb") as log:
+            chaos = subprocess.run(
+                [sys.executable, "-m", "chaostoolkit", "--no-version-check", "run", "--journal-path", str(journal), str(path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, timeout=CHAOS_TIMEOUT_S, check=False,
+            )  # fmt: skip
+        journal_doc = json.loads(journal.read_text()) if journal.exists() else {}
+        chaos_status = str(journal_doc.get("status", f"chaos exited {chaos.returncode}"))
+        fault_at, rollback_at = marks_of(marks)
+        progress(f"chaos: {chaos_status}; load goes on {TAIL_S:g} s")
+        time.sleep(TAIL_S)
+    finally:
+        sampler.stopping.set()
+        stop_load(load)
+    progress("verifying: ack log against the ledgers, timeline, invariants")
+    from watertight_load.ack_log import read_ack_log
+
+    acked = [e for e in read_ack_log(directory / "ack.jsonl") if e.get("idempotency_key")]
+    keys_by_cell: dict[int, list[str]] = {}
+    for entry in acked:
+        keys_by_cell.setdefault(int(entry["cell"]), []).append(entry["idempotency_key"])
+    found = asyncio.run(keys_in_ledgers(runtime, keys_by_cell))
+    samples, series = timeline_of(directory / "load_stats_history.csv")
+    balances, lines_views = ledger_checks(runtime)
+    summary = (
+        json.loads((directory / "load-summary.json").read_text())
+        if (directory / "load-summary.json").exists()
+        else {}
+    )
+    if fault_at is None:
+        fault_at = started  # no mark: judge from when the experiment began
+    window_end = rollback_at or time.time()
+    rto = {cell: verdicts.rto_seconds(samples, cell, fault_at, until=rollback_at) for cell in affected}
+    judged = verdicts.verdict(
+        rto=rto,
+        rpo_result=verdicts.rpo(acked, found),
+        unaffected_cells=unaffected,
+        unaffected_error_rate=verdicts.isolation(samples, unaffected, (fault_at, window_end)),
+        unaffected_requests=verdicts.requests_in(samples, unaffected, (fault_at, window_end)),
+        invariants_result=verdicts.invariants(balances, [{"lines": view} for view in lines_views]),
+        split_brain_seen=verdicts.split_brain(sampler.samples) if sampler.samples else None,
+        slo_rto_seconds=runtime.topology.slo.rto_seconds,
+        slo_rpo_missing=runtime.topology.slo.rpo_transactions,
+    )
+    if chaos_status != "completed":
+        judged["passed"] = False
+        judged["reasons"].append(
+            f"the experiment did not complete: {chaos_status} (see chaos.log and the journal)"
+        )
+    result = {
+        "experiment": path.stem,
+        "status": chaos_status,
+        "passed": judged["passed"],
+        "fault": {
+            "kind": fault.kind,
+            "target": fault.target,
+            "injected_at": datetime.fromtimestamp(fault_at, UTC).isoformat(),
+        },
+        **{key: value for key, value in judged.items() if key != "passed"},
+        "load": summary.get("load", {}),
+    }
+    result["journal"] = "journal.json"
+    result["html"] = "report.html"
+    start = min((t for t, _, _ in samples), default=fault_at)
+    plot_marks: dict[str, list[tuple[float, str, str]]] = {}
+    for cell in runtime.topology.cell_numbers:
+        key = f"cell-{cell}"
+        plot_marks[key] = [(fault_at - start, f"{fault.kind} {fault.target}", "#d33")]
+        rto = result["rto_seconds"].get(key)
+        if cell in affected and isinstance(rto, (int, float)):
+            plot_marks[key].append((fault_at - start + rto, f"recovered {rto:.1f} s", "#27a"))
+    report.write_json(result, directory)
+    report.write_html(result, series, plot_marks, directory)
+    progress(f"{path.stem}: {'PASSED' if result['passed'] else 'FAILED'}; report {directory / 'report.json'}")
+    for reason in result.get("reasons", []):
+        progress(f"  {reason}")
+    return result
+
+
+def heal(runtime: LocalRuntime, progress: Progress) -> None:
+    """Whatever an experiment left down is started again, so the next one starts whole."""
+    started = runtime.start()
+    if started:
+        progress(f"restarted {', '.join(started)} for the next experiment")
+    runtime.up(progress)
+
+
+def run(
+    experiments: list[str],
+    rate_financial: float,
+    rate_nonfinancial: float,
+    report_dir: Path,
+    run_dir: Path,
+    progress: Progress,
+) -> int:
+    for name in experiments:
+        load_experiment(name)  # fail before starting anything when a name is wrong
+    try:
+        runtime = LocalRuntime(run_dir)
+    except RuntimeError_:
+        text = topology_module.DEFAULT_PATH.read_text()
+        runtime = LocalRuntime(run_dir, topology_module.parse(text, str(topology_module.DEFAULT_PATH)), text)
+    progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
+    runtime.up(progress)
+    outcomes = []
+    for name in experiments:
+        outcomes.append(
+            run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress)["passed"]
+        )
+        heal(runtime, progress)
+    return 0 if all(outcomes) else 1

@@ -1,0 +1,259 @@
+"""The verdicts of a drill: recovery time, lost acknowledged transactions, isolation, ledger
+invariants and split brain, judged against the SLOs.
+
+Owns: the arithmetic of judging, over data the drill has already gathered (a success timeline per
+cell, the ack log, what the ledgers hold, trial balances, limits views, samples of writable
+primaries). Never: read a file, call the network or look at the clock, so every verdict can be
+shown to fail on synthetic data.
+
+The success timeline is a list of ``(t_seconds, cell, ok)``: ``t_seconds`` when the answer (or the
+failure) came, on any clock shared with ``fault_at``; ``ok`` false for an HTTP error, no answer or
+an issuer-unavailable decline (``91``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+Sample = tuple[float, int, bool]
+WritableSample = tuple[float, int, int]  # (t_seconds, cell, writable primaries seen)
+
+SUSTAINED_SECONDS_DEFAULT = 2.0
+MISSING_KEYS_SHOWN_MAX = 5
+ID_FIELDS = ("transaction_id", "auth_id", "plan_id")
+ROOT_LINE = "total"
+
+
+def cell_key(cell: int) -> str:
+    """How the report names a cell: ``cell-1``."""
+    return f"cell-{cell}"
+
+
+# ---- recovery time --------------------------------------------------------------------------------
+
+
+def rto_seconds(
+    timeline: Iterable[Sample],
+    cell: int,
+    fault_at: float,
+    sustained_s: float = SUSTAINED_SECONDS_DEFAULT,
+    until: float | None = None,
+) -> float | None:
+    """Seconds from ``fault_at`` to the start of the run of successes that follows the cell's last
+    failure, provided that run lasts at least ``sustained_s``.
+
+    0.0 when the cell saw no failure after the fault; None when it never recovered: it has no
+    sample after the fault, its last sample failed, or its successes after the last failure span
+    less than ``sustained_s`` (recovery not shown). ``until`` ends the window (e.g. when the
+    rollback began), so a later blip is not counted against this fault.
+    """
+    assert sustained_s >= 0, sustained_s
+    samples = sorted(
+        (t, ok) for t, c, ok in timeline if c == cell and t >= fault_at and (until is None or t <= until)
+    )
+    if not samples:
+        return None
+    last_failure = max((i for i, (_, ok) in enumerate(samples) if not ok), default=None)
+    if last_failure is None:
+        return 0.0
+    after = samples[last_failure + 1 :]
+    if not after:
+        return None
+    recovered_at = after[0][0]
+    if after[-1][0] - recovered_at < sustained_s:
+        return None
+    return recovered_at - fault_at
+
+
+# ---- acknowledged transactions lost ---------------------------------------------------------------
+
+
+def rpo(
+    acked_entries: Iterable[Mapping[str, Any]],
+    ledger_lookup: Callable[[Mapping[str, Any]], bool] | Iterable[str],
+    missing_keys_shown: int = MISSING_KEYS_SHOWN_MAX,
+) -> dict[str, Any]:
+    """How many acknowledged financial transactions the ledgers no longer hold.
+
+    ``acked_entries`` are ack-log entries (``idempotency_key`` and the id the core answered:
+    ``transaction_id``, ``auth_id`` or ``plan_id``). ``ledger_lookup`` is either a callable that
+    says whether the ledgers hold an entry, or the idempotency keys and ids found in the ledgers:
+    an entry is present when its key or its id is among them.
+    """
+    if callable(ledger_lookup):
+        present = ledger_lookup
+    else:
+        found = frozenset(ledger_lookup)
+
+        def present(entry: Mapping[str, Any]) -> bool:
+            if entry.get("idempotency_key") in found:
+                return True
+            return any(entry.get(name) in found for name in ID_FIELDS if entry.get(name))
+
+    acknowledged = 0
+    missing: list[str] = []
+    for entry in acked_entries:
+        acknowledged += 1
+        if not present(entry):
+            missing.append(str(entry.get("idempotency_key")))
+    return {
+        "acknowledged": acknowledged,
+        "missing": len(missing),
+        "missing_keys": missing[:missing_keys_shown],
+    }
+
+
+# ---- isolation ------------------------------------------------------------------------------------
+
+
+def isolation(timeline: Iterable[Sample], cells: Iterable[int], window: tuple[float, float]) -> float:
+    """Error ratio (failed / all) of ``cells`` within ``window`` (start, end inclusive): the cells
+    that should not have noticed the fault. 0.0 when they had no request in the window (see
+    ``requests_in``)."""
+    chosen = set(cells)
+    start, end = window
+    total = failed = 0
+    for t, cell, ok in timeline:
+        if cell in chosen and start <= t <= end:
+            total += 1
+            failed += not ok
+    return failed / total if total else 0.0
+
+
+def requests_in(timeline: Iterable[Sample], cells: Iterable[int], window: tuple[float, float]) -> int:
+    """How many samples of ``cells`` fall in ``window``: an isolation ratio over none proves nothing."""
+    chosen = set(cells)
+    start, end = window
+    return sum(1 for t, cell, _ in timeline if cell in chosen and start <= t <= end)
+
+
+# ---- ledger invariants ----------------------------------------------------------------------------
+
+
+def invariants(
+    trial_balances: Iterable[Mapping[str, Any]], lines_views: Iterable[Mapping[str, Any]]
+) -> dict[str, bool]:
+    """The ledger invariants over every cell's trial balance and every customer's limits view.
+
+    - ``journal_balanced``: every trial balance says ``balanced`` with no unbalanced entry;
+    - ``balances_match_postings``: balances equal the sum of postings, and holds match the lines;
+    - ``limits_respected``: on every line, used + held stays within limit + temporary, and what is
+      shown available is exactly limit + temporary - used - held, capped by the parent line and
+      floored at 0.
+    """
+    balances = list(trial_balances)
+    journal_balanced = bool(balances) and all(
+        tb.get("balanced") is True and int(tb.get("entries_unbalanced", 0)) == 0 for tb in balances
+    )
+    match = bool(balances) and all(
+        tb.get("balances_match_postings") is True and tb.get("holds_match_lines", True) is True
+        for tb in balances
+    )
+    return {
+        "journal_balanced": journal_balanced,
+        "balances_match_postings": match,
+        "limits_respected": all(_lines_respected(view) for view in lines_views),
+    }
+
+
+def _own_available(line: Mapping[str, Any]) -> int:
+    return int(line["limit"]) + int(line.get("temporary", 0)) - int(line["used"]) - int(line["held"])
+
+
+def _lines_respected(view: Mapping[str, Any]) -> bool:
+    lines = {line["line"]: line for line in view.get("lines", [])}
+    root = lines.get(ROOT_LINE)
+    for name, line in lines.items():
+        own = _own_available(line)
+        if own < 0:  # used + held beyond limit + temporary
+            return False
+        expected = own if name == ROOT_LINE or root is None else min(own, _own_available(root))
+        if int(line["available"]) != max(0, expected):
+            return False
+    return True
+
+
+# ---- split brain ----------------------------------------------------------------------------------
+
+
+def split_brain(samples: Iterable[WritableSample]) -> bool:
+    """True if any sample saw two or more writable primaries for one cell."""
+    return any(count >= 2 for _, _, count in samples)
+
+
+def split_brain_cells(samples: Iterable[WritableSample]) -> dict[int, float]:
+    """The cells that had two writable primaries, each with the first time it was seen."""
+    seen: dict[int, float] = {}
+    for t, cell, count in sorted(samples):
+        if count >= 2 and cell not in seen:
+            seen[cell] = t
+    return seen
+
+
+# ---- the verdict ----------------------------------------------------------------------------------
+
+
+def verdict(
+    *,
+    rto: Mapping[int, float | None],
+    rpo_result: Mapping[str, Any],
+    unaffected_cells: Sequence[int],
+    unaffected_error_rate: float,
+    unaffected_requests: int,
+    invariants_result: Mapping[str, bool],
+    split_brain_seen: bool | None,
+    slo_rto_seconds: float,
+    slo_rpo_missing: int,
+    error_rate_max: float = 0.0,
+) -> dict[str, Any]:
+    """Combine the measures into the report's fields and judge them against the SLOs.
+
+    ``rto`` holds the affected cells (None: never recovered). ``split_brain_seen`` None means it
+    was not sampled (not a failure). ``passed`` is true only when every affected cell recovered
+    within ``slo_rto_seconds``, at most ``slo_rpo_missing`` acknowledged transactions are missing,
+    the unaffected cells erred at most ``error_rate_max`` (and had traffic to judge), every
+    invariant holds and no cell had two writable primaries; ``reasons`` says why not.
+    """
+    reasons: list[str] = []
+    for cell, seconds in sorted(rto.items()):
+        if seconds is None:
+            reasons.append(f"{cell_key(cell)} never recovered")
+        elif seconds > slo_rto_seconds:
+            reasons.append(
+                f"{cell_key(cell)} recovered after {seconds:.1f} s, above the RTO of {slo_rto_seconds:g} s"
+            )
+    missing = int(rpo_result["missing"])
+    if missing > slo_rpo_missing:
+        shown = ", ".join(rpo_result.get("missing_keys", []))
+        reasons.append(
+            f"{missing} acknowledged transactions missing from the ledgers (at most {slo_rpo_missing} allowed)"
+            + (f": {shown}" if shown else "")
+        )
+    if unaffected_cells:
+        names = ", ".join(cell_key(c) for c in unaffected_cells)
+        if unaffected_requests == 0:
+            reasons.append(f"no traffic on the cells that should not notice ({names}): isolation not shown")
+        elif unaffected_error_rate > error_rate_max:
+            reasons.append(
+                f"cells that should not notice ({names}) had an error rate of {unaffected_error_rate:.4f} (at most {error_rate_max:g} allowed)"
+            )
+    for name, held in invariants_result.items():
+        if not held:
+            reasons.append(f"ledger invariant {name} does not hold")
+    if split_brain_seen:
+        reasons.append("a cell had two writable primaries (split brain)")
+    return {
+        "passed": not reasons,
+        "reasons": reasons,
+        "rto_seconds": {cell_key(c): (None if s is None else round(s, 1)) for c, s in sorted(rto.items())},
+        "rpo": dict(rpo_result),
+        "unaffected_cells": {
+            "cells": [cell_key(c) for c in unaffected_cells],
+            "error_rate": round(unaffected_error_rate, 6),
+            "requests": unaffected_requests,
+        },
+        "invariants": dict(invariants_result),
+        "split_brain": split_brain_seen,
+        "slo": {"rto_seconds": slo_rto_seconds, "rpo_missing": slo_rpo_missing},
+    }
