@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.cards import customers_in_each_cell
+from tests.topologies import moved
 from watertight import bench
 from watertight import topology as topology_module
 from watertight.pg import service_tempdir
@@ -28,19 +29,7 @@ RTO_S = 30.0
 RSS_MAX_BYTES = 2 * 1024**3
 
 # its own addresses and ports, so a developer's running topology is left alone
-TEST_TOPOLOGY = (
-    (topology_module.DEFAULT_PATH.read_text())
-    .replace("127.0.1.1", "127.0.21.1")
-    .replace("127.0.2.1", "127.0.22.1")
-    .replace("127.0.3.1", "127.0.23.1")
-    .replace("port: 18080", "port: 28080")
-    .replace(": 123", ": 223")
-    .replace(": 124", ": 224")
-    .replace(": 155", ": 255")
-    .replace(": 188", ": 288")
-    .replace(": 181", ": 281")
-    .replace(": 180", ": 280")
-)
+TEST_TOPOLOGY = moved(20, 2)
 
 
 @pytest.fixture(scope="module")

@@ -206,16 +206,15 @@ def trial_balance(cell: int, **changes: Any) -> dict[str, Any]:
 
 def limits_view(**total: int) -> dict[str, Any]:
     """A Gold customer: 500,000 CNY total, cash half of it; ``total`` overrides the total line."""
-    root = {"line": "total", "limit": 50_000_000, "temporary": 0, "used": 1_000_000, "held": 200_000}
-    root |= total
-    root_own = root["limit"] + root["temporary"] - root["used"] - root["held"]
-    purchase = {"line": "purchase", "limit": 50_000_000, "temporary": 0, "used": 1_000_000, "held": 200_000}
-    cash = {"line": "cash", "limit": 25_000_000, "temporary": 0, "used": 0, "held": 0}
-    for line in (purchase, cash):
+    amounts = {"limit": 50_000_000, "temporary": 0, "used": 1_000_000, "held": 200_000} | total
+    root_own = amounts["limit"] + amounts["temporary"] - amounts["used"] - amounts["held"]
+    purchase = {"limit": 50_000_000, "temporary": 0, "used": 1_000_000, "held": 200_000}
+    cash = {"limit": 25_000_000, "temporary": 0, "used": 0, "held": 0}
+    lines: list[dict[str, Any]] = [{"line": "total", **amounts, "available": max(0, root_own)}]
+    for name, line in (("purchase", purchase), ("cash", cash)):
         own = line["limit"] + line["temporary"] - line["used"] - line["held"]
-        line["available"] = max(0, min(own, root_own))
-    root["available"] = max(0, root_own)
-    return {"lines": [root, purchase, cash]}
+        lines.append({"line": name, **line, "available": max(0, min(own, root_own))})
+    return {"lines": lines}
 
 
 def test_balanced_ledgers_and_consistent_lines_hold_every_invariant() -> None:

@@ -293,7 +293,7 @@ def run_one(
         env = {**os.environ, "WATERTIGHT_RUN_DIR": str(runtime.run_dir), "WATERTIGHT_MARKS_PATH": str(marks)}
         with (directory / "chaos.log").open("wb") as log:
             chaos = subprocess.run(
-                [sys.executable, "-m", "chaostoolkit", "--no-version-check", "run", "--journal-path", str(journal), str(path)],
+                [sys.executable, "-m", "chaostoolkit", "--no-version-check", "--no-log-file", "run", "--journal-path", str(journal), str(path)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, timeout=CHAOS_TIMEOUT_S, check=False,
             )  # fmt: skip
         journal_doc = json.loads(journal.read_text()) if journal.exists() else {}

@@ -1,0 +1,265 @@
+"""Chaos Toolkit probes of the watertight extension: is the topology in its steady state, who
+leads each cell, how many primaries accept writes, and what the load timeline says.
+
+Every probe takes topology names, ``target`` ("local" or "kubernetes") and ``run_dir`` (default
+$WATERTIGHT_RUN_DIR or run/), finds the topology again on each call and holds no state. Probes
+answer; they never change anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from watertight import render
+from watertight.chaos import kubernetes, targets
+from watertight.chaos.timeline import read_timeline
+from watertight.runtime.local import LocalRuntime, http_json
+
+__all__ = [
+    "cell_leader_site",
+    "cell_sync_standby_site",
+    "entry_answers",
+    "every_cell_has_leader_and_sync_standby",
+    "load_error_ratio",
+    "load_tps",
+    "not_steady_reasons",
+    "primaries",
+    "topology_status",
+    "writable_primaries",
+    "writable_primaries_by_cell",
+]
+
+PG_CONNECT_TIMEOUT_S = 2  # libpq's minimum
+MEMBER_PROBE_TIMEOUT_S = 3.0
+ENTRY_TIMEOUT_S = 2.0
+
+
+def _local(target: str, run_dir: str | None, what: str, needs: str) -> LocalRuntime:
+    if targets.check_target(target) == targets.KUBERNETES:
+        raise kubernetes.unsupported(what, needs)
+    return targets.local_runtime(run_dir)
+
+
+def entry_answers(
+    all_cells: bool = False,
+    timeout_s: float = ENTRY_TIMEOUT_S,
+    target: str = "local",
+    run_dir: str | None = None,
+    configuration: dict[str, Any] | None = None,
+) -> bool:
+    """The entry (what clients use) answers ready: at least one cell servable, or every cell
+    with ``all_cells``."""
+    if targets.check_target(target) == targets.KUBERNETES:
+        url = kubernetes.entry_url(configuration)
+    else:
+        url = targets.local_runtime(run_dir).topology.entry_url
+    status, body = http_json(f"{url}/readyz", timeout_s=timeout_s)
+    if status != 200:
+        return False
+    if all_cells:
+        cells = body.get("cells", {}) if isinstance(body, dict) else {}
+        return bool(cells) and all(cell.get("ready") for cell in cells.values())
+    return True
+
+
+def not_steady_reasons(target: str = "local", run_dir: str | None = None) -> list[str]:
+    """Why the topology is not in its steady state (empty when it is): every cell has a running
+    leader and a streaming sync standby, every gateway and the entry answer ready."""
+    runtime = _local(target, run_dir, "not_steady_reasons", "the cells' Patroni REST APIs")
+    reasons = []
+    for cell in runtime.topology.cell_numbers:
+        view = runtime.cell_view(cell)
+        if view["leader_site"] is None:
+            reasons.append(f"cell {cell} has no leader")
+        elif view["sync_standby"] is None:
+            reasons.append(f"cell {cell} has no streaming sync standby")
+    for component in runtime.components:
+        if component.kind in ("gateway", "entry") and http_json(component.ready_url or "")[0] != 200:
+            reasons.append(f"{component.name} is not ready")
+    return reasons
+
+
+def every_cell_has_leader_and_sync_standby(target: str = "local", run_dir: str | None = None) -> bool:
+    """Every cell has a running leader and a streaming synchronous standby (the other center)."""
+    runtime = _local(
+        target, run_dir, "every_cell_has_leader_and_sync_standby", "the cells' Patroni REST APIs"
+    )
+    for cell in runtime.topology.cell_numbers:
+        view = runtime.cell_view(cell)
+        if view["leader_site"] is None or view["sync_standby"] is None:
+            return False
+    return True
+
+
+def cell_leader_site(cell: int, target: str = "local", run_dir: str | None = None) -> str | None:
+    """The site whose member leads ``cell`` (None while it has no leader)."""
+    runtime = _local(target, run_dir, "cell_leader_site", "the cells' Patroni REST APIs")
+    runtime.select(cell=cell)  # names the cells when there is no such cell
+    leader: str | None = runtime.cell_view(cell)["leader_site"]
+    return leader
+
+
+def cell_sync_standby_site(cell: int, target: str = "local", run_dir: str | None = None) -> str | None:
+    """The site of ``cell``'s streaming synchronous standby (None when it has none)."""
+    runtime = _local(target, run_dir, "cell_sync_standby_site", "the cells' Patroni REST APIs")
+    runtime.select(cell=cell)
+    standby: str | None = runtime.cell_view(cell)["sync_standby"]
+    return standby
+
+
+def _superuser_password(runtime: LocalRuntime) -> str:
+    secrets = json.loads((runtime.run_dir / "secrets.json").read_text())
+    return str(secrets[render.SECRET_SUPERUSER_PASSWORD])
+
+
+MEMBER_STATE_SQL = """
+SELECT pg_is_in_recovery(),
+       current_setting('default_transaction_read_only'),
+       current_setting('synchronous_standby_names'),
+       (SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))
+"""
+
+
+def _member_state(host: str, port: int, password: str) -> dict[str, bool] | None:
+    """What a member's PostgreSQL says of itself; None when it does not answer.
+
+    ``out_of_recovery``: a primary in its own eyes, not read-only. ``writable``: it would also
+    acknowledge a commit now, i.e. synchronous replication is off or has a sync standby attached;
+    a demoted-to-be primary waiting on a standby that left acknowledges nothing."""
+    try:
+        with psycopg.connect(
+            host=host,
+            port=port,
+            user=render.SUPERUSER,
+            password=password,
+            dbname="postgres",
+            connect_timeout=PG_CONNECT_TIMEOUT_S,
+            sslmode="disable",
+            autocommit=True,
+        ) as connection:
+            row = connection.execute(MEMBER_STATE_SQL).fetchone()
+    except psycopg.Error:
+        return None
+    assert row is not None
+    in_recovery, read_only, standby_names, sync_attached = row
+    out_of_recovery = not in_recovery and read_only == "off"
+    return {
+        "out_of_recovery": out_of_recovery,
+        "writable": out_of_recovery and (standby_names == "" or int(sync_attached) > 0),
+    }
+
+
+def _in_parallel(calls: dict[str, Callable[[], Any]], timeout_s: float) -> dict[str, Any]:
+    """Run each call in a daemon thread; a call not done by ``timeout_s`` answers None (a frozen
+    member must not stall the probe beyond its bound)."""
+    answers: dict[str, Any] = {}
+
+    def run(name: str, call: Callable[[], Any]) -> None:
+        answers[name] = call()
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in calls.items()]
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {name: answers.get(name) for name in calls}
+
+
+def primaries(cell: int, target: str = "local", run_dir: str | None = None) -> list[dict[str, Any]]:
+    """Every member of ``cell`` (both centers and the dr copy): whether its PostgreSQL is out of
+    recovery, whether it would acknowledge a write (None: it did not answer within
+    MEMBER_PROBE_TIMEOUT_S), and the role its Patroni REST API reports."""
+    runtime = _local(target, run_dir, "primaries", "a SQL connection to every member of the cell")
+    members = [c for c in runtime.select(cell=cell) if c.kind == "patroni"]
+    password = _superuser_password(runtime)
+    endpoints = render.LocalEndpoints(runtime.topology)
+    port = endpoints.postgres_port(cell)
+    sites = {m.name: m.site or "" for m in members}
+    states = _in_parallel(
+        {
+            name: functools.partial(_member_state, endpoints.postgres_host(cell, site), port, password)
+            for name, site in sites.items()
+        },
+        MEMBER_PROBE_TIMEOUT_S,
+    )
+    roles = _in_parallel(
+        {
+            name: functools.partial(http_json, f"{endpoints.patroni_api_url(cell, site)}/patroni", 0.5)
+            for name, site in sites.items()
+        },
+        MEMBER_PROBE_TIMEOUT_S,
+    )
+    found = []
+    for member in members:
+        state, answer = states[member.name], roles[member.name]
+        role = answer[1] if answer else None
+        found.append(
+            {
+                "member": member.name,
+                "site": member.site,
+                "out_of_recovery": state["out_of_recovery"] if state else None,
+                "writable": state["writable"] if state else None,
+                "patroni_role": role.get("role") if isinstance(role, dict) else None,
+            }
+        )
+    return found
+
+
+def writable_primaries(cell: int, target: str = "local", run_dir: str | None = None) -> int:
+    """How many members of ``cell`` would acknowledge a write right now, asked of each member's
+    PostgreSQL (out of recovery, not read-only, synchronous replication off or with its sync
+    standby attached): 1 in steady state, 0 during a failover, 2 or more is split brain."""
+    return sum(1 for member in primaries(cell, target, run_dir) if member["writable"])
+
+
+def writable_primaries_by_cell(target: str = "local", run_dir: str | None = None) -> dict[str, int]:
+    """``{"1": n, "2": n, ...}``: writable primaries of every cell (a split-brain sample)."""
+    runtime = _local(target, run_dir, "writable_primaries_by_cell", "a SQL connection to every member")
+    counts = _in_parallel(
+        {
+            str(cell): functools.partial(writable_primaries, cell, target, run_dir)
+            for cell in runtime.topology.cell_numbers
+        },
+        2 * MEMBER_PROBE_TIMEOUT_S,
+    )
+    return {cell: int(count or 0) for cell, count in counts.items()}
+
+
+def topology_status(target: str = "local", run_dir: str | None = None) -> dict[str, Any]:
+    """The runtime's status (sites, cells, components), for the journal."""
+    runtime = _local(target, run_dir, "topology_status", "the kubernetes status view (not built)")
+    return runtime.status()
+
+
+def load_error_ratio(
+    timeline_path: str, window_s: float = 10.0, cells: list[int] | None = None, now: float | None = None
+) -> float:
+    """Failed / all requests of the load timeline (JSON lines ``{"t", "cell", "ok"}``) in the last
+    ``window_s`` seconds, for ``cells`` (default all). 0.0 when there was no request."""
+    end = time.time() if now is None else now
+    samples = [s for s in read_timeline(Path(timeline_path)) if end - window_s <= s[0] <= end]
+    if cells:
+        samples = [s for s in samples if s[1] in set(cells)]
+    return sum(1 for s in samples if not s[2]) / len(samples) if samples else 0.0
+
+
+def load_tps(
+    timeline_path: str, window_s: float = 10.0, cells: list[int] | None = None, now: float | None = None
+) -> float:
+    """Successful requests per second of the load timeline over the last ``window_s`` seconds,
+    for ``cells`` (default all): compare with the offered rate."""
+    assert window_s > 0, window_s
+    end = time.time() if now is None else now
+    samples = [s for s in read_timeline(Path(timeline_path)) if end - window_s <= s[0] <= end and s[2]]
+    if cells:
+        samples = [s for s in samples if s[1] in set(cells)]
+    return len(samples) / window_s
