@@ -31,6 +31,7 @@ from cardcore.gateway.health import HealthMonitor, Upstream
 from cardcore.gateway.routes import Kind, Route, classify
 from cardcore.gateway.settings import GatewaySettings, load_from_env
 from cardcore.platform import metrics
+from cardcore.platform.http import lifespan
 from cardcore.platform.upstream import (
     Response,
     UpstreamConnectError,
@@ -239,19 +240,7 @@ class Gateway:
             await self._lifespan(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as error:  # reported to the server, which exits
-                    await send({"type": "lifespan.startup.failed", "message": repr(error)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send, self.startup, self.shutdown)
 
     # -- one request ----------------------------------------------------------------------------
 

@@ -195,6 +195,28 @@ def parse_query(raw: bytes) -> dict[str, str]:
     return {key: values[-1] for key, values in parse_qs(raw.decode("latin-1")).items()}
 
 
+async def lifespan(
+    receive: Receive,
+    send: Send,
+    startup: Callable[[], Awaitable[None]],
+    shutdown: Callable[[], Awaitable[None]],
+) -> None:
+    """The ASGI lifespan protocol around a startup and a shutdown step."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await startup()
+            except Exception as error:  # reported to the server, which exits
+                await send({"type": "lifespan.startup.failed", "message": repr(error)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 Observer = Callable[[Route | None, int, float], None]
 
 
@@ -215,21 +237,15 @@ class JsonApp:
             await self._lifespan(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    for hook in self.startup:
-                        await hook()
-                except Exception as error:  # reported to the server, which exits
-                    await send({"type": "lifespan.startup.failed", "message": repr(error)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                for hook in self.shutdown:
-                    await hook()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        async def startup() -> None:
+            for hook in self.startup:
+                await hook()
+
+        async def shutdown() -> None:
+            for hook in self.shutdown:
+                await hook()
+
+        await lifespan(receive, send, startup, shutdown)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
