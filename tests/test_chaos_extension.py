@@ -21,11 +21,11 @@ import pytest
 
 import watertight
 from tests.cards import customers_in_each_cell
+from watertight import render, verdicts
 from watertight import topology as topology_module
-from watertight import verdicts
 from watertight.chaos import actions, controls, network, probes, timeline
 from watertight.pg import service_tempdir
-from watertight.runtime.local import LocalRuntime
+from watertight.runtime.local import LocalRuntime, http_json
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "chaos" / "experiments").glob("*.json"))
@@ -237,6 +237,22 @@ class Writers:
             thread.join(timeout=15)
 
 
+def member_diagnostics(runtime: LocalRuntime, cells: list[int], site: str) -> str:
+    """What each member of the cells says, and the tail of ``site``'s member logs: why a takeover
+    did not happen is in there."""
+    lines = []
+    for cell in cells:
+        for component in runtime.components:
+            if component.kind == "patroni" and component.cell == cell and component.site != "dr":
+                api = render.LocalEndpoints(runtime.topology).patroni_api_url(cell, component.site or "")
+                for path in ("/cluster", "/patroni"):
+                    lines.append(f"{component.name} {path}: {http_json(api + path, timeout_s=2.0)}")
+                if component.site == site:
+                    log_lines = runtime.log_path(component).read_text(errors="replace").splitlines()
+                    lines += [f"  | {line}" for line in log_lines[-40:]]
+    return "\n".join(lines)
+
+
 def ledger_transactions(client: httpx.Client, account_id: str) -> set[str]:
     found: set[str] = set()
     cursor = None
@@ -352,7 +368,9 @@ def test_a_partitioned_leader_stops_taking_writes_before_the_other_center_takes_
         print(
             f"partition of {cut}: its primaries stopped taking writes after {demoted_after} s; taken over {taken_over}"
         )
-        assert set(taken_over) == set(led), f"not taken over by {other}: {taken_over}"
+        assert set(taken_over) == set(led), (
+            f"not taken over by {other}: {taken_over}\n{member_diagnostics(runtime, led, other)}"
+        )
         assert not verdicts.split_brain(samples), verdicts.split_brain_cells(samples)
     finally:
         healed = actions.heal_partition(wait_s=120, run_dir=run_dir)

@@ -95,9 +95,11 @@ def test_status_and_up_on_the_command_line(runtime: LocalRuntime) -> None:
 def test_freeze_and_thaw_a_gateway(runtime: LocalRuntime) -> None:
     assert runtime.freeze(component="gateway-samecity") == ["gateway-samecity"]
     record = runtime.records["gateway-samecity"]
-    assert processes.frozen(record)
-    assert runtime.status()["sites"]["samecity"]["up"] is False
-    runtime.thaw(component="gateway-samecity")
+    try:
+        assert processes.frozen(record)
+        assert runtime.status()["sites"]["samecity"]["up"] is False
+    finally:
+        runtime.thaw(component="gateway-samecity")
     assert not processes.frozen(record)
     assert runtime.pids(component="gateway-samecity")[0] == record.pid
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +36,8 @@ STOP_TIMEOUT_S = 20.0
 HTTP_TIMEOUT_S = 1.0
 
 Progress = Callable[[str], None]
+
+log = logging.getLogger(__name__)
 
 
 class RuntimeError_(RuntimeError):
@@ -502,6 +505,16 @@ class LocalRuntime:
             pids = self.component_pids(component, tree)
             if processes.signal_pids(pids, sig):
                 hit.append(component.name)
+                if sig in (signal.SIGSTOP, signal.SIGCONT):
+                    unsettled = processes.wait_stopped(pids, stopped=sig == signal.SIGSTOP)
+                    if unsettled:
+                        log.warning(
+                            "%s: PIDs %s did not show the %s state within %.0f s",
+                            component.name,
+                            unsettled,
+                            "stopped" if sig == signal.SIGSTOP else "running",
+                            processes.SIGNAL_SETTLE_S_MAX,
+                        )
         return hit
 
     def restart(

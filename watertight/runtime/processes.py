@@ -54,7 +54,29 @@ def alive(record: ProcessRecord) -> bool:
 
 
 def frozen(record: ProcessRecord) -> bool:
-    return alive(record) and state_of(record.pid) == "T"
+    return alive(record) and state_of(record.pid) in STOPPED_STATES
+
+
+STOPPED_STATES = ("T", "t")
+SIGNAL_SETTLE_S_MAX = 2.0
+
+
+def wait_stopped(pids: list[int], stopped: bool, timeout_s: float = SIGNAL_SETTLE_S_MAX) -> list[int]:
+    """Wait (bounded) until every live PID is stopped (``stopped``) or running again: a signal is
+    delivered asynchronously, so right after SIGSTOP a busy process may still show R. Returns the
+    PIDs that had not settled when the wait ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = []
+        for pid in pids:
+            state = state_of(pid)
+            if state in (None, "Z", "X"):
+                continue
+            if (state in STOPPED_STATES) != stopped:
+                pending.append(pid)
+        if not pending or time.monotonic() >= deadline:
+            return pending
+        time.sleep(0.01)
 
 
 def children_map() -> dict[int, list[int]]:
