@@ -432,7 +432,13 @@ def test_a_stopped_cell_fails_fast_and_the_other_cell_keeps_answering() -> None:
             ready = await call(gateway, "GET", "/readyz")
             assert ready.status == 200
             assert ready.data["cells"]["1"]["ready"] is True
-            assert ready.data["cells"]["2"] == {"ready": False, "leader_site": None, "upstreams": []}
+            assert ready.data["cells"]["2"] == {
+                "ready": False,
+                "leader_site": None,
+                "upstreams": [],
+                "drained": False,
+                "in_flight": 0,
+            }
             routing = await call(
                 gateway, "GET", f"/v1/routing/customers/{ids.new_id(ids.PREFIX_CUSTOMER, 2)}"
             )
@@ -461,6 +467,54 @@ def test_a_stopped_cell_fails_fast_and_the_other_cell_keeps_answering() -> None:
                 'watertight_requests_total{route="/v1/authorizations",cell="2",site="prod",outcome="unavailable"} 1'
                 in metrics
             )
+
+    run(scenario())
+
+
+def test_a_drained_cell_refuses_new_requests_at_once_and_lets_those_in_flight_finish(tmp_path: Path) -> None:
+    drain_file = tmp_path / "cells.json"
+
+    async def until(gateway: Gateway, cell: str, drained: bool) -> dict[str, Any]:
+        for _ in range(40):
+            ready = (await call(gateway, "GET", "/readyz")).data["cells"][cell]
+            if ready["drained"] is drained:
+                return dict(ready)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"cell {cell} never showed drained={drained}")
+
+    async def scenario() -> None:
+        async with two_cells(drain_file=str(drain_file), drain_poll_ms=20) as (gateway, _a, b):
+            cell_1 = f"/v1/customers/{ids.new_id(ids.PREFIX_CUSTOMER, 1)}"
+            cell_2 = f"/v1/customers/{ids.new_id(ids.PREFIX_CUSTOMER, 2)}"
+            assert (await call(gateway, "GET", cell_2)).status == 200  # no file: nothing drained
+
+            b.delay = 0.5
+            slow = asyncio.create_task(call(gateway, "GET", cell_2))
+            await asyncio.sleep(0.1)
+            drain_file.write_text('{"drained_cells": [2]}')
+            during = await until(gateway, "2", drained=True)
+            assert during["in_flight"] == 1
+            refused = await call(gateway, "GET", cell_2)
+            assert refused.status == 503 and refused.elapsed < 0.2
+            assert refused.data["error"]["code"] == "cell_drained"
+            assert "cell 2" in refused.data["error"]["message"]
+            auth = await call(gateway, "POST", "/v1/authorizations", {"pan": ids.new_pan(2, 5), "amount": 1})
+            assert auth.status == 200 and auth.data["response_code"] == "91"
+            assert (await slow).status == 200  # in flight before the drain: answered
+            after = (await call(gateway, "GET", "/readyz")).data["cells"]
+            assert after["2"]["in_flight"] == 0 and after["1"]["drained"] is False
+            assert (await call(gateway, "GET", cell_1)).status == 200  # the other cell never noticed
+
+            drain_file.write_text('{"drained_cells": [7]}')  # a bad file changes nothing
+            await asyncio.sleep(0.15)
+            assert (await call(gateway, "GET", cell_2)).status == 503
+
+            b.delay = 0.0
+            drain_file.write_text('{"drained_cells": []}')
+            await until(gateway, "2", drained=False)
+            assert (await call(gateway, "GET", cell_2)).status == 200
+            metrics = (await call(gateway, "GET", "/metrics")).body.decode()
+            assert 'cell="2",site="prod",outcome="drained"} ' in metrics
 
     run(scenario())
 
@@ -518,6 +572,8 @@ def test_routing_health_and_trial_balance_endpoints() -> None:
                 "ready": True,
                 "leader_site": "samecity",
                 "upstreams": [b.url],
+                "drained": False,
+                "in_flight": 0,
             }
 
             answer = await call(gateway, "GET", "/v1/admin/trial-balance", query="cell=2")

@@ -6,18 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.cards import customers_in_each_cell
 from tests.topologies import moved
+from tests.writers import Writers, ledger_transactions
 from watertight import bench
 from watertight import topology as topology_module
 from watertight.pg import service_tempdir
@@ -42,7 +40,7 @@ def runtime() -> Iterator[LocalRuntime]:
         started = time.monotonic()
         result = local.up(progress=print)
         local.up_seconds = time.monotonic() - started  # type: ignore[attr-defined]
-        assert set(result["started"]) == {c.name for c in local.components}
+        assert set(result["started"]) == {c.name for c in local.components if not c.on_dr_activation}
         yield local
     finally:
         local.down(purge=True)
@@ -60,8 +58,16 @@ def test_up_brings_every_cell_a_leader_and_a_sync_standby_in_the_other_center(ru
         assert view["dr_copy"]["state"] == "streaming"
     assert status["entry"] == runtime.topology.entry_url
     for component in status["components"]:
+        if component["name"] in ("app-dr", "gateway-dr"):  # idle until the activate-dr runbook
+            assert not component["expected"] and not component["alive"], component
+            continue
         assert component["alive"], component
         assert component["pid"] and component["site"] in (None, "prod", "samecity", "dr")
+    assert status["sites"]["dr"]["up"] is True and status["mode"] == {
+        "dr_active": False,
+        "fenced_sites": [],
+        "centers_follow_dr": False,
+    }
     assert 0 < status["rss_total_bytes"] < RSS_MAX_BYTES
 
 
@@ -120,56 +126,6 @@ def test_bench_reports_cpu_per_transaction_within_sane_bounds(runtime: LocalRunt
     assert "financial_us" in bench.table(result) or "cores for" in bench.table(result)
 
 
-class Writers:
-    """One client per cell writing repayments through the entry, remembering every answer."""
-
-    def __init__(self, entry: str, accounts: dict[int, str]) -> None:
-        self.entry = entry
-        self.accounts = accounts
-        self.acked: dict[int, list[str]] = {cell: [] for cell in accounts}
-        self.failed: dict[int, list[tuple[float, Any]]] = {cell: [] for cell in accounts}
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._write, args=(cell,), daemon=True) for cell in accounts]
-
-    def _write(self, cell: int) -> None:
-        with httpx.Client(base_url=self.entry, timeout=10.0) as client:
-            while not self.stopping.is_set():
-                key = uuid.uuid4().hex
-                body = {"idempotency_key": key, "account_id": self.accounts[cell], "amount": 1}
-                try:
-                    answer = client.post("/v1/repayments", json=body)
-                    if answer.status_code == 200:
-                        self.acked[cell].append(answer.json()["transaction_id"])
-                    else:
-                        self.failed[cell].append((time.monotonic(), answer.status_code))
-                except httpx.HTTPError as error:
-                    self.failed[cell].append((time.monotonic(), repr(error)))
-                time.sleep(0.02)
-
-    def __enter__(self) -> Writers:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=15)
-
-
-def ledger_transactions(client: httpx.Client, account_id: str) -> set[str]:
-    found: set[str] = set()
-    cursor = None
-    for _ in range(1000):
-        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
-        page = client.get(f"/v1/accounts/{account_id}/transactions", params=params).json()
-        found |= {t["transaction_id"] for t in page["transactions"]}
-        cursor = page["next_cursor"]
-        if not cursor:
-            return found
-    raise AssertionError("more pages than expected")
-
-
 def test_loss_of_the_prod_site_fails_over_within_the_rto_and_loses_nothing(runtime: LocalRuntime) -> None:
     topology = runtime.topology
     led_by_prod = [c for c in topology.cell_numbers if topology.leader_site(c) == "prod"]
@@ -191,19 +147,19 @@ def test_loss_of_the_prod_site_fails_over_within_the_rto_and_loses_nothing(runti
                 if cell not in recovered and runtime.cell_view(cell)["leader_site"] == "samecity":
                     recovered[cell] = time.monotonic() - killed_at
             time.sleep(0.2)
-        acked_before_end = {cell: len(v) for cell, v in writers.acked.items()}
+        acked_before_end = {cell: len(writers.acked_ids(cell)) for cell in accounts}
         time.sleep(3)  # writes go on after the failover
     for cell in led_by_prod:
         assert cell in recovered and recovered[cell] <= RTO_S, (
             f"cell {cell} recovered after {recovered.get(cell)} s"
         )
-        assert len(writers.acked[cell]) > acked_before_end[cell], "no write succeeded after the failover"
+        assert len(writers.acked_ids(cell)) > acked_before_end[cell], "no write succeeded after the failover"
     for cell in led_by_samecity:
         assert writers.failed[cell] == [], (
             f"cell {cell} (led by samecity) saw errors: {writers.failed[cell][:5]}"
         )
     for cell, account_id in accounts.items():
-        missing = set(writers.acked[cell]) - ledger_transactions(client, account_id)
+        missing = set(writers.acked_ids(cell)) - ledger_transactions(client, account_id)
         assert not missing, f"cell {cell}: {len(missing)} acknowledged transactions missing"
 
     # prod comes back: its members rejoin as replicas of the samecity leaders

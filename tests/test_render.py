@@ -295,13 +295,26 @@ def test_gateway_upstreams_own_site_first_then_the_other_center(topo: Topology) 
         }
 
 
-def test_entry_is_a_gateway_over_the_two_site_gateways(topo: Topology) -> None:
-    settings = render.entry_settings(topo, render.LocalEndpoints(topo))
+def test_entry_is_a_gateway_over_the_site_gateways_with_dr_last(topo: Topology) -> None:
+    settings = render.entry_settings(topo, render.LocalEndpoints(topo), drain_file="/run/drained.json")
     parsed = parse_gateway(json.dumps(settings))
     assert (parsed.host, parsed.port) == ("127.0.10.1", 28080)
+    assert parsed.drain_file == "/run/drained.json"
     for cell, urls in parsed.cell_upstreams().items():
-        assert sorted(urls) == ["http://127.0.11.1:28000", "http://127.0.12.1:28000"]
+        assert sorted(urls[:2]) == ["http://127.0.11.1:28000", "http://127.0.12.1:28000"]
         assert urls[0] == f"http://{topo.address(topo.leader_site(cell))}:28000"
+        assert urls[2] == "http://127.0.13.1:28000"  # dr's gateway runs only after activate-dr
+
+
+def test_only_dr_app_server_and_gateway_wait_for_the_activation(
+    default_topo: Topology, secrets: dict[str, str]
+) -> None:
+    listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
+    assert {c.name for c in listed if c.on_dr_activation} == {"app-dr", "gateway-dr"}
+    gateways = [c for c in listed if c.kind in ("gateway", "entry")]
+    for component in gateways:
+        settings = json.loads(next(iter(component.files.values())))
+        assert settings["drain_file"] == str(render.drain_file(RUN_DIR.absolute())), component.name
 
 
 # ---- the local set ---------------------------------------------------------------------------------
@@ -324,8 +337,10 @@ def test_names_are_unique_and_the_set_is_complete(default_topo: Topology, secret
         "pg-cell2-dr",
         "app-prod",
         "app-samecity",
+        "app-dr",
         "gateway-prod",
         "gateway-samecity",
+        "gateway-dr",
         "entry",
     }
     assert {c.kind for c in listed} <= set(render.KINDS)

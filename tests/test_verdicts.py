@@ -326,3 +326,13 @@ def test_the_rto_slo_boundary_is_inclusive() -> None:
 
 def test_an_error_budget_for_unaffected_cells_is_respected() -> None:
     assert judge(unaffected_error_rate=0.001, error_rate_max=0.01)["passed"] is True
+
+
+def test_the_loss_of_both_centers_affects_every_cell() -> None:
+    from watertight import drill
+
+    _, fault = drill.load_experiment("dr-activation")
+    assert fault.kind == "dr-activation"
+    assert fault.affected_cells({1: "prod", 2: "samecity", 3: "prod"}) == [1, 2, 3]
+    _, one_site = drill.load_experiment("site-loss-prod")
+    assert one_site.affected_cells({1: "prod", 2: "samecity", 3: "prod"}) == [1, 3]

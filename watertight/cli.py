@@ -19,9 +19,7 @@ EXIT_NOT_BUILT = 2
 RUN_DIR_HINT = "run/ in the repository"
 
 # which piece of work builds each subcommand that does not exist yet
-NOT_BUILT = {
-    "runbook": "the runbooks through ansible-runner (issue #7)",
-}
+NOT_BUILT: dict[str, str] = {}
 
 
 def _positive_int(text: str) -> int:
@@ -122,7 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_key_value,
         default=[],
         metavar="KEY=VALUE",
-        help="extra variables for the runbook",
+        help="extra variables for the runbook (e.g. site=prod, cell=2, state=serving, ack_log=PATH)",
+    )
+    runbook.add_argument(
+        "--check",
+        action="store_true",
+        help="check mode: every step says what it would change, nothing changes",
+    )
+    runbook.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    runbook.add_argument(
+        "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
     return parser
 
@@ -215,7 +222,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "bench": cmd_bench, "drill": cmd_drill}
+def cmd_runbook(args: argparse.Namespace) -> int:
+    from watertight.runbooks import runner
+
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    try:
+        extras = runner.parse_extras([f"{key}={value}" for key, value in args.extra])
+        summary = runner.run(args.name, extras, _run_dir(args), check=args.check, progress=say)
+    except runner.RunbookError as error:
+        print(f"watertight runbook: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif summary["rc"] != 0:
+        print(
+            f"watertight runbook {args.name}: failed at {summary['failed_step'] or 'a step'}: "
+            f"{summary.get('error')}; the artifacts are in {summary['artifacts']}. Fix the cause and run "
+            "the runbook again: every step is idempotent",
+            file=sys.stderr,
+        )
+    return 0 if summary["rc"] == 0 else 1
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "status": cmd_status,
+    "down": cmd_down,
+    "bench": cmd_bench,
+    "drill": cmd_drill,
+    "runbook": cmd_runbook,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,8 @@ class Fault:
         """Cells whose service the fault interrupts (judged on RTO); the rest must not notice."""
         if self.cell is not None:
             return [self.cell]
+        if self.kind == "dr-activation":  # both centers lost: every cell
+            return sorted(leaders)
         if self.kind in ("site-loss", "site-freeze", "partition") and self.site is not None:
             return [cell for cell, site in leaders.items() if site == self.site]
         return []
@@ -73,6 +75,7 @@ FAULTS = {
     "cell-primary-kill": Fault("cell-primary-kill", cell=1),
     "etcd-member-loss": Fault("etcd-member-loss", site="prod"),
     "inter-site-latency": Fault("latency"),
+    "dr-activation": Fault("dr-activation"),
 }
 
 
@@ -203,9 +206,8 @@ async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[st
     secrets = json.loads((runtime.run_dir / "secrets.json").read_text())
     found: set[str] = set()
     for cell, keys in keys_by_cell.items():
-        hosts = ",".join(runtime.topology.address(site) for site in ("prod", "samecity"))
         conn = await asyncpg.connect(
-            host=hosts.split(","),
+            host=[runtime.topology.address(site) for site in runtime.primary_sites()],
             port=runtime.topology.postgres_port(cell),
             user="postgres",
             password=secrets["superuser_password"],
@@ -222,6 +224,14 @@ async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[st
         finally:
             await conn.close()
     return found
+
+
+def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[str]:
+    """Which idempotency keys of ack-log entries the cells' primaries hold."""
+    keys_by_cell: dict[int, list[str]] = {}
+    for entry in acked:
+        keys_by_cell.setdefault(int(entry["cell"]), []).append(entry["idempotency_key"])
+    return asyncio.run(keys_in_ledgers(runtime, keys_by_cell))
 
 
 def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
@@ -308,10 +318,7 @@ def run_one(
     from watertight_load.ack_log import read_ack_log
 
     acked = [e for e in read_ack_log(directory / "ack.jsonl") if e.get("idempotency_key")]
-    keys_by_cell: dict[int, list[str]] = {}
-    for entry in acked:
-        keys_by_cell.setdefault(int(entry["cell"]), []).append(entry["idempotency_key"])
-    found = asyncio.run(keys_in_ledgers(runtime, keys_by_cell))
+    found = found_in_ledgers(runtime, acked)
     samples, series = timeline_of(directory / "load_stats_history.csv")
     balances, lines_views = ledger_checks(runtime)
     summary = (

@@ -112,7 +112,7 @@ def generate_secrets() -> dict[str, str]:
 class Endpoints(abc.ABC):
     """How components reach each other, and where they listen.
 
-    Local: site addresses on loopback plus the topology's ports. Kubernetes (later): service names,
+    Local: site addresses on loopback plus the topology's ports. Kubernetes: Service names,
     listening on every interface of the pod.
     """
 
@@ -214,6 +214,75 @@ class LocalEndpoints(Endpoints):
         return self.topology.entry.address
 
 
+@dataclass(frozen=True)
+class KubernetesEndpoints(Endpoints):
+    """Every site is a Kubernetes cluster; each component has a Service named like the component
+    (``etcd-prod``, ``pg-cell1-samecity``, ``app-prod``...) in ``namespace`` of its site's cluster,
+    reached by ``<component>.<namespace>.<service_domains[site]>`` from every site (multi-cluster
+    DNS, per-cluster domains with forwarding, or external DNS for LoadBalancer Services: the
+    platform's choice, given as configuration). Ports are the topology's; pods listen on every
+    interface. ``site_networks`` are the pod and node networks of each site: PostgreSQL clients
+    and replication peers connect from them (pg_hba).
+    """
+
+    topology: Topology
+    namespace: str
+    service_domains: Mapping[str, str]
+    site_networks: Mapping[str, tuple[str, ...]]
+    entry: str  # the URL clients use: the bank's global load balancer in front of the gateways
+
+    def __post_init__(self) -> None:
+        for site in self.topology.sites:
+            if not self.service_domains.get(site):
+                raise ValueError(f"KubernetesEndpoints: no service domain for site {site!r}")
+            if not self.site_networks.get(site):
+                raise ValueError(f"KubernetesEndpoints: no networks for site {site!r}")
+
+    def host(self, site: str, component: str) -> str:
+        """The DNS name of a component's Service, as every site resolves it."""
+        return f"{component}.{self.namespace}.{self.service_domains[site]}"
+
+    def listen_address(self, site: str) -> str:
+        return "0.0.0.0"
+
+    def client_networks(self) -> list[str]:
+        networks = [network for site in self.topology.sites for network in self.site_networks[site]]
+        return list(dict.fromkeys(networks))
+
+    def etcd_client_url(self, site: str) -> str:
+        return f"http://{self.host(site, etcd_name(site))}:{self.topology.ports.etcd_client}"
+
+    def etcd_peer_url(self, site: str) -> str:
+        return f"http://{self.host(site, etcd_name(site))}:{self.topology.ports.etcd_peer}"
+
+    def etcd_dr_client_url(self) -> str:
+        return f"http://{self.host(DR_SITE, ETCD_DR_NAME)}:{self.topology.ports.etcd_dr_client}"
+
+    def etcd_dr_peer_url(self) -> str:
+        return f"http://{self.host(DR_SITE, ETCD_DR_NAME)}:{self.topology.ports.etcd_dr_peer}"
+
+    def postgres_host(self, cell: int, site: str) -> str:
+        return self.host(site, pg_name(cell, site))
+
+    def postgres_port(self, cell: int) -> int:
+        return self.topology.postgres_port(cell)
+
+    def patroni_api_url(self, cell: int, site: str) -> str:
+        return f"http://{self.host(site, pg_name(cell, site))}:{self.topology.patroni_port(cell)}"
+
+    def app_url(self, site: str) -> str:
+        return f"http://{self.host(site, app_name(site))}:{self.topology.ports.app}"
+
+    def gateway_url(self, site: str) -> str:
+        return f"http://{self.host(site, gateway_name(site))}:{self.topology.ports.gateway}"
+
+    def entry_url(self) -> str:
+        return self.entry
+
+    def entry_listen_address(self) -> str:
+        return "0.0.0.0"
+
+
 def _port(url: str) -> int:
     port = urlsplit(url).port
     if port is None:
@@ -253,11 +322,19 @@ class Component:
     # first line: the PID of a process the component starts outside its own process tree (Patroni
     # starts the postmaster detached): kill, stop, freeze and RSS must include it and its children
     detached_pid_file: Path | None = None
+    # started only while dr is active (the activate-dr runbook), never by a plain `up`: dr's app
+    # server and gateway stay idle until both centers are lost
+    on_dr_activation: bool = False
 
 
 def component_dir(run_dir: Path, name: str) -> Path:
     """Where the runtime writes a component's ``files`` (and its working directory)."""
     return run_dir / "components" / name
+
+
+def drain_file(run_dir: Path) -> Path:
+    """The cells drained for maintenance, read by every gateway and the entry of a local run."""
+    return run_dir / "control" / "drained-cells.json"
 
 
 def data_dir(run_dir: Path, name: str) -> Path:
@@ -454,7 +531,13 @@ def _bootstrap_dcs(topology: Topology) -> dict[str, Any]:
 
 
 def patroni_config(
-    topology: Topology, endpoints: Endpoints, cell: int, site: str, data_dir: Path, bin_dir: Path
+    topology: Topology,
+    endpoints: Endpoints,
+    cell: int,
+    site: str,
+    data_dir: Path,
+    bin_dir: Path,
+    centers_follow_dr: bool = False,
 ) -> dict[str, Any]:
     """Patroni YAML (as a dict) of a cell's member in ``site``.
 
@@ -467,6 +550,10 @@ def patroni_config(
 
     ``data_dir`` holds PGDATA (``pgdata/``), the socket and pgpass; ``bin_dir`` is
     watertight.pg.pg_bindir() locally. No password is in it (see the module docstring).
+
+    ``centers_follow_dr`` (failback, after activate-dr): a center member that bootstraps again
+    (re-cloned) starts the main cluster as a standby cluster of the cell's dr primary, until the
+    failback runbook promotes it.
     """
     if not 1 <= cell <= topology.cells:
         raise ValueError(f"patroni_config: cell {cell} is not one of 1..{topology.cells}")
@@ -486,6 +573,12 @@ def patroni_config(
             synchronous_node_count=1,
             slots={dr_slot_name(cell): {"type": "physical"}},
         )
+        if centers_follow_dr:
+            dcs["standby_cluster"] = {
+                "host": endpoints.postgres_host(cell, DR_SITE),
+                "port": endpoints.postgres_port(cell),
+                "create_replica_methods": ["basebackup"],
+            }
     else:
         config["scope"] = dr_scope(cell)
         config["etcd3"] = _etcd3_section([endpoints.etcd_dr_client_url()])
@@ -569,9 +662,12 @@ def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_he
     }
 
 
-def gateway_settings(topology: Topology, endpoints: Endpoints, site: str) -> dict[str, Any]:
+def gateway_settings(
+    topology: Topology, endpoints: Endpoints, site: str, drain_file: str | None = None
+) -> dict[str, Any]:
     """cardcore GatewaySettings of ``site``'s gateway: every cell -> its own site's app server, then
-    the other center's (the gateway spreads over the healthy ones)."""
+    the other center's (the gateway spreads over the healthy ones). ``drain_file``: where the
+    drain-cell runbook names the cells drained for maintenance."""
     if site not in topology.sites:
         raise ValueError(f"gateway_settings: unknown site {site!r}")
     apps = [endpoints.app_url(site)] + [endpoints.app_url(s) for s in CENTERS if s != site]
@@ -584,21 +680,26 @@ def gateway_settings(topology: Topology, endpoints: Endpoints, site: str) -> dic
         "upstreams": {str(cell): list(apps) for cell in topology.cell_numbers},
         "host": endpoints.listen_address(site),
         "port": _port(url),
+        **({"drain_file": drain_file} if drain_file else {}),
     }
 
 
-def entry_settings(topology: Topology, endpoints: Endpoints) -> dict[str, Any]:
-    """The entry: a gateway (python -m cardcore.gateway) in front of the two site gateways, standing
-    for the bank's global load balancer. Each cell lists its leader-to-be center's gateway first."""
+def entry_settings(topology: Topology, endpoints: Endpoints, drain_file: str | None = None) -> dict[str, Any]:
+    """The entry: a gateway (python -m cardcore.gateway) in front of the site gateways, standing
+    for the bank's global load balancer. Each cell lists its leader-to-be center's gateway first,
+    then the other center's, then dr's: dr's gateway runs only after the activate-dr runbook (a
+    health-checked pool that is empty until then), so the entry follows the activation by itself."""
     return {
         "site": ENTRY,
         "cell_count": topology.cells,
         "upstreams": {
             str(cell): [endpoints.gateway_url(s) for s in _centers_leader_first(topology, cell)]
+            + [endpoints.gateway_url(DR_SITE)]
             for cell in topology.cell_numbers
         },
         "host": endpoints.entry_listen_address(),
         "port": _port(endpoints.entry_url()),
+        **({"drain_file": drain_file} if drain_file else {}),
     }
 
 
@@ -610,7 +711,11 @@ def _json(settings: dict[str, Any]) -> str:
 
 
 def render_local(
-    topology: Topology, run_dir: Path, python: str, secrets: Mapping[str, str]
+    topology: Topology,
+    run_dir: Path,
+    python: str,
+    secrets: Mapping[str, str],
+    centers_follow_dr: bool = False,
 ) -> list[Component]:
     """Every component of the local runtime, in start order.
 
@@ -656,7 +761,9 @@ def render_local(
     def member(cell: int, site: str, stage: int) -> Component:
         name = pg_name(cell, site)
         member_dir = data_dir(run_dir, name)
-        config = patroni_config(topology, endpoints, cell, site, member_dir, bin_dir)
+        config = patroni_config(
+            topology, endpoints, cell, site, member_dir, bin_dir, centers_follow_dr and site in CENTERS
+        )
         return Component(
             name=name,
             kind="patroni",
@@ -679,7 +786,8 @@ def render_local(
     for cell in topology.cell_numbers:
         components.append(member(cell, DR_SITE, STAGE_DR_STANDBY))
 
-    for site in CENTERS:
+    drain = str(drain_file(run_dir))
+    for site in (*CENTERS, DR_SITE):
         name = app_name(site)
         components.append(
             Component(
@@ -692,9 +800,10 @@ def render_local(
                 files={"app.json": _json(app_settings(topology, endpoints, site, secrets[SECRET_PAN_KEY]))},
                 ready_url=endpoints.app_url(site) + "/readyz",
                 stage=STAGE_APP,
+                on_dr_activation=site == DR_SITE,
             )
         )
-    for site in CENTERS:
+    for site in (*CENTERS, DR_SITE):
         name = gateway_name(site)
         components.append(
             Component(
@@ -709,9 +818,10 @@ def render_local(
                     "--config",
                     str(component_dir(run_dir, name) / "gateway.json"),
                 ],
-                files={"gateway.json": _json(gateway_settings(topology, endpoints, site))},
+                files={"gateway.json": _json(gateway_settings(topology, endpoints, site, drain))},
                 ready_url=endpoints.gateway_url(site) + "/readyz",
                 stage=STAGE_GATEWAY,
+                on_dr_activation=site == DR_SITE,
             )
         )
     components.append(
@@ -727,7 +837,7 @@ def render_local(
                 "--config",
                 str(component_dir(run_dir, ENTRY) / "entry.json"),
             ],
-            files={"entry.json": _json(entry_settings(topology, endpoints))},
+            files={"entry.json": _json(entry_settings(topology, endpoints, drain))},
             ready_url=endpoints.entry_url() + "/readyz",
             stage=STAGE_ENTRY,
         )

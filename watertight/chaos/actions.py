@@ -43,6 +43,7 @@ __all__ = [
     "restart_component",
     "restart_etcd_member",
     "restart_site",
+    "run_runbook",
     "thaw_site",
     "wait_until_steady",
 ]
@@ -356,3 +357,30 @@ def wait_until_steady(
     if _is_kubernetes(target):
         raise kubernetes.unsupported("wait_until_steady", "the cells' Patroni REST APIs")
     return {"steady_after_s": _wait_steady(target, run_dir, timeout_s)}
+
+
+# ---- runbooks -------------------------------------------------------------------------------------
+
+
+def run_runbook(
+    name: str,
+    extras: dict[str, Any] | None = None,
+    check: bool = False,
+    target: str = "local",
+    run_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run an operations runbook (runbooks/NAME.yml, through ansible-runner) as a step of an
+    experiment, e.g. activate-dr after both centers are lost, failback as its rollback. Returns the
+    runbook's summary (rc, status, step timings); raises when the runbook failed, naming the step."""
+    from watertight.runbooks import runner
+
+    if _is_kubernetes(target):
+        raise NotImplementedError("runbooks run against the local target only for now")
+    runtime = targets.local_runtime(run_dir)
+    summary = runner.run(name, {k: str(v) for k, v in (extras or {}).items()}, runtime.run_dir, check=check)
+    if summary["rc"] != 0:
+        raise RuntimeError(
+            f"runbook {name} failed at {summary['failed_step']}: {summary.get('error')}; "
+            f"artifacts in {summary['artifacts']}"
+        )
+    return summary

@@ -82,7 +82,11 @@ def not_steady_reasons(target: str = "local", run_dir: str | None = None) -> lis
         elif view["sync_standby"] is None:
             reasons.append(f"cell {cell} has no streaming sync standby")
     for component in runtime.components:
-        if component.kind in ("gateway", "entry") and http_json(component.ready_url or "")[0] != 200:
+        if (
+            component.kind in ("gateway", "entry")
+            and runtime.expected(component)
+            and http_json(component.ready_url or "")[0] != 200
+        ):
             reasons.append(f"{component.name} is not ready")
     return reasons
 

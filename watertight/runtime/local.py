@@ -27,7 +27,7 @@ from typing import Any
 from watertight import pg, render
 from watertight.runtime import processes
 from watertight.runtime.processes import ProcessRecord
-from watertight.topology import Topology, parse
+from watertight.topology import CENTERS, Topology, parse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 RUN_DIR_DEFAULT = REPO_ROOT / "run"
@@ -62,6 +62,54 @@ def http_json(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, Any]:
         return 0, None
 
 
+def _view_leader(view: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((m for m in view if m.get("role") in ("leader", "standby_leader")), None)
+
+
+def choose_view(
+    views: list[list[dict[str, Any]]], claims_primary: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The members' views of one cluster reduced to the one to believe.
+
+    A member cut off from the consensus quorum keeps answering /cluster from what it last read,
+    which can name a leader that has long been replaced (seen in a partition: the cut-off member
+    said it led while it had demoted itself and the other center had promoted). When the views
+    name different leaders, believe those whose leader says it is a primary right now, the highest
+    timeline first (a promotion raises it); when no leader says so, a view without a leader.
+    """
+    if not views:
+        return []
+    leaders = {(_view_leader(v) or {}).get("name") for v in views}
+    if len(leaders) == 1:
+        return views[0]
+    trusted = []
+    for view in views:
+        leader = _view_leader(view)
+        if leader is not None and claims_primary(leader):
+            trusted.append((int(leader.get("timeline") or 0), view))
+    if trusted:
+        return max(trusted, key=lambda pair: pair[0])[1]
+    return next((v for v in views if _view_leader(v) is None), views[0])
+
+
+def _claims_primary(member: dict[str, Any]) -> bool:
+    """The member's own Patroni says its PostgreSQL runs as a primary."""
+    url = str(member.get("api_url") or "")
+    if not url:
+        return False
+    status, body = http_json(url, timeout_s=0.5)
+    return status == 200 and isinstance(body, dict) and body.get("role") in ("primary", "master")
+
+
+def _mode_of(state: dict[str, Any] | None) -> dict[str, Any]:
+    mode = (state or {}).get("mode") or {}
+    return {
+        "dr_active": bool(mode.get("dr_active", False)),
+        "fenced_sites": list(mode.get("fenced_sites", [])),
+        "centers_follow_dr": bool(mode.get("centers_follow_dr", False)),
+    }
+
+
 class LocalRuntime:
     """The topology of one run directory. Construct with a topology to bring it up; without one,
     the running topology's is read from the run directory."""
@@ -85,6 +133,7 @@ class LocalRuntime:
         self.records: dict[str, ProcessRecord] = {
             name: ProcessRecord(**record) for name, record in (state or {}).get("processes", {}).items()
         }
+        self.mode = _mode_of(state)
         self._components: list[render.Component] | None = None
 
     # ---- run directory --------------------------------------------------------------------------
@@ -96,6 +145,10 @@ class LocalRuntime:
         self.records = {
             name: ProcessRecord(**record) for name, record in (state or {}).get("processes", {}).items()
         }
+        mode = _mode_of(state)
+        if mode != self.mode:
+            self._components = None  # the members' configuration depends on the mode
+        self.mode = mode
 
     def _read_state(self) -> dict[str, Any] | None:
         try:
@@ -108,6 +161,7 @@ class LocalRuntime:
         state = {
             "topology": self.topology_text,
             "processes": {name: asdict(record) for name, record in self.records.items()},
+            "mode": self.mode,
         }
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
@@ -127,7 +181,11 @@ class LocalRuntime:
     def components(self) -> list[render.Component]:
         if self._components is None:
             self._components = render.render_local(
-                self.topology, self.run_dir, sys.executable, self._secrets()
+                self.topology,
+                self.run_dir,
+                sys.executable,
+                self._secrets(),
+                centers_follow_dr=bool(self.mode["centers_follow_dr"]),
             )
         return self._components
 
@@ -163,6 +221,55 @@ class LocalRuntime:
         if component is not None and not chosen:
             self.component(component)  # raises with the list hint
         return chosen
+
+    # ---- mode: which sites are fenced, whether dr serves ----------------------------------------
+
+    @property
+    def dr_active(self) -> bool:
+        return bool(self.mode["dr_active"])
+
+    @property
+    def fenced_sites(self) -> list[str]:
+        return list(self.mode["fenced_sites"])
+
+    def set_mode(
+        self,
+        dr_active: bool | None = None,
+        fenced_sites: Iterable[str] | None = None,
+        centers_follow_dr: bool | None = None,
+    ) -> None:
+        """Record that dr serves (the activate-dr runbook) or no longer does (failback), and which
+        sites are fenced: `up` and `start` leave a fenced site down, so a lost center that comes
+        back cannot take writes beside dr's promoted copies."""
+        with self._state_lock():
+            self.reload()
+            if dr_active is not None:
+                self.mode["dr_active"] = dr_active
+            if centers_follow_dr is not None:
+                self.mode["centers_follow_dr"] = centers_follow_dr
+            if fenced_sites is not None:
+                unknown = [s for s in fenced_sites if s not in self.topology.sites]
+                if unknown:
+                    raise RuntimeError_(
+                        f"no site named {unknown[0]!r}; sites are {', '.join(self.topology.sites)}"
+                    )
+                self.mode["fenced_sites"] = sorted(set(fenced_sites))
+            self._write_state()
+            self._components = None  # the members' configuration depends on the mode
+
+    def expected(self, component: render.Component) -> bool:
+        """Whether the component should run in the current mode: not in a fenced site, and dr's
+        app server and gateway only while dr is active."""
+        if component.site in self.mode["fenced_sites"]:
+            return False
+        return self.dr_active or not component.on_dr_activation
+
+    def primary_sites(self) -> list[str]:
+        """Where a cell's writable primary can be, in the current mode: dr once it is active,
+        else the centers that are not fenced."""
+        if self.dr_active:
+            return [render.DR_SITE]
+        return [s for s in CENTERS if s not in self.mode["fenced_sites"]]
 
     def running(self, component: render.Component) -> bool:
         record = self.records.get(component.name)
@@ -272,7 +379,7 @@ class LocalRuntime:
         started: list[str] = []
         stages = sorted({c.stage for c in self.components})
         for stage in stages:
-            members = [c for c in self.components if c.stage == stage]
+            members = [c for c in self.components if c.stage == stage and self.expected(c)]
             todo = [c for c in members if not self.running(c)]
             for component in todo:
                 self.start_component(component)
@@ -293,7 +400,13 @@ class LocalRuntime:
         # a member that has data already rejoins whoever leads now, which may be a member of a
         # later stage: only the first bootstrap needs the stages in order (the end of `up` waits
         # for every cell's leader and sync standby anyway)
-        pending = [c for c in members if c.ready_url and not self._has_data(c)]
+        # while dr serves, the main consensus has lost the centers' members: dr's member of it
+        # cannot be healthy, and nothing needs it to be
+        pending = [
+            c
+            for c in members
+            if c.ready_url and not self._has_data(c) and not (self.dr_active and c.kind == "etcd")
+        ]
         last_note = time.monotonic()
         while pending:
             for component in list(pending):
@@ -340,30 +453,39 @@ class LocalRuntime:
     def _not_ready(self) -> list[str]:
         missing = []
         for cell in self.topology.cell_numbers:
+            if self.dr_active:
+                dr_copy = self.cell_view(cell)["dr_copy"]
+                if not dr_copy or dr_copy["role"] != "leader" or dr_copy["state"] != "running":
+                    missing.append(f"cell {cell}'s dr copy is not a running primary")
+                continue
             view = self.cell_view(cell)
             if view["leader_site"] is None:
                 missing.append(f"cell {cell} has no leader")
             elif view["sync_standby"] is None:
                 missing.append(f"cell {cell} has no streaming sync standby")
         for component in self.components:
-            if component.kind in ("gateway", "entry") and http_json(component.ready_url or "")[0] != 200:
+            if (
+                component.kind in ("gateway", "entry")
+                and self.expected(component)
+                and http_json(component.ready_url or "")[0] != 200
+            ):
                 missing.append(f"{component.name} is not ready")
         return missing
 
     # ---- views ----------------------------------------------------------------------------------
 
     def cluster_members(self, cell: int, dr: bool = False) -> list[dict[str, Any]]:
-        """Patroni's view of a cell's cluster (main, or the dr standby cluster), from any member
-        that answers."""
+        """Patroni's view of a cell's cluster (main, or the dr standby cluster), from every member
+        that answers; when they disagree, see ``choose_view``."""
+        views: list[list[dict[str, Any]]] = []
         for component in self.components:
             if component.kind != "patroni" or component.cell != cell or (component.site == "dr") != dr:
                 continue
             api = render.LocalEndpoints(self.topology).patroni_api_url(cell, component.site or "")
             status, body = http_json(f"{api}/cluster", timeout_s=0.5)
             if status == 200 and isinstance(body, dict):
-                members: list[dict[str, Any]] = body.get("members", [])
-                return members
-        return []
+                views.append(body.get("members", []))
+        return choose_view(views, _claims_primary)
 
     def site_of_member(self, member: dict[str, Any]) -> str | None:
         for name, site in self.topology.sites.items():
@@ -435,14 +557,16 @@ class LocalRuntime:
                     "alive": is_alive,
                     "frozen": bool(record and processes.frozen(record)),
                     "healthy": healthy,
+                    "expected": self.expected(component),
                     "rss_bytes": rss,
                     "log": str(self.log_path(component)),
                 }
             )
         endpoints = render.LocalEndpoints(self.topology)
         sites = {}
+        idle = {c.name for c in self.components if not self.expected(c)}
         for name, site in self.topology.sites.items():
-            own = [c for c in components if c["site"] == name]
+            own = [c for c in components if c["site"] == name and c["name"] not in idle]
             up = bool(own) and all(c["alive"] and not c["frozen"] for c in own)
             sites[name] = {
                 "up": up,
@@ -451,6 +575,7 @@ class LocalRuntime:
                 "gateway": endpoints.gateway_url(name) if site.role == "center" else None,
                 "components_alive": sum(1 for c in own if c["alive"]),
                 "components": len(own),
+                "fenced": name in self.mode["fenced_sites"],
             }
         return {
             "name": self.topology.name,
@@ -461,6 +586,7 @@ class LocalRuntime:
             "cells": cells,
             "components": components,
             "rss_total_bytes": rss_total,
+            "mode": dict(self.mode),
         }
 
     # ---- fault control (the Target interface) ---------------------------------------------------
@@ -529,7 +655,11 @@ class LocalRuntime:
     def start(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
     ) -> list[str]:
-        chosen = [c for c in self.select(site, cell, component) if not self.running(c)]
+        chosen = [
+            c
+            for c in self.select(site, cell, component)
+            if not self.running(c) and (component is not None or self.expected(c))
+        ]
         for item in sorted(chosen, key=lambda c: c.stage):
             self.start_component(item)
         return [c.name for c in chosen]

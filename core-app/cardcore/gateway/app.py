@@ -2,8 +2,9 @@
 
 Owns: finding a request's cell (from the id in its path, else from one small body field), choosing
 a healthy upstream for it (round-robin, see ``health.py``), forwarding bytes in and bytes out,
-fan-out of the all-cell endpoints with their merge, the routing endpoints, and the gateway's own
-healthz/readyz/metrics. Never: decode or re-encode JSON on the forwarding path, resend a request
+fan-out of the all-cell endpoints with their merge, the routing endpoints, draining a cell for
+maintenance (new requests for it answered 503 / response code 91 at once, those in flight let
+finish: see ``drain.py``), and the gateway's own healthz/readyz/metrics. Never: decode or re-encode JSON on the forwarding path, resend a request
 whose bytes may have reached an app server (unless it is a GET), let a down or frozen cell slow the
 others, or answer 500 to bad input (a request it cannot route goes to any app server, which
 answers the proper 4xx).
@@ -27,6 +28,7 @@ import msgspec
 
 from cardcore.common import ids
 from cardcore.common.routing import Router
+from cardcore.gateway.drain import DrainControl
 from cardcore.gateway.health import HealthMonitor, Upstream
 from cardcore.gateway.routes import Kind, Route, classify
 from cardcore.gateway.settings import GatewaySettings, load_from_env
@@ -210,6 +212,7 @@ class Gateway:
             pool_size_max=settings.pool_size_max,
             gauge=self.m_healthy,
         )
+        self.drain = DrainControl(settings.drain_file, settings.drain_poll_ms / 1000, self.cells)
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -220,6 +223,7 @@ class Gateway:
         async with self._start_lock:
             if not self._started:
                 await self.health.start()
+                await self.drain.start()
                 self._started = True
                 log.info(
                     "gateway %s: %d cells, upstreams %s",
@@ -229,6 +233,7 @@ class Gateway:
                 )
 
     async def shutdown(self) -> None:
+        await self.drain.stop()
         await self.health.stop()
         self._started = False
 
@@ -355,12 +360,18 @@ class Gateway:
             candidates = self.health.any_candidates(TRIES_MAX)
         else:
             label = str(cell)
+            if cell in self.drain.drained:
+                if authorization:
+                    return 200, JSON, AUTH_UNAVAILABLE, label, "drained"
+                message = f"cell {cell} is drained for maintenance; retry later"
+                return 503, JSON, error_body("cell_drained", message), label, "drained"
             candidates = self.health.candidates(cell, TRIES_MAX)
         target = _path_target(scope)
         query = _query_of(scope)
         if query:
             target = f"{target}?{query}"
         deadline = asyncio.get_running_loop().time() + self.request_timeout
+        self.drain.begin(cell)
         try:
             response = await self._exchange(
                 cell,
@@ -376,6 +387,8 @@ class Gateway:
             if authorization:
                 return 200, JSON, AUTH_UNAVAILABLE, label, failed.outcome
             return failed.status, JSON, failed.body(), label, failed.outcome
+        finally:
+            self.drain.end(cell)
         return (
             response.status,
             response.header(b"content-type") or JSON,
@@ -590,6 +603,8 @@ class Gateway:
                 "ready": bool(healthy),
                 "leader_site": self.health.leader_site(cell),
                 "upstreams": healthy,
+                "drained": cell in self.drain.drained,
+                "in_flight": self.drain.in_flight(cell),
             }
         ready = any(value["ready"] for value in cells.values())
         body = _encode(

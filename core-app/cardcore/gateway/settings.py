@@ -41,6 +41,10 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     request_timeout_ms: Millis = 5000
     connect_timeout_ms: Millis = 300
     pool_size_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    # cells drained for maintenance: a JSON file {"drained_cells": [2]} that operators (the
+    # drain-cell runbook) rewrite; read again when it changes, checked every drain_poll_ms
+    drain_file: str | None = None
+    drain_poll_ms: Millis = 250
 
     def validate(self) -> None:
         """Checks msgspec cannot express; raises GatewayConfigError naming the key."""

@@ -48,6 +48,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.QueryCanceledError,
     asyncpg.PostgresConnectionError,
+    # every member answers, none is writable: a promotion under way, or a cell's members all
+    # standbys (the centers following dr during a failback)
+    asyncpg.TargetServerAttributeNotMatched,
 )
 RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 

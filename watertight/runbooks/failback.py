@@ -1,0 +1,315 @@
+"""The failback steps: after activate-dr, bring the centers back as replicas of dr's primaries
+(re-cloned: their old timelines may hold transactions dr never got, which must not come back),
+move the primaries back to the centers with writes drained for the moment of the move, spread the
+cells as the topology says, and make dr an asynchronous copy again.
+
+Owns: re-cloning a cell's members (stop, wipe PGDATA, remove the cluster's keys from its
+consensus, start: Patroni bootstraps them from the cluster they follow), the catch-up check, and
+the promotion of the centers. Never: promote the centers before they replay everything dr wrote,
+or leave dr writable once the centers are.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+import urllib.request
+from typing import Any
+
+from watertight import render
+from watertight.runbooks.ops import (
+    POLL_S,
+    PROMOTE_TIMEOUT_S,
+    Result,
+    StepError,
+    _check_cell,
+    _runtime,
+    _send,
+)
+from watertight.runtime.local import LocalRuntime, http_json
+from watertight.topology import CENTERS
+
+RECLONE_TIMEOUT_S = 180.0
+CONSENSUS_TIMEOUT_S = 60.0
+CATCH_UP_TIMEOUT_S = 60.0
+ETCD_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 60.0
+
+
+def _etcd_delete_prefix(client_url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` through etcd's v3 JSON gateway; returns how many."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    body = {
+        "key": base64.b64encode(prefix.encode()).decode(),
+        "range_end": base64.b64encode(end.encode()).decode(),
+    }
+    request = urllib.request.Request(
+        f"{client_url}/v3/kv/deleterange",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=ETCD_TIMEOUT_S) as response:
+            return int(json.loads(response.read() or b"{}").get("deleted", 0))
+    except OSError as error:
+        raise StepError(f"etcd at {client_url} refused to delete {prefix}: {error}") from None
+
+
+def _members(runtime: LocalRuntime, cell: int, dr: bool) -> list[render.Component]:
+    return [
+        c
+        for c in runtime.components
+        if c.kind == "patroni" and c.cell == cell and (c.site == render.DR_SITE) == dr
+    ]
+
+
+def _reclone(runtime: LocalRuntime, cell: int, dr: bool, etcd_url: str) -> float:
+    """Stop the cell's members (centers or dr), wipe their data, drop their cluster from its
+    consensus, start them again: Patroni bootstraps them from the cluster their config follows."""
+    started = time.monotonic()
+    members = _members(runtime, cell, dr)
+    for member in members:
+        runtime.stop(component=member.name)
+    for member in members:
+        if member.data_dir is not None:
+            shutil.rmtree(render.pgdata(member.data_dir), ignore_errors=True)
+    scope = render.dr_scope(cell) if dr else render.scope(cell)
+    _etcd_delete_prefix(etcd_url, f"{render.PATRONI_NAMESPACE}{scope}/")
+    for member in members:
+        runtime.start(component=member.name)
+    return time.monotonic() - started
+
+
+def _wait(what: str, done: Any, timeout_s: float, hint: str) -> float:
+    started = time.monotonic()
+    while not done():
+        if time.monotonic() - started > timeout_s:
+            raise StepError(f"{what} not done after {timeout_s:.0f} s; {hint}")
+        time.sleep(POLL_S)
+    return round(time.monotonic() - started, 2)
+
+
+# ---- the steps --------------------------------------------------------------------------------------
+
+
+def centers_consensus(run_dir: str, check: bool = False) -> Result:
+    """Lift the fence of the centers and start their etcd members: the three-site consensus is
+    whole again. The centers' members are configured to follow dr from now until promotion."""
+    runtime = _runtime(run_dir)
+    if not runtime.dr_active:
+        return {"changed": False, "msg": "dr is not active: nothing to fail back"}
+    etcds = [c for c in runtime.components if c.kind == "etcd"]
+    if (
+        not runtime.fenced_sites
+        and runtime.mode.get("centers_follow_dr")
+        and all(http_json(c.ready_url or "", timeout_s=2.0)[0] == 200 for c in etcds)
+    ):
+        return {"changed": False, "msg": "the three-site consensus answers and the centers follow dr already"}
+    if check:
+        return {
+            "changed": True,
+            "msg": "would lift the fence of prod and samecity and start their etcd members",
+        }
+    runtime.set_mode(fenced_sites=[], centers_follow_dr=True)
+    for etcd in etcds:
+        runtime.start(component=etcd.name)
+    seconds = _wait(
+        "the three-site etcd",
+        lambda: all(http_json(c.ready_url or "", timeout_s=2.0)[0] == 200 for c in etcds),
+        CONSENSUS_TIMEOUT_S,
+        "read the logs of etcd-prod, etcd-samecity and etcd-dr",
+    )
+    return {"changed": True, "msg": f"fence lifted; the three-site etcd answers after {seconds} s"}
+
+
+def _centers_follow(runtime: LocalRuntime, cell: int) -> bool:
+    """The centers' members replicate from dr: a standby leader and a streaming replica."""
+    members = runtime.cluster_members(cell)
+    roles = sorted(str(m.get("role")) for m in members if runtime.site_of_member(m) in CENTERS)
+    states = {str(m.get("state")) for m in members}
+    return roles in (["replica", "standby_leader"], ["standby_leader", "sync_standby"]) and states <= {
+        "running",
+        "streaming",
+    }
+
+
+def _centers_lead(runtime: LocalRuntime, cell: int) -> bool:
+    view = runtime.cell_view(cell)
+    return view["leader_site"] in CENTERS and view["sync_standby"] in CENTERS
+
+
+def reclone_centers(run_dir: str, cell: int, check: bool = False) -> Result:
+    """Make the cell's center members fresh replicas of its dr primary (re-cloned)."""
+    runtime = _runtime(run_dir)
+    _check_cell(runtime, cell)
+    if _centers_lead(runtime, cell) and not runtime.dr_active:
+        return {"changed": False, "msg": f"cell {cell} is led by the centers already"}
+    if _centers_follow(runtime, cell):
+        return {"changed": False, "msg": f"cell {cell}'s centers replicate from dr already"}
+    if not runtime.mode.get("centers_follow_dr"):
+        if check:
+            return {"changed": True, "msg": f"would re-clone cell {cell}'s center members from dr"}
+        raise StepError("the centers are not set to follow dr; run the failback runbook from its start")
+    if check:
+        return {"changed": True, "msg": f"would re-clone cell {cell}'s center members from dr"}
+    etcd = render.LocalEndpoints(runtime.topology).etcd_client_url(CENTERS[0])
+    _reclone(runtime, cell, dr=False, etcd_url=etcd)
+    seconds = _wait(
+        f"cell {cell}'s centers following dr",
+        lambda: _centers_follow(runtime, cell),
+        RECLONE_TIMEOUT_S,
+        f"read the logs of pg-cell{cell}-prod and pg-cell{cell}-samecity",
+    )
+    return {
+        "changed": True,
+        "msg": f"cell {cell}'s center members re-cloned from dr, streaming after {seconds} s",
+    }
+
+
+def start_centers(run_dir: str, check: bool = False) -> Result:
+    """Start whatever of the centers is not running (app servers, gateways)."""
+    runtime = _runtime(run_dir)
+    idle = [c for c in runtime.components if c.site in CENTERS and not runtime.running(c)]
+    if not idle:
+        return {"changed": False, "msg": "every component of the centers runs"}
+    if check:
+        return {"changed": True, "msg": f"would start {', '.join(c.name for c in idle)}"}
+    for site in CENTERS:
+        runtime.start(site=site)
+    http = [c for c in idle if c.kind in ("app", "gateway")]
+
+    def answering() -> bool:
+        dead = [c.name for c in http if not runtime.running(c)]
+        if dead:
+            raise StepError(f"{', '.join(dead)} exited at start; read {runtime.run_dir / 'logs'}/<name>.log")
+        return all(http_json(c.ready_url or "", timeout_s=1.0)[0] != 0 for c in http)
+
+    seconds = _wait(
+        "the centers' app servers and gateways answering", answering, START_TIMEOUT_S, "read their logs"
+    )
+    return {"changed": True, "msg": f"started {', '.join(c.name for c in idle)}; answering after {seconds} s"}
+
+
+def _lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def promote_centers(run_dir: str, cell: int, check: bool = False) -> Result:
+    """With the cell drained, wait until the centers' standby leader has replayed all that dr
+    wrote, then promote the centers' cluster and wait for its sync standby."""
+    runtime = _runtime(run_dir)
+    _check_cell(runtime, cell)
+    if _centers_lead(runtime, cell):
+        return {"changed": False, "msg": f"cell {cell} is led by the centers already"}
+    if check:
+        return {"changed": True, "msg": f"would promote cell {cell}'s centers once they replay all of dr"}
+    members = runtime.cluster_members(cell)
+    standby = next((m for m in members if m.get("role") == "standby_leader"), None)
+    if standby is None:
+        raise StepError(
+            f"cell {cell}: no standby leader in the centers; run reclone first (the runbook does)"
+        )
+    dr_member = next(iter(runtime.cluster_members(cell, dr=True)), None)
+    started = time.monotonic()
+    dr_api = render.LocalEndpoints(runtime.topology).patroni_api_url(cell, render.DR_SITE)
+
+    def caught_up() -> bool:
+        _, dr_state = http_json(f"{dr_api}/patroni", timeout_s=1.0)
+        _, center_state = http_json(str(standby.get("api_url")), timeout_s=1.0)
+        if not isinstance(dr_state, dict) or not isinstance(center_state, dict):
+            return False
+        written = (dr_state.get("xlog") or {}).get("location")
+        replayed = (center_state.get("xlog") or {}).get("replayed_location")
+        return written is not None and replayed is not None and int(replayed) >= int(written)
+
+    _wait(
+        f"cell {cell}'s centers replaying all of dr ({dr_member and dr_member.get('name')})",
+        caught_up,
+        CATCH_UP_TIMEOUT_S,
+        "is the cell drained? (the runbook drains every cell first)",
+    )
+    api = str(standby.get("api_url")).removesuffix("/patroni")
+    status, text = _send("PATCH", f"{api}/config", {"standby_cluster": None})
+    if status != 200:
+        raise StepError(f"Patroni refused to change cell {cell}'s configuration: {status} {text.strip()}")
+    _wait(
+        f"cell {cell} led by the centers with a sync standby",
+        lambda: _centers_lead(runtime, cell),
+        PROMOTE_TIMEOUT_S,
+        f"read the logs of pg-cell{cell}-prod and pg-cell{cell}-samecity",
+    )
+    seconds = round(time.monotonic() - started, 2)
+    leader = runtime.cell_view(cell)["leader_site"]
+    return {"changed": True, "msg": f"cell {cell} promoted in the centers ({leader} leads) after {seconds} s"}
+
+
+def retire_dr(run_dir: str, check: bool = False) -> Result:
+    """dr stops serving: its app server, gateway and primaries stop, and the runtime goes back to
+    the centers (the entry follows by itself: dr's gateway is gone)."""
+    runtime = _runtime(run_dir)
+    serving = [
+        c
+        for c in runtime.components
+        if c.site == render.DR_SITE and (c.on_dr_activation or c.kind == "patroni") and runtime.running(c)
+    ]
+    if not runtime.dr_active:
+        return {"changed": False, "msg": "dr does not serve"}
+    if check:
+        return {
+            "changed": True,
+            "msg": f"would stop {', '.join(c.name for c in serving)} and serve from the centers",
+        }
+    for component in serving:
+        runtime.stop(component=component.name)
+    runtime.set_mode(dr_active=False, centers_follow_dr=False)
+    return {"changed": True, "msg": f"dr retired: stopped {', '.join(c.name for c in serving)}"}
+
+
+def _dr_follows(runtime: LocalRuntime, cell: int) -> bool:
+    dr_copy = runtime.cell_view(cell)["dr_copy"]
+    return (
+        bool(dr_copy) and dr_copy["role"] == "standby_leader" and dr_copy["state"] in ("streaming", "running")
+    )
+
+
+def reclone_dr(run_dir: str, cell: int, check: bool = False) -> Result:
+    """Make the cell's dr member an asynchronous copy of the centers again (re-cloned)."""
+    runtime = _runtime(run_dir)
+    _check_cell(runtime, cell)
+    view = runtime.cell_view(cell)
+    if (
+        not runtime.dr_active
+        and _dr_follows(runtime, cell)
+        and view["dr_copy"]["timeline"] == view["timeline"]
+    ):
+        return {"changed": False, "msg": f"cell {cell}'s dr copy streams from the centers already"}
+    if check:
+        return {"changed": True, "msg": f"would re-clone cell {cell}'s dr copy from the centers"}
+    if runtime.dr_active:
+        raise StepError("dr still serves; retire it first (the runbook does)")
+    etcd = render.LocalEndpoints(runtime.topology).etcd_dr_client_url()
+    _reclone(runtime, cell, dr=True, etcd_url=etcd)
+    seconds = _wait(
+        f"cell {cell}'s dr copy streaming",
+        lambda: _dr_follows(runtime, cell),
+        RECLONE_TIMEOUT_S,
+        f"read the log of pg-cell{cell}-dr",
+    )
+    return {
+        "changed": True,
+        "msg": f"cell {cell}'s dr copy re-cloned from the centers, streaming after {seconds} s",
+    }
+
+
+STEPS = {
+    "centers_consensus": centers_consensus,
+    "reclone_centers": reclone_centers,
+    "start_centers": start_centers,
+    "promote_centers": promote_centers,
+    "retire_dr": retire_dr,
+    "reclone_dr": reclone_dr,
+}
