@@ -190,7 +190,7 @@ def parse(text: str, origin: str = "topology") -> Topology:
     try:
         topology = msgspec.convert(raw, type=Topology, strict=True)
     except msgspec.ValidationError as error:
-        raise TopologyError(f"{origin}: {_key_message(str(error))}") from None
+        raise TopologyError(f"{origin}: {key_message(str(error))}") from None
     try:
         topology.validate()
     except TopologyError as error:
@@ -198,7 +198,7 @@ def parse(text: str, origin: str = "topology") -> Topology:
     return topology
 
 
-def _key_message(message: str) -> str:
+def key_message(message: str) -> str:
     """msgspec says '... - at `$.ports.app`'; say 'ports.app: ...' like the rest of our errors."""
     if " - at `$" in message:
         text, _, where = message.rpartition(" - at `$")

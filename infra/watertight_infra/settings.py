@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from watertight import topology as topology_module
-from watertight.topology import SITE_NAMES, Topology
+from watertight.topology import SITE_NAMES, Topology, key_message
 
 PROJECT = "watertight"
 INFRA_DIR = Path(__file__).resolve().parent.parent
@@ -194,7 +194,7 @@ def parse(values: Mapping[str, Any]) -> StackSettings:
     try:
         settings = msgspec.convert(dict(values), type=StackSettings, strict=False)
     except msgspec.ValidationError as error:
-        raise SettingsError(_key_message(str(error))) from None
+        raise SettingsError(key_message(str(error))) from None
     settings.validate()
     return settings
 
@@ -230,14 +230,6 @@ def from_config(get: Callable[[str], str | None]) -> StackSettings:
                 f"{field.encode_name}: not a number, a boolean or an object: {raw!r}"
             ) from None
     return parse(values)
-
-
-def _key_message(message: str) -> str:
-    if " - at `$" in message:
-        text, _, where = message.rpartition(" - at `$")
-        key = where.rstrip("`").lstrip(".")
-        return f"{key}: {text}" if key else text
-    return message
 
 
 def load_topology(settings: StackSettings) -> Topology:

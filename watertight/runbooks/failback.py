@@ -16,17 +16,16 @@ import json
 import shutil
 import time
 import urllib.request
-from typing import Any
 
 from watertight import render
 from watertight.runbooks.ops import (
-    POLL_S,
     PROMOTE_TIMEOUT_S,
     Result,
     StepError,
     _check_cell,
     _runtime,
     _send,
+    wait_until,
 )
 from watertight.runtime.local import LocalRuntime, http_json
 from watertight.topology import CENTERS
@@ -83,15 +82,6 @@ def _reclone(runtime: LocalRuntime, cell: int, dr: bool, etcd_url: str) -> float
     return time.monotonic() - started
 
 
-def _wait(what: str, done: Any, timeout_s: float, hint: str) -> float:
-    started = time.monotonic()
-    while not done():
-        if time.monotonic() - started > timeout_s:
-            raise StepError(f"{what} not done after {timeout_s:.0f} s; {hint}")
-        time.sleep(POLL_S)
-    return round(time.monotonic() - started, 2)
-
-
 # ---- the steps --------------------------------------------------------------------------------------
 
 
@@ -116,7 +106,7 @@ def centers_consensus(run_dir: str, check: bool = False) -> Result:
     runtime.set_mode(fenced_sites=[], centers_follow_dr=True)
     for etcd in etcds:
         runtime.start(component=etcd.name)
-    seconds = _wait(
+    seconds = wait_until(
         "the three-site etcd",
         lambda: all(http_json(c.ready_url or "", timeout_s=2.0)[0] == 200 for c in etcds),
         CONSENSUS_TIMEOUT_S,
@@ -157,7 +147,7 @@ def reclone_centers(run_dir: str, cell: int, check: bool = False) -> Result:
         return {"changed": True, "msg": f"would re-clone cell {cell}'s center members from dr"}
     etcd = render.LocalEndpoints(runtime.topology).etcd_client_url(CENTERS[0])
     _reclone(runtime, cell, dr=False, etcd_url=etcd)
-    seconds = _wait(
+    seconds = wait_until(
         f"cell {cell}'s centers following dr",
         lambda: _centers_follow(runtime, cell),
         RECLONE_TIMEOUT_S,
@@ -187,7 +177,7 @@ def start_centers(run_dir: str, check: bool = False) -> Result:
             raise StepError(f"{', '.join(dead)} exited at start; read {runtime.run_dir / 'logs'}/<name>.log")
         return all(http_json(c.ready_url or "", timeout_s=1.0)[0] != 0 for c in http)
 
-    seconds = _wait(
+    seconds = wait_until(
         "the centers' app servers and gateways answering", answering, START_TIMEOUT_S, "read their logs"
     )
     return {"changed": True, "msg": f"started {', '.join(c.name for c in idle)}; answering after {seconds} s"}
@@ -226,7 +216,7 @@ def promote_centers(run_dir: str, cell: int, check: bool = False) -> Result:
         replayed = (center_state.get("xlog") or {}).get("replayed_location")
         return written is not None and replayed is not None and int(replayed) >= int(written)
 
-    _wait(
+    wait_until(
         f"cell {cell}'s centers replaying all of dr ({dr_member and dr_member.get('name')})",
         caught_up,
         CATCH_UP_TIMEOUT_S,
@@ -236,7 +226,7 @@ def promote_centers(run_dir: str, cell: int, check: bool = False) -> Result:
     status, text = _send("PATCH", f"{api}/config", {"standby_cluster": None})
     if status != 200:
         raise StepError(f"Patroni refused to change cell {cell}'s configuration: {status} {text.strip()}")
-    _wait(
+    wait_until(
         f"cell {cell} led by the centers with a sync standby",
         lambda: _centers_lead(runtime, cell),
         PROMOTE_TIMEOUT_S,
@@ -293,7 +283,7 @@ def reclone_dr(run_dir: str, cell: int, check: bool = False) -> Result:
         raise StepError("dr still serves; retire it first (the runbook does)")
     etcd = render.LocalEndpoints(runtime.topology).etcd_dr_client_url()
     _reclone(runtime, cell, dr=True, etcd_url=etcd)
-    seconds = _wait(
+    seconds = wait_until(
         f"cell {cell}'s dr copy streaming",
         lambda: _dr_follows(runtime, cell),
         RECLONE_TIMEOUT_S,

@@ -18,6 +18,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,17 @@ def _send(method: str, url: str, body: Any, timeout_s: float = HTTP_TIMEOUT_S) -
         return error.code, error.read().decode(errors="replace")
     except OSError as error:
         return 0, str(error)
+
+
+def wait_until(what: str, done: Callable[[], bool], timeout_s: float, hint: str) -> float:
+    """Poll ``done`` every POLL_S until it holds; after ``timeout_s`` raise, saying what did not
+    happen and ``hint`` (what to read or do). Returns the seconds it took."""
+    started = time.monotonic()
+    while not done():
+        if time.monotonic() - started > timeout_s:
+            raise StepError(f"{what}: not done after {timeout_s:.0f} s; {hint}")
+        time.sleep(POLL_S)
+    return round(time.monotonic() - started, 2)
 
 
 def _check_site(runtime: LocalRuntime, site: str, allowed: tuple[str, ...]) -> None:
@@ -260,11 +272,12 @@ def dr_consensus(run_dir: str, check: bool = False) -> Result:
     if check:
         return {"changed": True, "msg": f"would start {etcd.name}"}
     runtime.start(component=etcd.name)
-    deadline = time.monotonic() + PROMOTE_TIMEOUT_S
-    while http_json(url, timeout_s=2.0)[0] != 200:
-        if time.monotonic() > deadline:
-            raise StepError(f"{etcd.name} not healthy after {PROMOTE_TIMEOUT_S:.0f} s; read its log")
-        time.sleep(POLL_S)
+    wait_until(
+        f"{etcd.name} healthy",
+        lambda: http_json(url, timeout_s=2.0)[0] == 200,
+        PROMOTE_TIMEOUT_S,
+        "read its log",
+    )
     return {"changed": True, "msg": f"{etcd.name} started and healthy"}
 
 
@@ -304,23 +317,19 @@ def promote_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     status, text = _send("PATCH", f"{api}/config", {"standby_cluster": None})
     if status != 200:
         raise StepError(f"Patroni refused to change cell {cell}'s dr configuration: {status} {text.strip()}")
-    deadline = started + PROMOTE_TIMEOUT_S
-    while True:
+
+    def promoted() -> bool:
         member = _dr_member(runtime, cell)
-        if member and member.get("role") == "leader" and member.get("state") == "running":
-            break
-        if time.monotonic() > deadline:
-            raise StepError(
-                f"cell {cell}'s dr copy is not a primary after {PROMOTE_TIMEOUT_S:.0f} s "
-                f"(now {member}); read the log of pg-cell{cell}-dr"
-            )
-        time.sleep(POLL_S)
+        return bool(member and member.get("role") == "leader" and member.get("state") == "running")
+
+    wait_until(
+        f"cell {cell}'s dr copy running as a primary",
+        promoted,
+        PROMOTE_TIMEOUT_S,
+        f"read the log of pg-cell{cell}-dr",
+    )
     seconds = round(time.monotonic() - started, 2)
-    return {
-        "changed": True,
-        "msg": f"cell {cell}'s dr copy promoted in {seconds} s (timeline {member.get('timeline')})",
-        "seconds": seconds,
-    }
+    return {"changed": True, "msg": f"cell {cell}'s dr copy promoted in {seconds} s", "seconds": seconds}
 
 
 def serve_from_dr(run_dir: str, check: bool = False) -> Result:
@@ -337,14 +346,12 @@ def serve_from_dr(run_dir: str, check: bool = False) -> Result:
     started = time.monotonic()
     runtime.set_mode(dr_active=True)
     runtime.start(site=render.DR_SITE)  # the idle app server and gateway, now expected
-    deadline = started + SERVE_TIMEOUT_S
-    while not _entry_serves_from_dr(runtime):
-        if time.monotonic() > deadline:
-            raise StepError(
-                f"the entry does not reach every cell through dr's gateway after {SERVE_TIMEOUT_S:.0f} s; "
-                f"read {runtime.run_dir / 'logs'}/app-dr.log and gateway-dr.log"
-            )
-        time.sleep(POLL_S)
+    wait_until(
+        "the entry reaching every cell through dr's gateway",
+        lambda: _entry_serves_from_dr(runtime),
+        SERVE_TIMEOUT_S,
+        f"read {runtime.run_dir / 'logs'}/app-dr.log and gateway-dr.log",
+    )
     seconds = round(time.monotonic() - started, 2)
     return {
         "changed": True,

@@ -374,6 +374,8 @@ class LocalRuntime:
                 )
         for folder in ("logs", "components"):
             (self.run_dir / folder).mkdir(parents=True, exist_ok=True)
+            # the service user traverses it to its own directories, whatever the caller's umask
+            (self.run_dir / folder).chmod(0o755)
         self.run_dir.chmod(0o755)
         self._write_state()
         started: list[str] = []
