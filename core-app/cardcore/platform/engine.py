@@ -240,13 +240,18 @@ class CellEngine:
         }
 
     async def _connect(self, role: str) -> asyncpg.Connection:
-        return await asyncpg.connect(
+        return await db.connect_writable(
             self.cell_settings.dsn,
+            list(self.cell_settings.member_sites),
             timeout=self.settings.connect_timeout_ms / 1000,
             command_timeout=self.settings.statement_timeout_ms / 1000,
             server_settings=self._server_settings(role),
-            target_session_attrs="read-write",
         )
+
+    async def _pool_connect(self, dsn: str, **kwargs: Any) -> asyncpg.Connection:
+        """The pool's way to open a connection: to the writable member, as ``_connect``."""
+        kwargs.pop("loop", None)
+        return await db.connect_writable(dsn, list(self.cell_settings.member_sites), **kwargs)
 
     async def start(self) -> None:
         """Connect, migrate, seed the catalogue; keeps going in the background if the cell is down."""
@@ -279,7 +284,7 @@ class CellEngine:
                 command_timeout=self.settings.statement_timeout_ms / 1000,
                 server_settings=self._server_settings("pool"),
                 reset=_keep_session,
-                target_session_attrs="read-write",
+                connect=self._pool_connect,
             )
             await self.refresh_catalogue()
         return self.pool
