@@ -27,14 +27,14 @@ system-packages:
 venv: $(STAMP)
 
 # the interpreter is Debian's, the tree world-readable: the postgres user runs it too
-$(STAMP): pyproject.toml | system-packages
+$(STAMP): pyproject.toml core-app/pyproject.toml | system-packages
 	@if [ -d $(VENV) ] && ! grep -qx 'home = $(patsubst %/,%,$(dir $(PYTHON)))' $(VENV)/pyvenv.cfg 2>/dev/null; then \
 		echo "==> $(VENV) was not made from $(PYTHON); recreating it"; rm -rf $(VENV); fi
 	@if [ ! -x $(BIN)/python ]; then \
 		echo "==> creating the virtual environment $(VENV) with $(PYTHON) -m venv"; \
 		$(PYTHON) -m venv $(VENV); fi
-	@echo "==> installing watertight and its dev tools into $(VENV) (pip install -e '.[dev]')"
-	@$(BIN)/pip install --disable-pip-version-check --progress-bar off -q -e '.[dev]'
+	@echo "==> installing the core, watertight and its dev tools into $(VENV) (pip install -e ./core-app -e '.[dev]')"
+	@$(BIN)/pip install --disable-pip-version-check --progress-bar off -q -e ./core-app -e '.[dev]'
 	@chmod -R a+rX $(VENV)
 	@touch $@
 	@echo "==> $(VENV) is ready"

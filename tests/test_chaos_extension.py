@@ -106,11 +106,6 @@ def test_discovery_finds_every_action_probe_and_control() -> None:
     assert kill_site["arguments"][1]["default"] == "local"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chaoslib takes the first top-level package of the distribution 'watertight', which is "
-    "cardcore; it passes once core-app/ is a distribution of its own",
-)
 def test_chaos_discover_finds_the_extension_by_its_distribution_name(tmp_path: Path) -> None:
     path = tmp_path / "discovery.json"
     result = chaos(

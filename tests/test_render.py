@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -193,14 +194,21 @@ def test_dr_scopes_differ_from_the_main_scopes(topo: Topology) -> None:
 
 
 def test_patroni_config_passes_patroni_s_own_schema(topo: Topology, tmp_path: Path) -> None:
-    validator = pytest.importorskip("patroni.validator")
-    validator.populate_validate_params(ignore_listen_port=True)
-    endpoints = render.LocalEndpoints(topo)
-    for site in topo.sites:
-        config = render.patroni_config(topo, endpoints, 1, site, tmp_path / site, pg.pg_bindir())
-        errors = validator.schema(config)
-        # the schema also checks that etcd answers; nothing runs here
-        assert [e for e in errors if "is not reachable" not in e] == [], site
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        validator = pytest.importorskip("patroni.validator")
+        validator.populate_validate_params(ignore_listen_port=True)
+        endpoints = render.LocalEndpoints(topo)
+        for site in topo.sites:
+            config = render.patroni_config(topo, endpoints, 1, site, tmp_path / site, pg.pg_bindir())
+            errors = validator.schema(config)
+            # the schema also checks that etcd answers; nothing runs here
+            assert [e for e in errors if "is not reachable" not in e] == [], site
+    finally:
+        # validating data_dir sets the process umask to PostgreSQL's 077 (patroni.file_perm) and
+        # leaves it: every folder a later test makes would be closed to the postgres user
+        os.umask(umask)
 
 
 def test_unknown_site_or_cell_is_refused(topo: Topology) -> None:
