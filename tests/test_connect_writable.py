@@ -5,15 +5,16 @@ within one timeout, as a multi-host DSN does, never reaches the primary behind i
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
 from cardcore.platform import db
 
-from watertight.pg import PostgresServer
+from watertight.pg import PostgresServer, free_port, service_tempdir
 
 TIMEOUT_S = 1.5
 
@@ -68,5 +69,90 @@ def test_no_member_answering_fails_within_the_timeout() -> None:
                     f"postgresql://postgres@{first},{second}/postgres", [first, second], timeout=0.5
                 )
             assert time.monotonic() - started < 2.0
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def primary_without_its_standby() -> Iterator[PostgresServer]:
+    """A primary whose one synchronous standby never connects: every commit waits on it."""
+    base_dir = service_tempdir("watertight-test-pg-")
+    server = PostgresServer(
+        datadir=base_dir / "data",
+        port=free_port(),
+        socket_dir=base_dir / "socket",
+        fast=True,
+        settings={"synchronous_standby_names": "ghost"},
+    )
+    try:
+        server.initdb()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def test_a_commit_the_sync_standby_never_confirmed_is_not_a_success(
+    primary_without_its_standby: PostgresServer,
+) -> None:
+    """An operator cancels the sessions stuck behind a lost sync standby (pg_cancel_backend), and
+    PostgreSQL ends their wait with only a WARNING, the commits durable on the primary alone: a
+    plain connection reports success (an acknowledgement a failover would take back); the app's
+    connection raises instead, and stays usable."""
+    server = primary_without_its_standby
+    dsn = f"postgresql://postgres@{server.host}:{server.port}/postgres"
+    waits = {"synchronous_commit": "on"}
+
+    async def cancel_when_waiting(admin: asyncpg.Connection, victim: asyncpg.Connection) -> None:
+        pid = victim.get_server_pid()
+        deadline = time.monotonic() + 10
+        while not await admin.fetchval(
+            "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $1", pid
+        ):
+            assert time.monotonic() < deadline, "the commit never waited on the sync standby"
+            await asyncio.sleep(0.05)
+        assert await admin.fetchval("SELECT pg_cancel_backend($1)", pid)
+
+    async def commit(conn: asyncpg.Connection, value: int) -> None:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO t VALUES ($1)", value)
+
+    async def scenario() -> None:
+        admin = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "local"})
+        plain = await asyncpg.connect(dsn, server_settings=waits)
+        guarded = await db.connect_writable(dsn, [], server_settings=waits)
+        try:
+            await admin.execute("CREATE TABLE t (v int)")
+            # the hazard: the cancelled wait reads as a commit
+            await asyncio.wait_for(asyncio.gather(commit(plain, 1), cancel_when_waiting(admin, plain)), 20)
+            assert await admin.fetchval("SELECT count(*) FROM t WHERE v = 1") == 1
+
+            outcome = await asyncio.wait_for(
+                asyncio.gather(
+                    commit(guarded, 2), cancel_when_waiting(admin, guarded), return_exceptions=True
+                ),
+                20,
+            )
+            assert isinstance(outcome[0], db.CommitNotConfirmedError), outcome
+            assert "sync standby" in str(outcome[0])
+            # an autocommit write through fetch* is held to the same rule
+            outcome = await asyncio.wait_for(
+                asyncio.gather(
+                    guarded.fetchval("INSERT INTO t VALUES (3) RETURNING v"),
+                    cancel_when_waiting(admin, guarded),
+                    return_exceptions=True,
+                ),
+                20,
+            )
+            assert isinstance(outcome[0], db.CommitNotConfirmedError), outcome
+            # the connection goes on: reads, and writes that do not wait on the standby
+            assert await guarded.fetchval("SELECT count(*) FROM t") == 3
+            await guarded.execute("SET synchronous_commit = local")
+            await commit(guarded, 4)
+            assert await guarded.fetchval("SELECT count(*) FROM t WHERE v = 4") == 1
+        finally:
+            for conn in (admin, plain, guarded):
+                await conn.close()
 
     asyncio.run(scenario())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -38,6 +39,8 @@ TAIL_S = 10.0
 CHAOS_TIMEOUT_S = 600.0
 LOAD_STOP_TIMEOUT_S = 30.0
 SAMPLE_INTERVAL_S = 0.5
+
+log = logging.getLogger("watertight.drill")
 
 Progress = Callable[[str], None]
 
@@ -118,8 +121,11 @@ def marks_of(path: Path) -> tuple[float | None, float | None]:
 
 
 class Sampler(threading.Thread):
-    """Polls every member's own view of its role: two that say 'primary' for one cell at the
-    same moment is a split brain."""
+    """Samples, every SAMPLE_INTERVAL_S, how many members of each cell would acknowledge a write
+    (asked of each member's PostgreSQL: out of recovery, not read-only, its sync standby attached
+    when it has one to wait for): two at the same moment is a split brain. A primary that has
+    just woken from a freeze is still out of recovery until Patroni demotes it, but every commit
+    on it waits for a sync standby that now follows someone else: it acknowledges nothing."""
 
     def __init__(self, runtime: LocalRuntime) -> None:
         super().__init__(daemon=True)
@@ -128,20 +134,17 @@ class Sampler(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        from watertight import render
+        from watertight.chaos import probes
 
-        endpoints = render.LocalEndpoints(self.runtime.topology)
         while not self.stopping.is_set():
             at = time.time()
-            for cell in self.runtime.topology.cell_numbers:
-                primaries = []
-                for site in ("prod", "samecity"):
-                    status, body = http_json(
-                        f"{endpoints.patroni_api_url(cell, site)}/patroni", timeout_s=0.4
-                    )
-                    if status and isinstance(body, dict) and body.get("role") in ("primary", "master"):
-                        primaries.append(site)
-                self.samples.append((at, cell, len(primaries)))
+            try:
+                counts = probes.writable_primaries_by_cell(run_dir=str(self.runtime.run_dir))
+            except Exception as error:  # a sample lost is a gap, not the end of the drill
+                log.warning("split-brain sample failed: %s", error)
+                counts = {}
+            for cell, count in counts.items():
+                self.samples.append((at, int(cell), count))
             self.stopping.wait(SAMPLE_INTERVAL_S)
 
 

@@ -455,8 +455,11 @@ def _postgres_parameters(topology: Topology) -> dict[str, Any]:
         "max_wal_size": "256MB",
         "min_wal_size": "64MB",
         # notice a silent peer (a partition, a frozen process) in seconds, not the default minute:
-        # a leader's commits wait on its sync standby until its walsender gives up on it
-        "wal_sender_timeout": "5s",
+        # a leader's commits wait on its sync standby until its walsender gives up on it and
+        # Patroni (next loop) drops it from synchronous_standby_names. 2 s + loop_wait stays under
+        # the app's 5 s statement timeout, so the cells the other center leads see a stall, not
+        # errors, when a center goes silent; the standby answers keepalives at once (status 1 s)
+        "wal_sender_timeout": "2s",
         "wal_receiver_timeout": "5s",
         "wal_receiver_status_interval": "1s",
         "hot_standby_feedback": "on",

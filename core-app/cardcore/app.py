@@ -20,6 +20,7 @@ from cardcore.issuing import api as issuing_api
 from cardcore.limits import api as limits_api
 from cardcore.platform import metrics
 from cardcore.platform import settings as settings_module
+from cardcore.platform.engine import UNAVAILABLE_ERRORS
 from cardcore.platform.http import ApiError, JsonApp, RawText, Request, Route, RouteTable
 from cardcore.platform.service import CoreService
 
@@ -35,6 +36,21 @@ class _AuthAnswer(msgspec.Struct):
 
 def outcome_of(status: int) -> str:
     return f"{status // 100}xx"
+
+
+def database_unavailable(error: Exception) -> ApiError | None:
+    """A cell's database lost in the middle of a request (a failover, a partition) makes the cell
+    unavailable: 503 ``cell_unavailable`` as CONTRACT says, not a 500. Anything else: None."""
+    if not isinstance(error, UNAVAILABLE_ERRORS):
+        return None
+    cell = current_cell.get() or "?"
+    log.warning("cell %s: request failed, database unavailable: %s: %s", cell, type(error).__name__, error)
+    return ApiError(
+        503,
+        "cell_unavailable",
+        f"cell {cell} is unavailable ({type(error).__name__}); retry with the same idempotency_key",
+        None,
+    )
 
 
 def build(service: CoreService) -> JsonApp:
@@ -126,7 +142,7 @@ def build(service: CoreService) -> JsonApp:
         requests_total.inc((template, cell, site, outcome_of(status)))
         latency.observe((template, cell, site), seconds)
 
-    app = JsonApp(RouteTable(routes), observe)
+    app = JsonApp(RouteTable(routes), observe, on_error=database_unavailable)
     for engine in service.engines.values():
         app.startup.append(engine.start)
         app.shutdown.append(engine.stop)

@@ -1,9 +1,10 @@
 """Schema migrations and connection set-up for a cell database.
 
 Owns: applying ``migrations/NNN_*.sql`` in order, once each, under an advisory lock so several
-app servers starting together do not race; connecting to whichever member of a cell is writable.
+app servers starting together do not race; connecting to whichever member of a cell is writable;
+refusing a commit the sync standby never confirmed.
 Never: change a migration that has shipped; let one dead or frozen member delay a connection to
-the one that serves.
+the one that serves; report as done a commit PostgreSQL stopped waiting on the sync standby for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from typing import Any
 import asyncpg
 
 MIGRATION_LOCK_KEY = 7_419_001
+# PostgreSQL's WARNING when a backend stops waiting for its sync standby (a cancel request, e.g. an
+# operator's pg_cancel_backend on the sessions stuck behind a lost standby, or a shutdown):
+# "canceling wait for synchronous replication ..." / "canceling the wait for synchronous
+# replication and terminating connection ..."
+SYNC_WAIT_CANCELLED = "wait for synchronous replication"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -49,6 +55,50 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied
 
 
+class CommitNotConfirmedError(Exception):
+    """The statement's commit is durable on the primary only: PostgreSQL stopped waiting for the
+    sync standby (and says so with a WARNING, not an error). A failover now would lose it, so it
+    must not be acknowledged; a retry with the same idempotency key finds it, or does it again."""
+
+
+class ConfirmedCommitConnection(asyncpg.Connection):
+    """A connection whose statements raise ``CommitNotConfirmedError`` when PostgreSQL committed
+    without the sync standby's confirmation. Without this, a cancel that reaches a COMMIT waiting
+    on a silent standby (a partition, a frozen center) turns into a success. (The statement
+    timeout never does: PostgreSQL disarms it before the commit waits; our own client timeout
+    sends a cancel too, but has already failed the request.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync_wait_cancelled = False
+        self.add_log_listener(self._on_notice)
+
+    def _on_notice(self, connection: asyncpg.Connection, message: Any) -> None:
+        if SYNC_WAIT_CANCELLED in str(getattr(message, "message", "")):
+            self._sync_wait_cancelled = True
+
+    def _confirm(self, query: str) -> None:
+        # the notice's callback was scheduled (call_soon) when the notice arrived, before the
+        # statement's result woke this coroutine: it has run by now
+        if self._sync_wait_cancelled:
+            self._sync_wait_cancelled = False
+            raise CommitNotConfirmedError(
+                f"{query.strip()[:40]!r} committed on the primary without the sync standby's confirmation"
+            )
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's signature)
+        self._sync_wait_cancelled = False
+        result = await super().execute(query, *args, timeout=timeout)
+        self._confirm(query)
+        return result
+
+    async def _execute(self, query: str, args: Any, limit: int, timeout: float | None, **kwargs: Any) -> Any:  # noqa: ASYNC109
+        self._sync_wait_cancelled = False
+        result = await super()._execute(query, args, limit, timeout, **kwargs)
+        self._confirm(query)
+        return result
+
+
 async def connect_writable(dsn: str, members: list[str], **kwargs: Any) -> asyncpg.Connection:
     """A connection to the writable member among ``members`` (``host:port``), trying them all at
     once, each with the full ``timeout``: libpq-style multi-host tries them in turn within one
@@ -56,6 +106,7 @@ async def connect_writable(dsn: str, members: list[str], **kwargs: Any) -> async
     first in the list would use it all up and the primary behind it would never be reached.
     Without members, the DSN as it is."""
     kwargs["target_session_attrs"] = "read-write"
+    kwargs.setdefault("connection_class", ConfirmedCommitConnection)
     if len(members) < 2:
         return await asyncpg.connect(dsn, **kwargs)
     attempts = []

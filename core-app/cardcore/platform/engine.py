@@ -51,6 +51,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # every member answers, none is writable: a promotion under way, or a cell's members all
     # standbys (the centers following dr during a failback)
     asyncpg.TargetServerAttributeNotMatched,
+    # committed on the primary only: PostgreSQL stopped waiting for the sync standby
+    db.CommitNotConfirmedError,
 )
 RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
@@ -285,6 +287,7 @@ class CellEngine:
                 server_settings=self._server_settings("pool"),
                 reset=_keep_session,
                 connect=self._pool_connect,
+                connection_class=db.ConfirmedCommitConnection,
             )
             await self.refresh_catalogue()
         return self.pool

@@ -223,9 +223,17 @@ Observer = Callable[[Route | None, int, float], None]
 class JsonApp:
     """The ASGI callable: resolves, decodes, calls the handler, encodes; errors as the contract says."""
 
-    def __init__(self, routes: RouteTable, observe: Observer | None = None) -> None:
+    def __init__(
+        self,
+        routes: RouteTable,
+        observe: Observer | None = None,
+        on_error: Callable[[Exception], ApiError | None] | None = None,
+    ) -> None:
         self.routes = routes
         self.observe = observe
+        # turns an exception a handler let through into the answer it stands for (a database
+        # that went away mid-request is a 503, not a 500); None: it is a bug, let it be a 500
+        self.on_error = on_error
         self.startup: list[Callable[[], Awaitable[None]]] = []
         self.shutdown: list[Callable[[], Awaitable[None]]] = []
 
@@ -269,6 +277,11 @@ class JsonApp:
                 data = payload.data
         except ApiError as error:
             status, data, headers = error.status, encode(error.body()), _JSON_HEADERS
+        except Exception as error:
+            mapped = self.on_error(error) if self.on_error is not None else None
+            if mapped is None:
+                raise
+            status, data, headers = mapped.status, encode(mapped.body()), _JSON_HEADERS
         await send_bytes(send, status, data, headers)
         if self.observe is not None:
             self.observe(route, status, time.perf_counter() - started)
