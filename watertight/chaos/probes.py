@@ -9,7 +9,6 @@ answer; they never change anything.
 from __future__ import annotations
 
 import functools
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -119,11 +118,6 @@ def cell_sync_standby_site(cell: int, target: str = "local", run_dir: str | None
     return standby
 
 
-def _superuser_password(runtime: LocalRuntime) -> str:
-    secrets = json.loads((runtime.run_dir / "secrets.json").read_text())
-    return str(secrets[render.SECRET_SUPERUSER_PASSWORD])
-
-
 MEMBER_STATE_SQL = """
 SELECT pg_is_in_recovery(),
        current_setting('default_transaction_read_only'),
@@ -184,7 +178,7 @@ def primaries(cell: int, target: str = "local", run_dir: str | None = None) -> l
     MEMBER_PROBE_TIMEOUT_S), and the role its Patroni REST API reports."""
     runtime = _local(target, run_dir, "primaries", "a SQL connection to every member of the cell")
     members = [c for c in runtime.select(cell=cell) if c.kind == "patroni"]
-    password = _superuser_password(runtime)
+    password = runtime.superuser_password()
     endpoints = render.LocalEndpoints(runtime.topology)
     port = endpoints.postgres_port(cell)
     sites = {m.name: m.site or "" for m in members}

@@ -17,6 +17,8 @@ import shutil
 import time
 import urllib.request
 
+import psycopg
+
 from watertight import render
 from watertight.runbooks.ops import (
     PROMOTE_TIMEOUT_S,
@@ -237,6 +239,87 @@ def promote_centers(run_dir: str, cell: int, check: bool = False) -> Result:
     return {"changed": True, "msg": f"cell {cell} promoted in the centers ({leader} leads) after {seconds} s"}
 
 
+SEAL_SQL = "ALTER SYSTEM SET default_transaction_read_only = on"
+SEAL_TIMEOUT_S = 10.0
+
+
+def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
+    """With the cell drained and before the centers are promoted: dr's primary of the cell stops
+    taking writes (``default_transaction_read_only`` by ALTER SYSTEM, reloaded, and every client
+    session ended so none keeps a write open), so there is no moment with two members that would
+    acknowledge a write, and what the centers must replay stops growing. ``reclone_dr`` later
+    replaces dr's data directory, and the setting with it."""
+    runtime = _runtime(run_dir)
+    _check_cell(runtime, cell)
+    if not runtime.dr_active:
+        return {"changed": False, "msg": "dr does not serve: nothing to seal"}
+    endpoints = render.LocalEndpoints(runtime.topology)
+    host, port = endpoints.postgres_host(cell, render.DR_SITE), endpoints.postgres_port(cell)
+    try:
+        with psycopg.connect(
+            host=host,
+            port=port,
+            user=render.SUPERUSER,
+            password=runtime.superuser_password(),
+            dbname="postgres",
+            connect_timeout=int(SEAL_TIMEOUT_S),
+            autocommit=True,
+            sslmode="disable",
+        ) as connection:
+            connection.execute(f"SET statement_timeout = {int(SEAL_TIMEOUT_S * 1000)}")
+            row = connection.execute(
+                "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
+            ).fetchone()
+            assert row is not None
+            in_recovery, read_only = row
+            if in_recovery or read_only == "on":
+                why = "follows the centers" if in_recovery else "is read-only already"
+                return {"changed": False, "msg": f"cell {cell}'s dr member {why}"}
+            if check:
+                return {"changed": True, "msg": f"would make cell {cell}'s dr primary read-only"}
+            connection.execute(SEAL_SQL)
+            connection.execute("SELECT pg_reload_conf()")
+            ended = connection.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND datname = %s",
+                (render.DATABASE,),
+            ).fetchone()
+    except psycopg.Error as error:
+        raise StepError(
+            f"cell {cell}: could not make dr's primary ({host}:{port}) read-only: {error}; "
+            f"read the log of pg-cell{cell}-dr"
+        ) from None
+    wait_until(
+        f"cell {cell}'s dr primary read-only",
+        lambda: _dr_read_only(runtime, host, port),
+        SEAL_TIMEOUT_S,
+        f"read the log of pg-cell{cell}-dr",
+    )
+    sessions = int(ended[0]) if ended else 0
+    return {
+        "changed": True,
+        "msg": f"cell {cell}'s dr primary is read-only; {sessions} client sessions ended",
+    }
+
+
+def _dr_read_only(runtime: LocalRuntime, host: str, port: int) -> bool:
+    """A new session sees the reloaded setting."""
+    try:
+        with psycopg.connect(
+            host=host,
+            port=port,
+            user=render.SUPERUSER,
+            password=runtime.superuser_password(),
+            dbname="postgres",
+            connect_timeout=2,
+            sslmode="disable",
+        ) as connection:
+            row = connection.execute("SHOW default_transaction_read_only").fetchone()
+    except psycopg.Error:
+        return False
+    return row is not None and row[0] == "on"
+
+
 def retire_dr(run_dir: str, check: bool = False) -> Result:
     """dr stops serving: its app server, gateway and primaries stop, and the runtime goes back to
     the centers (the entry follows by itself: dr's gateway is gone)."""
@@ -299,6 +382,7 @@ STEPS = {
     "centers_consensus": centers_consensus,
     "reclone_centers": reclone_centers,
     "start_centers": start_centers,
+    "seal_dr": seal_dr,
     "promote_centers": promote_centers,
     "retire_dr": retire_dr,
     "reclone_dr": reclone_dr,

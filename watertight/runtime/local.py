@@ -476,6 +476,11 @@ class LocalRuntime:
 
     # ---- views ----------------------------------------------------------------------------------
 
+    def superuser_password(self) -> str:
+        """The PostgreSQL superuser's password of this run (secrets.json, made by ``up``)."""
+        secrets = json.loads((self.run_dir / "secrets.json").read_text())
+        return str(secrets[render.SECRET_SUPERUSER_PASSWORD])
+
     def cluster_members(self, cell: int, dr: bool = False) -> list[dict[str, Any]]:
         """Patroni's view of a cell's cluster (main, or the dr standby cluster), from every member
         that answers; when they disagree, see ``choose_view``."""
