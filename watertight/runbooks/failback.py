@@ -243,6 +243,19 @@ SEAL_SQL = "ALTER SYSTEM SET default_transaction_read_only = on"
 SEAL_TIMEOUT_S = 10.0
 
 
+def _superuser_connection(runtime: LocalRuntime, host: str, port: int, timeout_s: int) -> psycopg.Connection:
+    return psycopg.connect(
+        host=host,
+        port=port,
+        user=render.SUPERUSER,
+        password=runtime.superuser_password(),
+        dbname="postgres",
+        connect_timeout=timeout_s,
+        autocommit=True,
+        sslmode="disable",
+    )
+
+
 def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     """With the cell drained and before the centers are promoted: dr's primary of the cell stops
     taking writes (``default_transaction_read_only`` by ALTER SYSTEM, reloaded, and every client
@@ -256,16 +269,7 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     endpoints = render.LocalEndpoints(runtime.topology)
     host, port = endpoints.postgres_host(cell, render.DR_SITE), endpoints.postgres_port(cell)
     try:
-        with psycopg.connect(
-            host=host,
-            port=port,
-            user=render.SUPERUSER,
-            password=runtime.superuser_password(),
-            dbname="postgres",
-            connect_timeout=int(SEAL_TIMEOUT_S),
-            autocommit=True,
-            sslmode="disable",
-        ) as connection:
+        with _superuser_connection(runtime, host, port, int(SEAL_TIMEOUT_S)) as connection:
             connection.execute(f"SET statement_timeout = {int(SEAL_TIMEOUT_S * 1000)}")
             row = connection.execute(
                 "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
@@ -305,15 +309,7 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
 def _dr_read_only(runtime: LocalRuntime, host: str, port: int) -> bool:
     """A new session sees the reloaded setting."""
     try:
-        with psycopg.connect(
-            host=host,
-            port=port,
-            user=render.SUPERUSER,
-            password=runtime.superuser_password(),
-            dbname="postgres",
-            connect_timeout=2,
-            sslmode="disable",
-        ) as connection:
+        with _superuser_connection(runtime, host, port, 2) as connection:
             row = connection.execute("SHOW default_transaction_read_only").fetchone()
     except psycopg.Error:
         return False
