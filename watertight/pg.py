@@ -26,6 +26,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -432,3 +435,18 @@ class PostgresServer:
             group=account.gid if account else None,
             extra_groups=account.groups if account else None,
         )
+
+
+def connect_superuser(host: str, port: int, password: str, timeout_s: int) -> psycopg.Connection[Any]:
+    """A psycopg autocommit connection as the superuser to the ``postgres`` database of a member
+    (probes and runbook steps that ask a member about itself or change its settings)."""
+    return psycopg.connect(
+        host=host,
+        port=port,
+        user=SUPERUSER,
+        password=password,
+        dbname="postgres",
+        connect_timeout=timeout_s,
+        autocommit=True,
+        sslmode="disable",
+    )

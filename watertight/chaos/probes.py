@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from watertight import render
+from watertight import pg, render
 from watertight.chaos import kubernetes, targets
 from watertight.chaos.timeline import read_timeline
 from watertight.runtime.local import LocalRuntime, http_json
@@ -133,16 +133,7 @@ def _member_state(host: str, port: int, password: str) -> dict[str, bool] | None
     acknowledge a commit now, i.e. synchronous replication is off or has a sync standby attached;
     a demoted-to-be primary waiting on a standby that left acknowledges nothing."""
     try:
-        with psycopg.connect(
-            host=host,
-            port=port,
-            user=render.SUPERUSER,
-            password=password,
-            dbname="postgres",
-            connect_timeout=PG_CONNECT_TIMEOUT_S,
-            sslmode="disable",
-            autocommit=True,
-        ) as connection:
+        with pg.connect_superuser(host, port, password, PG_CONNECT_TIMEOUT_S) as connection:
             row = connection.execute(MEMBER_STATE_SQL).fetchone()
     except psycopg.Error:
         return None

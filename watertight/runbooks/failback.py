@@ -19,7 +19,7 @@ import urllib.request
 
 import psycopg
 
-from watertight import render
+from watertight import pg, render
 from watertight.runbooks.ops import (
     PROMOTE_TIMEOUT_S,
     Result,
@@ -243,19 +243,6 @@ SEAL_SQL = "ALTER SYSTEM SET default_transaction_read_only = on"
 SEAL_TIMEOUT_S = 10.0
 
 
-def _superuser_connection(runtime: LocalRuntime, host: str, port: int, timeout_s: int) -> psycopg.Connection:
-    return psycopg.connect(
-        host=host,
-        port=port,
-        user=render.SUPERUSER,
-        password=runtime.superuser_password(),
-        dbname="postgres",
-        connect_timeout=timeout_s,
-        autocommit=True,
-        sslmode="disable",
-    )
-
-
 def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     """With the cell drained and before the centers are promoted: dr's primary of the cell stops
     taking writes (``default_transaction_read_only`` by ALTER SYSTEM, reloaded, and every client
@@ -268,8 +255,9 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
         return {"changed": False, "msg": "dr does not serve: nothing to seal"}
     endpoints = render.LocalEndpoints(runtime.topology)
     host, port = endpoints.postgres_host(cell, render.DR_SITE), endpoints.postgres_port(cell)
+    password = runtime.superuser_password()
     try:
-        with _superuser_connection(runtime, host, port, int(SEAL_TIMEOUT_S)) as connection:
+        with pg.connect_superuser(host, port, password, int(SEAL_TIMEOUT_S)) as connection:
             connection.execute(f"SET statement_timeout = {int(SEAL_TIMEOUT_S * 1000)}")
             row = connection.execute(
                 "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
@@ -295,7 +283,7 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
         ) from None
     wait_until(
         f"cell {cell}'s dr primary read-only",
-        lambda: _dr_read_only(runtime, host, port),
+        lambda: _dr_read_only(host, port, password),
         SEAL_TIMEOUT_S,
         f"read the log of pg-cell{cell}-dr",
     )
@@ -306,10 +294,10 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     }
 
 
-def _dr_read_only(runtime: LocalRuntime, host: str, port: int) -> bool:
+def _dr_read_only(host: str, port: int, password: str) -> bool:
     """A new session sees the reloaded setting."""
     try:
-        with _superuser_connection(runtime, host, port, 2) as connection:
+        with pg.connect_superuser(host, port, password, 2) as connection:
             row = connection.execute("SHOW default_transaction_read_only").fetchone()
     except psycopg.Error:
         return False
