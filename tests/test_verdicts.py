@@ -64,7 +64,7 @@ def test_a_slow_recovery_is_measured_and_fails_the_rto_slo() -> None:
     assert rto == pytest.approx(45.0)
     result = judge(rto={1: rto})
     assert result["passed"] is False
-    assert result["reasons"] == ["cell-1 recovered after 45.0 s, above the RTO of 30 s"]
+    assert result["reasons"] == ["cell-1 recovered 45.0 s after the fault, above the RTO of 30 s"]
     assert result["rto_seconds"] == {"cell-1": 45.0}
 
 
@@ -73,7 +73,7 @@ def test_a_cell_that_never_recovers_has_no_rto_and_fails() -> None:
     assert verdicts.rto_seconds(timeline, 1, FAULT_AT) is None
     result = judge(rto={1: None})
     assert result["passed"] is False
-    assert "cell-1 never recovered" in result["reasons"]
+    assert "cell-1 never recovered after the fault" in result["reasons"]
     assert result["rto_seconds"] == {"cell-1": None}
 
 
@@ -298,6 +298,7 @@ def test_a_drill_where_everything_held_passes_with_the_contract_fields() -> None
     result = judge()
     assert result["passed"] is True and result["reasons"] == []
     assert result["rto_seconds"] == {"cell-1": 21.4}
+    assert result["rto_measured_from"] == "fault"
     assert result["rpo"]["missing"] == 0
     assert result["unaffected_cells"] == {"cells": ["cell-2"], "error_rate": 0.0, "requests": 600}
     assert result["slo"] == {"rto_seconds": 30.0, "rpo_missing": 0}
@@ -336,3 +337,88 @@ def test_the_loss_of_both_centers_affects_every_cell() -> None:
     assert fault.affected_cells({1: "prod", 2: "samecity", 3: "prod"}) == [1, 2, 3]
     _, one_site = drill.load_experiment("site-loss-prod")
     assert one_site.affected_cells({1: "prod", 2: "samecity", 3: "prod"}) == [1, 3]
+
+
+# ---- faults only the rollback heals (a whole cell lost) -------------------------------------------
+
+
+def cell_lost_then_restarted(rollback_at: float, back_at: float, end: float = 180.0) -> list[Sample]:
+    """Cell 1 down from the fault until ``back_at``, after the rollback restarted its members."""
+    return steady(1, 90.0, 100.5) + steady(1, 100.5, back_at, ok=False) + steady(1, back_at, end)
+
+
+def test_a_whole_cell_lost_is_judged_on_recovery_after_the_rollback() -> None:
+    from watertight import drill
+
+    _, fault = drill.load_experiment("cell-loss")
+    assert fault.recovery_from == "rollback"
+    assert fault.affected_cells({1: "prod", 2: "samecity"}) == [1]
+    rollback_at = 121.0
+    timeline = cell_lost_then_restarted(rollback_at, back_at=133.0) + steady(2, 90.0, 180.0)
+    # judged up to the rollback from the fault, as a failover is, the cell never comes back
+    assert verdicts.rto_seconds(timeline, 1, FAULT_AT, until=rollback_at) is None
+    rto = verdicts.rto_seconds(timeline, 1, rollback_at)
+    assert rto == pytest.approx(12.0)
+    result = judge(rto={1: rto}, rto_measured_from="rollback")
+    assert result["passed"] is True, result["reasons"]
+    assert result["rto_measured_from"] == "rollback"
+
+
+def test_a_whole_cell_slow_to_come_back_after_the_rollback_fails() -> None:
+    rollback_at = 121.0
+    timeline = cell_lost_then_restarted(rollback_at, back_at=160.0)
+    rto = verdicts.rto_seconds(timeline, 1, rollback_at)
+    assert rto == pytest.approx(39.0)
+    result = judge(rto={1: rto}, rto_measured_from="rollback")
+    assert result["reasons"] == ["cell-1 recovered 39.0 s after the rollback began, above the RTO of 30 s"]
+    never = judge(
+        rto={1: verdicts.rto_seconds(steady(1, 100.5, 180.0, ok=False), 1, rollback_at)},
+        rto_measured_from="rollback",
+    )
+    assert never["reasons"] == ["cell-1 never recovered after the rollback began"]
+
+
+def test_faults_a_standby_takes_over_from_are_judged_from_the_fault() -> None:
+    from watertight import drill
+
+    for name in (
+        "site-loss-prod",
+        "site-freeze-prod",
+        "partition-prod",
+        "cell-primary-kill",
+        "dr-activation",
+    ):
+        assert drill.load_experiment(name)[1].recovery_from == "fault", name
+
+
+def test_the_cells_that_should_not_notice_are_reported_with_their_rto_but_judged_on_errors() -> None:
+    result = judge(unaffected_rto={2: 0.0})
+    assert result["rto_seconds"] == {"cell-1": 21.4, "cell-2": 0.0}
+    assert result["passed"] is True
+    # a slow "recovery" of an unaffected cell fails through isolation, not twice through RTO
+    breached = judge(unaffected_rto={2: 40.0}, unaffected_error_rate=0.2)
+    assert [r for r in breached["reasons"] if "RTO" in r] == []
+    assert any("should not notice" in r for r in breached["reasons"])
+
+
+def test_the_drill_timeline_has_one_sample_per_request(tmp_path: Any) -> None:
+    from watertight_load.traffic import request_name
+
+    from watertight import drill
+
+    header = "Timestamp,User Count,Type,Name,Requests/s,Failures/s,Total Request Count,Total Failure Count\n"
+    name1, name2 = request_name("authorize", 1), request_name("authorize", 2)
+    rows = [
+        f"1000,4,POST,{name1},0,0,10,0",
+        f"1000,4,POST,{name2},0,0,20,0",
+        f"1001,4,POST,{name1},0,0,25,3",
+        f"1001,4,POST,{name2},0,0,41,0",
+        "1001,4,,Aggregated,0,0,66,3",
+    ]
+    path = tmp_path / "history.csv"
+    path.write_text(header + "\n".join(rows) + "\n")
+    samples, series = drill.timeline_of(path)
+    assert verdicts.requests_in(samples, [2], (1000.0, 1001.0)) == 41
+    assert verdicts.requests_in(samples, [1], (1001.0, 1001.0)) == 15
+    assert verdicts.isolation(samples, [1], (1001.0, 1001.0)) == pytest.approx(3 / 15)
+    assert series["cell-1"] == [(0.0, 10.0, 0.0), (1.0, 12.0, 3.0)]

@@ -67,6 +67,17 @@ class Fault:
             return [cell for cell, site in leaders.items() if site == self.site]
         return []
 
+    @property
+    def recovery_from(self) -> str:
+        """What the affected cells' RTO is measured from: the fault, when the topology is meant to
+        heal itself (a standby takes over); the rollback, when nothing can take over until the
+        rollback brings the members back (a whole cell lost: both of its centers' members)."""
+        return "rollback" if self.kind in HEALED_ONLY_BY_ROLLBACK else "fault"
+
+
+# kinds of fault no standby can take over from: the cell serves again only once the rollback heals it
+HEALED_ONLY_BY_ROLLBACK = frozenset({"cell-loss"})
+
 
 # what each experiment breaks; an experiment file may say it itself in configuration.watertight_fault
 FAULTS = {
@@ -195,10 +206,9 @@ def timeline_of(
     series: dict[str, list[tuple[float, float, float]]] = {}
     start = min((t for t, _ in totals), default=0.0)
     for (t, cell), (ok, failed) in sorted(totals.items()):
-        if ok:
-            samples.append((t, cell, True))
-        if failed:
-            samples.append((t, cell, False))
+        # one sample per request, so the isolation ratio and its count are of requests
+        samples.extend([(t, cell, True)] * ok)
+        samples.extend([(t, cell, False)] * failed)
         series.setdefault(f"cell-{cell}", []).append((t - start, float(ok), float(failed)))
     return samples, series
 
@@ -332,9 +342,18 @@ def run_one(
     if fault_at is None:
         fault_at = started  # no mark: judge from when the experiment began
     window_end = rollback_at or time.time()
-    rto = {cell: verdicts.rto_seconds(samples, cell, fault_at, until=rollback_at) for cell in affected}
+    recovery_from = fault.recovery_from if rollback_at is not None else "fault"
+    if recovery_from == "rollback":
+        assert rollback_at is not None
+        rto = {cell: verdicts.rto_seconds(samples, cell, rollback_at) for cell in affected}
+    else:
+        rto = {cell: verdicts.rto_seconds(samples, cell, fault_at, until=rollback_at) for cell in affected}
     judged = verdicts.verdict(
         rto=rto,
+        unaffected_rto={
+            cell: verdicts.rto_seconds(samples, cell, fault_at, until=rollback_at) for cell in unaffected
+        },
+        rto_measured_from=recovery_from,
         rpo_result=verdicts.rpo(acked, found),
         unaffected_cells=unaffected,
         unaffected_error_rate=verdicts.isolation(samples, unaffected, (fault_at, window_end)),
@@ -368,9 +387,12 @@ def run_one(
     for cell in runtime.topology.cell_numbers:
         key = f"cell-{cell}"
         plot_marks[key] = [(fault_at - start, f"{fault.kind} {fault.target}", "#d33")]
+        if rollback_at is not None:
+            plot_marks[key].append((rollback_at - start, "rollback", "#888"))
         rto = result["rto_seconds"].get(key)
         if cell in affected and isinstance(rto, (int, float)):
-            plot_marks[key].append((fault_at - start + rto, f"recovered {rto:.1f} s", "#27a"))
+            origin = rollback_at if recovery_from == "rollback" and rollback_at is not None else fault_at
+            plot_marks[key].append((origin - start + rto, f"recovered {rto:.1f} s", "#27a"))
     report.write_json(result, directory)
     report.write_html(result, series, plot_marks, directory)
     progress(f"{path.stem}: {'PASSED' if result['passed'] else 'FAILED'}; report {directory / 'report.json'}")

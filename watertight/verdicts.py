@@ -206,22 +206,29 @@ def verdict(
     slo_rto_seconds: float,
     slo_rpo_missing: int,
     error_rate_max: float = 0.0,
+    unaffected_rto: Mapping[int, float | None] | None = None,
+    rto_measured_from: str = "fault",
 ) -> dict[str, Any]:
     """Combine the measures into the report's fields and judge them against the SLOs.
 
-    ``rto`` holds the affected cells (None: never recovered). ``split_brain_seen`` None means it
+    ``rto`` holds the affected cells (None: never recovered), measured from ``rto_measured_from``
+    ("fault", or "rollback" for a fault nothing takes over from until the rollback heals it).
+    ``unaffected_rto`` is reported beside it but not judged: those cells are judged on their
+    error ratio (isolation), which is stricter. ``split_brain_seen`` None means it
     was not sampled (not a failure). ``passed`` is true only when every affected cell recovered
     within ``slo_rto_seconds``, at most ``slo_rpo_missing`` acknowledged transactions are missing,
     the unaffected cells erred at most ``error_rate_max`` (and had traffic to judge), every
     invariant holds and no cell had two writable primaries; ``reasons`` says why not.
     """
     reasons: list[str] = []
+    assert rto_measured_from in ("fault", "rollback"), rto_measured_from
+    after = "the fault" if rto_measured_from == "fault" else "the rollback began"
     for cell, seconds in sorted(rto.items()):
         if seconds is None:
-            reasons.append(f"{cell_key(cell)} never recovered")
+            reasons.append(f"{cell_key(cell)} never recovered after {after}")
         elif seconds > slo_rto_seconds:
             reasons.append(
-                f"{cell_key(cell)} recovered after {seconds:.1f} s, above the RTO of {slo_rto_seconds:g} s"
+                f"{cell_key(cell)} recovered {seconds:.1f} s after {after}, above the RTO of {slo_rto_seconds:g} s"
             )
     missing = int(rpo_result["missing"])
     if missing > slo_rpo_missing:
@@ -246,7 +253,11 @@ def verdict(
     return {
         "passed": not reasons,
         "reasons": reasons,
-        "rto_seconds": {cell_key(c): (None if s is None else round(s, 1)) for c, s in sorted(rto.items())},
+        "rto_seconds": {
+            cell_key(c): (None if s is None else round(s, 1))
+            for c, s in sorted({**(unaffected_rto or {}), **rto}.items())
+        },
+        "rto_measured_from": rto_measured_from,
         "rpo": dict(rpo_result),
         "unaffected_cells": {
             "cells": [cell_key(c) for c in unaffected_cells],
