@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml core-app/pyproject.toml | system-packages
 		$(PYTHON) -m venv $(VENV); fi
 	@echo "==> installing the core, watertight and its dev tools into $(VENV) (pip install -e ./core-app -e '.[dev]')"
 	@$(BIN)/pip install --disable-pip-version-check --progress-bar off -q -e ./core-app -e '.[dev]'
+	@echo "==> installing the kubernetes.core collection for the runbooks' kubernetes target"
+	@$(BIN)/python -m watertight.runbooks.kube
 	@chmod -R a+rX $(VENV)
 	@touch $@
 	@echo "==> $(VENV) is ready"

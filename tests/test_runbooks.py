@@ -11,6 +11,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -71,6 +73,19 @@ def serving_diagnostics(runtime: LocalRuntime) -> str:
                 log = runtime.log_path(component).read_text(errors="replace").splitlines()
                 lines += [f"  | {line}" for line in log[-15:]]
     return "\n".join(lines)
+
+
+def gateway_drain_state(runtime: LocalRuntime, cell: int) -> dict[str, Any]:
+    """``python -m cardcore.gateway.drain`` against prod's gateway."""
+    gateway = next(c for c in runtime.components if c.name == "gateway-prod")
+    address = urlsplit(gateway.ready_url or "")
+    result = subprocess.run(
+        [sys.executable, "-m", "cardcore.gateway.drain", "--host", str(address.hostname),
+         "--port", str(address.port), "--cell", str(cell)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
 
 
 # ---- without a topology -----------------------------------------------------------------------------
@@ -178,6 +193,9 @@ def test_drain_cell_stops_one_cell_and_the_other_never_notices(
                 json={"idempotency_key": "drained-1", "account_id": accounts[2], "amount": 1},
             )
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "cell_drained"
+        # what the kubernetes target's drain-cell runs inside each gateway pod, against a real gateway
+        assert gateway_drain_state(runtime, 2) == {"drained": True, "in_flight": 0}
+        assert gateway_drain_state(runtime, 1) == {"drained": False, "in_flight": 0}
         again = runner.run("drain-cell", {"cell": "2"}, runtime.run_dir)
         assert again["rc"] == 0 and again["changed"] == 0, again
         time.sleep(1)
@@ -191,6 +209,10 @@ def test_drain_cell_stops_one_cell_and_the_other_never_notices(
     assert any(not ok for t, cell, ok in writers.timeline if cell == 2 and drained_at < t < restored_at)
     assert all(ok for t, cell, ok in writers.timeline if cell == 2 and t > restored_at + 0.5)
     assert_nothing_lost(runtime, writers, accounts)
+
+    assert gateway_drain_state(runtime, 2) == {"drained": False, "in_flight": 0}
+    with pytest.raises(AssertionError, match="reports no cell 9"):
+        gateway_drain_state(runtime, 9)
 
     bad = runner.run("drain-cell", {"cell": "9"}, runtime.run_dir)
     assert bad["rc"] != 0 and "no cell 9" in str(bad["error"])

@@ -129,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runbook.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     runbook.add_argument(
+        "--target",
+        choices=("local", "kubernetes"),
+        default=os.environ.get("WATERTIGHT_TARGET") or "local",
+        help="the local topology of the run directory, or the three clusters (default: $WATERTIGHT_TARGET or local)",
+    )
+    runbook.add_argument(
+        "--kube-contexts",
+        metavar="SITE=CTX,...",
+        help="target kubernetes: one kube context per site, prod=CTX,samecity=CTX,dr=CTX (default: $WATERTIGHT_KUBE_CONTEXTS)",
+    )
+    runbook.add_argument(
+        "--kube-namespace",
+        metavar="NS",
+        help="target kubernetes: the topology's namespace in every cluster (default: $WATERTIGHT_KUBE_NAMESPACE or watertight)",
+    )
+    runbook.add_argument(
+        "--topology",
+        metavar="FILE",
+        help="target kubernetes: the topology file the stack was deployed from (default: $WATERTIGHT_TOPOLOGY or topology.yaml)",
+    )
+    runbook.add_argument(
         "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
     return parser
@@ -223,13 +244,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_runbook(args: argparse.Namespace) -> int:
-    from watertight.runbooks import runner
+    from watertight.runbooks import kube, runner
 
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     try:
         extras = runner.parse_extras([f"{key}={value}" for key, value in args.extra])
-        summary = runner.run(args.name, extras, _run_dir(args), check=args.check, progress=say)
-    except runner.RunbookError as error:
+        target = None
+        if args.target == "kubernetes":
+            target = kube.KubeTarget.from_settings(args.kube_contexts, args.kube_namespace, args.topology)
+        summary = runner.run(args.name, extras, _run_dir(args), check=args.check, progress=say, target=target)
+    except (runner.RunbookError, kube.KubeTargetError) as error:
         print(f"watertight runbook: {error}", file=sys.stderr)
         return 2
     if args.json:

@@ -10,6 +10,7 @@ from the local runtime belongs in ``render.KubernetesEndpoints``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,13 @@ POSTGRES_DATA_DIR = Path("/var/lib/postgresql/data")  # holds pgdata/, the socke
 ETCD_DATA_MOUNT = "/var/lib/etcd"
 ETCD_DATA_DIR = Path(ETCD_DATA_MOUNT) / "data"  # etcd creates it 0700 inside the volume
 LOCUSTFILE = "/loadtests/locustfile.py"
+# the cells drained for maintenance: one ConfigMap per site that the drain-cell runbook rewrites,
+# mounted as a directory (a subPath mount would never see the update) into the gateway pods
+DRAIN_CONFIG_MAP = "watertight-drain"
+DRAIN_FILE = "drained-cells.json"
+DRAIN_DIR = "/etc/cardcore-drain"
+# on an idle Deployment (dr's app servers and gateway): how many replicas activate-dr scales it to
+ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
 CORE_USER_ID = 10001
 POSTGRES_USER_ID = 999
 ETCD_USER_ID = 65532
@@ -152,6 +160,7 @@ class Site(pulumi.ComponentResource):
 
     provider: k8s.Provider
     namespace: core.Namespace
+    drain: core.ConfigMap
 
     def __init__(self, name: str, context: Context, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(f"{TYPE_PREFIX}:Site", name, None, opts)
@@ -186,6 +195,13 @@ class Site(pulumi.ComponentResource):
                 pod_selector=meta.LabelSelectorArgs(), policy_types=["Ingress"], ingress=[]
             ),
             opts=_opts(self, self.provider),
+        )
+        # the runbooks own its data from the first apply on: `pulumi up` must not undo a drain
+        self.drain = core.ConfigMap(
+            f"{name}-drain",
+            metadata=kube.metadata(DRAIN_CONFIG_MAP, self.namespace_name, kube.labels(name, "drain")),
+            data={DRAIN_FILE: json.dumps({"drained_cells": []})},
+            opts=_opts(self, self.provider, ignore_changes=["data"]),
         )
         self.etcd = EtcdMember(name, context, self, dr_local=False)
         if name == render.DR_SITE:
@@ -393,7 +409,9 @@ class AppTier(pulumi.ComponentResource):
         else:
             file_name = "gateway.json"
             listen_port = topology.ports.gateway
-            text = settings_json(render.gateway_settings(topology, endpoints, site))
+            text = settings_json(
+                render.gateway_settings(topology, endpoints, site, drain_file=f"{DRAIN_DIR}/{DRAIN_FILE}")
+            )
             settings_object = core.ConfigMap(
                 f"{component}-settings",
                 metadata=kube.metadata(settings_name, namespace, pod_labels),
@@ -409,12 +427,27 @@ class AppTier(pulumi.ComponentResource):
             service_type = settings.gateway_service_type
             annotations = {}
             checksum = kube.checksum(text)
+        volumes = [settings_volume, kube.tmp_volume()]
+        mounts = [
+            core.VolumeMountArgs(name="settings", mount_path=CORE_CONFIG_DIR, read_only=True),
+            kube.tmp_mount(),
+        ]
+        if kind == "gateway":
+            volumes.append(
+                core.VolumeArgs(
+                    name="drain", config_map=core.ConfigMapVolumeSourceArgs(name=DRAIN_CONFIG_MAP)
+                )
+            )
+            mounts.append(core.VolumeMountArgs(name="drain", mount_path=DRAIN_DIR, read_only=True))
         idle = site not in CENTERS
+        deployment_annotations: dict[str, str] = {}
         if idle:
+            # activate-dr scales it to the replicas of a center's; `pulumi up` leaves that alone
+            deployment_annotations[ANNOTATION_ACTIVE_REPLICAS] = str(replicas)
             replicas = 0
         self.deployment = apps.Deployment(
             f"{component}-deployment",
-            metadata=kube.metadata(component, namespace, pod_labels),
+            metadata=kube.metadata(component, namespace, pod_labels, deployment_annotations or None),
             spec=apps.DeploymentSpecArgs(
                 replicas=replicas,
                 selector=meta.LabelSelectorArgs(match_labels=kube.selector_labels(site, component)),
@@ -442,19 +475,19 @@ class AppTier(pulumi.ComponentResource):
                                 liveness_probe=kube.http_probe("/healthz", "http", 5, 3, 5),
                                 resources=kube.resources(size),
                                 security_context=kube.container_security(),
-                                volume_mounts=[
-                                    core.VolumeMountArgs(
-                                        name="settings", mount_path=CORE_CONFIG_DIR, read_only=True
-                                    ),
-                                    kube.tmp_mount(),
-                                ],
+                                volume_mounts=mounts,
                             )
                         ],
-                        volumes=[settings_volume, kube.tmp_volume()],
+                        volumes=volumes,
                     ),
                 ),
             ),
-            opts=_opts(self, parent.provider, depends_on=[settings_object, parent.credentials]),
+            opts=_opts(
+                self,
+                parent.provider,
+                depends_on=[settings_object, parent.credentials, parent.drain],
+                ignore_changes=["spec.replicas"] if idle else None,
+            ),
         )
         core.Service(
             f"{component}-service",

@@ -368,16 +368,26 @@ def run_runbook(
     check: bool = False,
     target: str = "local",
     run_dir: str | None = None,
+    configuration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run an operations runbook (runbooks/NAME.yml, through ansible-runner) as a step of an
     experiment, e.g. activate-dr after both centers are lost, failback as its rollback. Returns the
-    runbook's summary (rc, status, step timings); raises when the runbook failed, naming the step."""
-    from watertight.runbooks import runner
+    runbook's summary (rc, status, step timings); raises when the runbook failed, naming the step.
+    On target kubernetes the clusters are the configuration's ``kube_contexts`` (and
+    ``kube_namespace``); the artifacts go under the run directory."""
+    from watertight.runbooks import kube, runner
 
+    strings = {k: str(v) for k, v in (extras or {}).items()}
     if _is_kubernetes(target):
-        raise NotImplementedError("runbooks run against the local target only for now")
-    runtime = targets.local_runtime(run_dir)
-    summary = runner.run(name, {k: str(v) for k, v in (extras or {}).items()}, runtime.run_dir, check=check)
+        contexts = (configuration or {}).get("kube_contexts") or {}
+        cluster = kube.KubeTarget.from_settings(
+            ",".join(f"{site}={context}" for site, context in dict(contexts).items()),
+            (configuration or {}).get("kube_namespace"),
+        )
+        summary = runner.run(name, strings, targets.run_dir_of(run_dir), check=check, target=cluster)
+    else:
+        runtime = targets.local_runtime(run_dir)
+        summary = runner.run(name, strings, runtime.run_dir, check=check)
     if summary["rc"] != 0:
         raise RuntimeError(
             f"runbook {name} failed at {summary['failed_step']}: {summary.get('error')}; "

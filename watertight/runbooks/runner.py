@@ -11,6 +11,7 @@ Never: run a playbook that is not in runbooks/, or run without a bound (``RUNBOO
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -20,13 +21,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from watertight.runtime.local import LocalRuntime, RuntimeError_
+from watertight.runbooks.kube import KubeTarget
+from watertight.runtime.local import RUN_DIR_DEFAULT, LocalRuntime, RuntimeError_
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 RUNBOOKS_DIR = REPO_ROOT / "runbooks"
 RUNBOOK_TIMEOUT_S = 900
 _EXTRA_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RESERVED = frozenset({"watertight_run_dir", "run_dir"})
+_RESERVED = {
+    "watertight_run_dir": "it is the run directory",
+    "run_dir": "it is the run directory",
+    "watertight_target": "choose the target with --target",
+}
 _DONE_EVENTS = {
     "runner_on_ok": "ok",
     "runner_on_failed": "failed",
@@ -53,13 +59,24 @@ def parse_extras(pairs: list[str]) -> dict[str, str]:
         if not sep or not _EXTRA_KEY.match(key):
             raise RunbookError(f"--extra {pair!r}: expected KEY=VALUE with KEY a variable name")
         if key in _RESERVED:
-            raise RunbookError(f"--extra {key}: set by watertight itself (it is the run directory)")
+            raise RunbookError(f"--extra {key}: set by watertight itself ({_RESERVED[key]})")
         extras[key] = value
     return extras
 
 
 def _envvars(private: Path) -> dict[str, str]:
+    from watertight.runbooks import kube
+
+    collections = kube.collection_path()
     return {
+        # kubernetes.core for the kubernetes target, where `make venv` put it, then Ansible's own paths
+        **(
+            {
+                "ANSIBLE_COLLECTIONS_PATH": f"{collections}:~/.ansible/collections:/usr/share/ansible/collections"
+            }
+            if collections
+            else {}
+        ),
         "LC_ALL": "C.UTF-8",
         "LANG": "C.UTF-8",
         "ANSIBLE_NOCOLOR": "1",
@@ -77,24 +94,40 @@ def _inventory() -> dict[str, Any]:
 
 
 def syntax_check(name: str) -> tuple[int, str]:
-    """``ansible-playbook --syntax-check`` of one runbook: (rc, what it printed)."""
+    """``ansible-playbook --syntax-check`` of one runbook and of its kubernetes task file (included
+    only when the target is kubernetes, so checked through a playbook that imports it; its
+    kubernetes.core modules must resolve): (rc, what it printed)."""
     import ansible_runner
 
     if name not in names():
         raise RunbookError(f"no runbook named {name!r}; runbooks are {', '.join(names())}")
+    outputs, rc = [], 0
     with tempfile.TemporaryDirectory(prefix="watertight-syntax-") as private:
-        runner = ansible_runner.run(
-            private_data_dir=private,
-            project_dir=str(RUNBOOKS_DIR),
-            playbook=f"{name}.yml",
-            inventory=_inventory(),
-            extravars={"watertight_run_dir": private},
-            cmdline="--syntax-check",
-            envvars=_envvars(Path(private)),
-            quiet=True,
-            timeout=RUNBOOK_TIMEOUT_S,
-        )
-        return int(runner.rc), runner.stdout.read()
+        playbooks = [f"{name}.yml"]
+        tasks = RUNBOOKS_DIR / "kubernetes" / f"{name}.yml"
+        if tasks.exists():
+            wrapper = Path(private) / "project" / f"{name}-kubernetes.yml"
+            wrapper.parent.mkdir()
+            wrapper.write_text(
+                f"- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+                f"    - ansible.builtin.import_tasks: {tasks}\n"
+            )
+            playbooks.append(str(wrapper))
+        for playbook in playbooks:
+            runner = ansible_runner.run(
+                private_data_dir=private,
+                project_dir=str(RUNBOOKS_DIR),
+                playbook=playbook,
+                inventory=_inventory(),
+                extravars={"watertight_run_dir": private},
+                cmdline="--syntax-check",
+                envvars=_envvars(Path(private)),
+                quiet=True,
+                timeout=RUNBOOK_TIMEOUT_S,
+            )
+            rc = rc or int(runner.rc)
+            outputs.append(f"{playbook}:\n{runner.stdout.read()}")
+    return rc, "\n".join(outputs)
 
 
 def _seconds(event_data: Mapping[str, Any]) -> float | None:
@@ -133,25 +166,49 @@ def step_of(event: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _kubernetes_ready(target: KubeTarget) -> dict[str, Any]:
+    """The kubernetes target's extra variables, once its collection and client are there."""
+    from watertight.runbooks import kube
+
+    if kube.collection_path() is None:
+        raise RunbookError(
+            f"target kubernetes needs the {kube.COLLECTION} collection: run `make venv` (or "
+            f"`python -m watertight.runbooks.kube`, or ansible-galaxy collection install -r runbooks/collections/requirements.yml)"
+        )
+    if importlib.util.find_spec("kubernetes") is None:
+        raise RunbookError(
+            "target kubernetes needs the kubernetes Python client that kubernetes.core drives: "
+            "pip install 'watertight[kubernetes]'"
+        )
+    return target.extravars()
+
+
 def run(
     name: str,
     extras: Mapping[str, str] | None = None,
     run_dir: Path | None = None,
     check: bool = False,
     progress: Progress = print,
+    target: KubeTarget | None = None,
 ) -> dict[str, Any]:
     """Run runbook ``name``; returns the summary (also written to ``summary.json`` beside the
-    artifacts). ``check`` runs it in Ansible's check mode: every step says what it would do."""
+    artifacts). ``check`` runs it in Ansible's check mode: every step says what it would do.
+    ``target`` None is the local topology of ``run_dir``; a KubeTarget, the three clusters (the
+    artifacts still go under ``run_dir``)."""
     import ansible_runner
 
     if name not in names():
         raise RunbookError(f"no runbook named {name!r}; runbooks are {', '.join(names())}")
-    try:
-        runtime = LocalRuntime(run_dir) if run_dir is not None else LocalRuntime()
-    except RuntimeError_ as error:
-        raise RunbookError(str(error)) from None
+    if target is None:
+        try:
+            runtime = LocalRuntime(run_dir) if run_dir is not None else LocalRuntime()
+        except RuntimeError_ as error:
+            raise RunbookError(str(error)) from None
+        base, target_vars = runtime.run_dir, {"watertight_target": "local"}
+    else:
+        base, target_vars = (run_dir or RUN_DIR_DEFAULT).resolve(), _kubernetes_ready(target)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    private = runtime.run_dir / "runbooks" / f"{stamp}-{name}"
+    private = base / "runbooks" / f"{stamp}-{name}"
     private.mkdir(parents=True)
     steps: list[dict[str, Any]] = []
 
@@ -171,7 +228,7 @@ def run(
         project_dir=str(RUNBOOKS_DIR),
         playbook=f"{name}.yml",
         inventory=_inventory(),
-        extravars={**(extras or {}), "watertight_run_dir": str(runtime.run_dir)},
+        extravars={**(extras or {}), **target_vars, "watertight_run_dir": str(base)},
         cmdline="--check" if check else None,
         envvars=_envvars(private),
         event_handler=on_event,
@@ -182,6 +239,7 @@ def run(
     failed = [s for s in steps if s["status"] in ("failed", "unreachable")]
     summary = {
         "runbook": name,
+        "target": target_vars["watertight_target"],
         "check": check,
         "extras": dict(extras or {}),
         "rc": runner.rc,

@@ -116,3 +116,49 @@ class DrainControl:
 
     def in_flight(self, cell: int) -> int:
         return self._in_flight.get(cell, 0)
+
+
+STATUS_TIMEOUT_S = 3.0
+
+
+def status(host: str, port: int, cell: int, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, object]:
+    """What one gateway reports for ``cell`` on its /readyz: ``{"drained": bool, "in_flight": n}``.
+    Raises OSError when the gateway does not answer and ValueError when it does not know the cell."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{host}:{port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:  # 503 when not ready: the body still says it
+        body = error.read()
+    report = (json.loads(body).get("cells") or {}).get(str(cell))
+    if not isinstance(report, dict):
+        raise ValueError(f"the gateway at {url} reports no cell {cell}")
+    return {"drained": bool(report.get("drained")), "in_flight": int(report.get("in_flight", 0))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cardcore.gateway.drain --port P --cell N``: the drain state of one cell at the
+    gateway on this host, as JSON (what the drain-cell runbook waits on inside a gateway pod)."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m cardcore.gateway.drain", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cell", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        print(json.dumps(status(args.host, args.port, args.cell)))
+    except (OSError, ValueError) as error:
+        print(f"drain status of cell {args.cell} at {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""The kubernetes target of the runbooks, without a cluster (none can run here): every
+kubernetes.core task names only options its module has, every name the tasks address (pods,
+containers, the Patroni config, the drain ConfigMap and its mount, the idle dr Deployments'
+active size, labels) is one the Pulumi program creates, and a target lacking a context or the
+collection is refused, naming what is missing, before anything runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from watertight import render
+from watertight import topology as topology_module
+from watertight.runbooks import kube, runner
+from watertight_infra import harness, settings
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_FILES = sorted((REPO / "runbooks" / "kubernetes").glob("*.yml"))
+CONTEXTS = "prod=ctx-prod,samecity=ctx-samecity,dr=ctx-dr"
+
+
+def collection_root() -> Path:
+    found = kube.collection_path()
+    assert found is not None, (
+        "kubernetes.core is not installed: make venv runs python -m watertight.runbooks.kube"
+    )
+    return found / "ansible_collections" / "kubernetes" / "core"
+
+
+def module_options(module: str) -> set[str]:
+    """The options a kubernetes.core module documents (and their aliases), its documentation
+    fragments included."""
+    root = collection_root()
+    doc = yaml.safe_load(_doc_string(root / "plugins" / "modules" / f"{module}.py", "DOCUMENTATION"))
+    documented = dict(doc.get("options") or {})
+    for fragment in doc.get("extends_documentation_fragment") or []:
+        path = root / "plugins" / "doc_fragments" / f"{fragment.removeprefix('kubernetes.core.')}.py"
+        documented |= yaml.safe_load(_doc_string(path, "DOCUMENTATION"))["options"]
+    return set(documented) | {alias for spec in documented.values() for alias in spec.get("aliases") or []}
+
+
+def _doc_string(path: Path, name: str) -> str:
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return str(ast.literal_eval(node.value))
+    raise AssertionError(f"{path} has no {name}")
+
+
+def kubernetes_tasks() -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(file, task name, module, arguments) of every kubernetes.core task of runbooks/kubernetes/."""
+    found = []
+    for path in TASK_FILES:
+        for task in yaml.safe_load(path.read_text()):
+            for key, value in task.items():
+                if key.startswith("kubernetes.core."):
+                    found.append((path.name, task["name"], key.removeprefix("kubernetes.core."), value))
+    return found
+
+
+def test_there_is_a_kubernetes_task_file_for_every_runbook() -> None:
+    assert sorted(p.stem for p in TASK_FILES) == runner.names()
+    for name in runner.names():
+        playbook = (REPO / "runbooks" / f"{name}.yml").read_text()
+        assert f"kubernetes/{name}.yml" in playbook
+
+
+def test_every_kubernetes_core_task_uses_only_options_its_module_has() -> None:
+    tasks = kubernetes_tasks()
+    assert {module for _, _, module, _ in tasks} >= {"k8s_exec", "k8s_info", "k8s", "k8s_scale"}
+    for file, name, module, arguments in tasks:
+        unknown = set(arguments) - module_options(module)
+        assert not unknown, f"{file}: {name!r}: {module} has no option {sorted(unknown)}"
+
+
+def test_the_option_check_catches_a_misspelt_option() -> None:
+    assert "label_selectors" in module_options("k8s_scale")
+    assert "label_selector" not in module_options("k8s_scale")
+
+
+def test_a_misspelt_kubernetes_core_module_fails_the_syntax_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(REPO / "runbooks", tmp_path / "runbooks")
+    tasks = tmp_path / "runbooks" / "kubernetes" / "drain-cell.yml"
+    tasks.write_text(tasks.read_text().replace("kubernetes.core.k8s_info", "kubernetes.core.k8s_infoo"))
+    monkeypatch.setattr(runner, "RUNBOOKS_DIR", tmp_path / "runbooks")
+    rc, output = runner.syntax_check("drain-cell")
+    assert rc != 0 and "k8s_infoo" in output
+
+
+def test_every_mutating_exec_is_kept_out_of_check_mode() -> None:
+    """k8s_exec runs its command even in check mode: a switchover or a promotion must be guarded."""
+    for file, name, module, arguments in kubernetes_tasks():
+        if module != "k8s_exec":
+            continue
+        command = str(arguments["command"])
+        task = next(
+            t
+            for p in TASK_FILES
+            if p.name == file
+            for t in yaml.safe_load(p.read_text())
+            if t["name"] == name
+        )
+        if " list " in command or "cardcore.gateway.drain" in command:
+            continue  # reads
+        when = task.get("when")
+        conditions = when if isinstance(when, list) else [when]
+        assert "not ansible_check_mode" in conditions, f"{file}: {name!r} would run in check mode"
+
+
+# ---- the names the tasks use are the ones the Pulumi program creates ------------------------------
+
+
+@pytest.fixture(scope="module", params=harness.stack_names())
+def stack(request: pytest.FixtureRequest) -> tuple[harness.Run, kube.KubeTarget]:
+    config = harness.stack_config(request.param)
+    stack_settings = settings.from_config(
+        lambda key: (
+            None
+            if key not in config
+            else (config[key] if isinstance(config[key], str) else json.dumps(config[key]))
+        )
+    )
+    topology = settings.load_topology(stack_settings)
+    contexts = kube.parse_contexts(CONTEXTS)
+    return harness.run(request.param), kube.KubeTarget(contexts, stack_settings.namespace, topology)
+
+
+def _in_site(run: harness.Run, kind: str, site: str) -> dict[str, dict[str, Any]]:
+    return {r.metadata["name"]: r.inputs for r in run.of_kind(kind) if r.labels.get(kube.LABEL_SITE) == site}
+
+
+def test_each_member_pod_runs_patroni_with_the_config_the_tasks_name(
+    stack: tuple[harness.Run, kube.KubeTarget],
+) -> None:
+    run, target = stack
+    variables = target.extravars()
+    assert variables["kube_namespace"] == target.namespace
+    assert [c["cell"] for c in variables["kube_cells"]] == list(target.topology.cell_numbers)
+    config_dir, config_file = kube.PATRONI_CONFIG.rsplit("/", 1)
+    for cell in variables["kube_cells"]:
+        for site, member in cell["members"].items():
+            sets = _in_site(run, "StatefulSet", site)
+            name = member["pod"].removesuffix("-0")
+            assert name in sets, f"no StatefulSet {name} in {site}"
+            pod = sets[name]["spec"]["template"]
+            assert pod["metadata"]["labels"][kube.LABEL_COMPONENT] == name
+            container = next(c for c in pod["spec"]["containers"] if c["name"] == kube.PATRONI_CONTAINER)
+            mount = next(m for m in container["volumeMounts"] if m["mountPath"] == config_dir)
+            volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+            maps = _in_site(run, "ConfigMap", site)
+            patroni = yaml.safe_load(maps[volume["configMap"]["name"]]["data"][config_file])
+            assert patroni["name"] == member["name"]
+            assert patroni["scope"] == (cell["dr_scope"] if site == "dr" else cell["scope"])
+
+
+def test_every_gateway_reads_the_drain_configmap_the_tasks_rewrite(
+    stack: tuple[harness.Run, kube.KubeTarget],
+) -> None:
+    run, target = stack
+    variables = target.extravars()["kube"]
+    for site in topology_module.SITE_NAMES:
+        maps = _in_site(run, "ConfigMap", site)
+        drain = maps[variables["drain_config_map"]]
+        assert json.loads(drain["data"][variables["drain_file"]]) == {"drained_cells": []}
+        gateway = _in_site(run, "Deployment", site)[variables["gateway_names"][site]]
+        pod = gateway["spec"]["template"]["spec"]
+        volume = next(
+            v for v in pod["volumes"] if v.get("configMap", {}).get("name") == variables["drain_config_map"]
+        )
+        container = pod["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        assert "subPath" not in mount  # a subPath mount never sees the ConfigMap change
+        settings_dir = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "settings")
+        settings_volume = next(v for v in pod["volumes"] if v["name"] == "settings")
+        gateway_settings = json.loads(maps[settings_volume["configMap"]["name"]]["data"]["gateway.json"])
+        assert gateway_settings["drain_file"] == f"{mount['mountPath']}/{variables['drain_file']}"
+        assert settings_dir in container["command"][-1] or any(
+            settings_dir in a for a in container["command"]
+        )
+        assert container["ports"][0]["containerPort"] == variables["gateway_port"]
+        assert gateway_settings["port"] == variables["gateway_port"]
+        labels = gateway["spec"]["template"]["metadata"]["labels"]
+        key, value = variables["label_part_of"].split("=")
+        assert labels[key] == value and labels[variables["label_kind"]] == "gateway"
+
+
+def test_dr_app_servers_and_gateway_are_idle_with_their_active_size_annotated(
+    stack: tuple[harness.Run, kube.KubeTarget],
+) -> None:
+    run, target = stack
+    variables = target.extravars()["kube"]
+    deployments = _in_site(run, "Deployment", "dr")
+    for name in (variables["app_names"]["dr"], variables["gateway_names"]["dr"]):
+        spec = deployments[name]
+        assert spec["spec"]["replicas"] == 0
+        active = int(spec["metadata"]["annotations"][variables["active_replicas_annotation"]])
+        center = _in_site(run, "Deployment", "prod")[name.replace("-dr", "-prod")]
+        assert active == center["spec"]["replicas"] > 0
+    etcd = [r for r in run.of_kind("StatefulSet") if r.labels.get(kube.LABEL_COMPONENT) == "etcd-dr-local"]
+    assert len(etcd) == 1
+
+
+# ---- refused before anything runs -------------------------------------------------------------------
+
+
+def test_contexts_must_name_every_site_and_only_sites() -> None:
+    assert kube.parse_contexts(CONTEXTS) == {"prod": "ctx-prod", "samecity": "ctx-samecity", "dr": "ctx-dr"}
+    with pytest.raises(kube.KubeTargetError, match="missing dr"):
+        kube.parse_contexts("prod=a,samecity=b")
+    with pytest.raises(kube.KubeTargetError, match="no site named 'mars'"):
+        kube.parse_contexts("prod=a,samecity=b,dr=c,mars=d")
+    with pytest.raises(kube.KubeTargetError, match="expected SITE=CONTEXT"):
+        kube.parse_contexts("prod")
+
+
+def test_the_cli_refuses_a_kubernetes_target_without_contexts(tmp_path: Path) -> None:
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "watertight.cli", "runbook", "switchover-site", "--target", "kubernetes",
+         "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, check=False, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "missing prod, samecity, dr" in result.stderr and "--kube-contexts" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_kubernetes_run_without_the_client_is_refused_naming_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = kube.KubeTarget.from_settings(CONTEXTS)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "kubernetes" else real(name, *a)
+    )
+    with pytest.raises(runner.RunbookError, match=r"pip install 'watertight\[kubernetes\]'"):
+        runner.run("drain-cell", {"cell": "1"}, tmp_path / "run", target=target)
+    monkeypatch.setattr(kube, "COLLECTIONS_DIR", tmp_path / "none")
+    with pytest.raises(runner.RunbookError, match=r"kubernetes\.core collection"):
+        runner.run("drain-cell", {"cell": "1"}, tmp_path / "run", target=target)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_extra_variables_name_each_member_as_render_does() -> None:
+    target = kube.KubeTarget.from_settings(CONTEXTS, "ns")
+    variables = target.extravars()
+    assert variables["watertight_target"] == "kubernetes" and variables["kube_namespace"] == "ns"
+    first = variables["kube_cells"][0]
+    assert first["members"]["samecity"] == {
+        "name": render.pg_name(1, "samecity"),
+        "pod": f"{render.pg_name(1, 'samecity')}-0",
+    }
+    assert first["leader_site"] == target.topology.leader_site(1)
+
+
+def test_the_chaos_action_takes_the_clusters_from_the_experiments_configuration(tmp_path: Path) -> None:
+    from watertight.chaos import actions
+
+    with pytest.raises(kube.KubeTargetError, match="missing dr"):
+        actions.run_runbook(
+            "activate-dr",
+            target="kubernetes",
+            run_dir=str(tmp_path / "run"),
+            configuration={"kube_contexts": {"prod": "a", "samecity": "b"}},
+        )
+    assert not (tmp_path / "run").exists()
