@@ -231,7 +231,7 @@ def test_leaders_are_spread_over_the_centers_and_the_standby_center_waits_for_it
             "initContainers"
         ]
         assert gate["command"][-2] == (
-            f"http://pg-cell{cell}-{leader}.{namespace}.{sites[leader].service_domain}:{topology.patroni_port(cell)}/primary"
+            f"http://pg-cell{cell}-{leader}.{namespace}.{sites[leader].service_domain}:{topology.patroni_port(cell)}/leader"
         )
         # the app servers try the leader's member first
         app = app_settings_of(run, "prod")

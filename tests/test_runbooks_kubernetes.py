@@ -56,14 +56,29 @@ def _doc_string(path: Path, name: str) -> str:
     raise AssertionError(f"{path} has no {name}")
 
 
-def kubernetes_tasks() -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(file, task name, module, arguments) of every kubernetes.core task of runbooks/kubernetes/."""
+def flat(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tasks, those inside blocks included (a block's ``when`` joins its tasks')."""
+    found = []
+    for task in tasks:
+        if "block" in task:
+            outer = task.get("when")
+            for inner in flat(task["block"]):
+                conditions = [c for c in (outer, inner.get("when")) if c is not None]
+                joined = [x for c in conditions for x in (c if isinstance(c, list) else [c])]
+                found.append({**inner, "when": joined} if joined else inner)
+        else:
+            found.append(task)
+    return found
+
+
+def kubernetes_tasks() -> list[tuple[str, dict[str, Any], str, dict[str, Any]]]:
+    """(file, task, module, arguments) of every kubernetes.core task of runbooks/kubernetes/."""
     found = []
     for path in TASK_FILES:
-        for task in yaml.safe_load(path.read_text()):
+        for task in flat(yaml.safe_load(path.read_text())):
             for key, value in task.items():
                 if key.startswith("kubernetes.core."):
-                    found.append((path.name, task["name"], key.removeprefix("kubernetes.core."), value))
+                    found.append((path.name, task, key.removeprefix("kubernetes.core."), value))
     return found
 
 
@@ -77,9 +92,9 @@ def test_there_is_a_kubernetes_task_file_for_every_runbook() -> None:
 def test_every_kubernetes_core_task_uses_only_options_its_module_has() -> None:
     tasks = kubernetes_tasks()
     assert {module for _, _, module, _ in tasks} >= {"k8s_exec", "k8s_info", "k8s", "k8s_scale"}
-    for file, name, module, arguments in tasks:
+    for file, task, module, arguments in tasks:
         unknown = set(arguments) - module_options(module)
-        assert not unknown, f"{file}: {name!r}: {module} has no option {sorted(unknown)}"
+        assert not unknown, f"{file}: {task['name']!r}: {module} has no option {sorted(unknown)}"
 
 
 def test_the_option_check_catches_a_misspelt_option() -> None:
@@ -99,23 +114,24 @@ def test_a_misspelt_kubernetes_core_module_fails_the_syntax_check(
 
 
 def test_every_mutating_exec_is_kept_out_of_check_mode() -> None:
-    """k8s_exec runs its command even in check mode: a switchover or a promotion must be guarded."""
-    for file, name, module, arguments in kubernetes_tasks():
-        if module != "k8s_exec":
+    """k8s_exec runs its command even in check mode: one that changes something (a switchover, a
+    promotion, a key written to etcd) must be guarded; the reads say ``changed_when: false``."""
+    execs = [(file, task) for file, task, module, _ in kubernetes_tasks() if module == "k8s_exec"]
+    assert len(execs) > 10
+    for file, task in execs:
+        if task.get("changed_when") is False:
             continue
-        command = str(arguments["command"])
-        task = next(
-            t
-            for p in TASK_FILES
-            if p.name == file
-            for t in yaml.safe_load(p.read_text())
-            if t["name"] == name
-        )
-        if " list " in command or "cardcore.gateway.drain" in command:
-            continue  # reads
         when = task.get("when")
         conditions = when if isinstance(when, list) else [when]
-        assert "not ansible_check_mode" in conditions, f"{file}: {name!r} would run in check mode"
+        assert "not ansible_check_mode" in conditions, f"{file}: {task['name']!r} would run in check mode"
+
+
+def test_the_check_mode_guard_check_sees_inside_blocks() -> None:
+    tasks = flat([{"when": "x", "block": [{"name": "a", "when": "not ansible_check_mode"}, {"name": "b"}]}])
+    assert tasks == [
+        {"name": "a", "when": ["x", "not ansible_check_mode"]},
+        {"name": "b", "when": ["x"]},
+    ]
 
 
 # ---- the names the tasks use are the ones the Pulumi program creates ------------------------------
@@ -162,6 +178,46 @@ def test_each_member_pod_runs_patroni_with_the_config_the_tasks_name(
             patroni = yaml.safe_load(maps[volume["configMap"]["name"]]["data"][config_file])
             assert patroni["name"] == member["name"]
             assert patroni["scope"] == (cell["dr_scope"] if site == "dr" else cell["scope"])
+
+
+def test_failback_finds_the_volumes_the_sockets_and_the_etcd_the_program_declares(
+    stack: tuple[harness.Run, kube.KubeTarget],
+) -> None:
+    run, target = stack
+    variables = target.extravars()
+    k = variables["kube"]
+    for cell in variables["kube_cells"]:
+        for site, member in cell["members"].items():
+            spec = _in_site(run, "StatefulSet", site)[member["name"]]["spec"]
+            claims = [c["metadata"]["name"] for c in spec["volumeClaimTemplates"]]
+            assert member["pvc"] in [f"{claim}-{member['name']}-0" for claim in claims]
+            patroni = yaml.safe_load(
+                _in_site(run, "ConfigMap", site)[f"{member['name']}-patroni"]["data"]["patroni.yml"]
+            )
+            postgresql = patroni["postgresql"]
+            assert postgresql["parameters"]["unix_socket_directories"] == k["postgres_socket_dir"]
+            assert postgresql["authentication"]["superuser"]["username"] == k["superuser"]
+            assert "local all all trust" in postgresql["pg_hba"]
+            assert patroni["etcd3"] and patroni["namespace"] == k["patroni_namespace"]
+            container = spec["template"]["spec"]["containers"][0]
+            assert cell["postgres_port"] in [p["containerPort"] for p in container["ports"]]
+            data = next(m for m in container["volumeMounts"] if m["name"] == "data")
+            assert data["mountPath"] == k["postgres_socket_dir"]
+            gate = spec["template"]["spec"].get("initContainers") or []
+            for init in gate:  # the standby center's member waits for the leader lock, not a primary
+                assert any(str(a).endswith("/leader") for a in init["command"]), init["command"]
+    for site in topology_module.SITE_NAMES:
+        etcd = _in_site(run, "StatefulSet", site)[k["etcd"][site]["name"]]["spec"]["template"]["spec"]
+        container = next(c for c in etcd["containers"] if c["name"] == k["etcd"]["container"])
+        assert k["etcd"]["client_port"] in [p["containerPort"] for p in container["ports"]]
+    local = _in_site(run, "StatefulSet", "dr")[k["etcd_dr"]["name"]]["spec"]["template"]["spec"]
+    container = next(c for c in local["containers"] if c["name"] == k["etcd"]["container"])
+    assert k["etcd_dr"]["client_port"] in [p["containerPort"] for p in container["ports"]]
+    for site in ("prod", "samecity"):
+        for name in (k["app_names"][site], k["gateway_names"][site]):
+            deployment = _in_site(run, "Deployment", site)[name]
+            annotated = int(deployment["metadata"]["annotations"][k["active_replicas_annotation"]])
+            assert annotated == deployment["spec"]["replicas"] > 0
 
 
 def test_every_gateway_reads_the_drain_configmap_the_tasks_rewrite(
@@ -257,10 +313,8 @@ def test_the_extra_variables_name_each_member_as_render_does() -> None:
     variables = target.extravars()
     assert variables["watertight_target"] == "kubernetes" and variables["kube_namespace"] == "ns"
     first = variables["kube_cells"][0]
-    assert first["members"]["samecity"] == {
-        "name": render.pg_name(1, "samecity"),
-        "pod": f"{render.pg_name(1, 'samecity')}-0",
-    }
+    name = render.pg_name(1, "samecity")
+    assert first["members"]["samecity"] == {"name": name, "pod": f"{name}-0", "pvc": f"data-{name}-0"}
     assert first["leader_site"] == target.topology.leader_site(1)
 
 

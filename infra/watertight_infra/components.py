@@ -50,7 +50,7 @@ LOCUSTFILE = "/loadtests/locustfile.py"
 DRAIN_CONFIG_MAP = "watertight-drain"
 DRAIN_FILE = "drained-cells.json"
 DRAIN_DIR = "/etc/cardcore-drain"
-# on an idle Deployment (dr's app servers and gateway): how many replicas activate-dr scales it to
+# on each app and gateway Deployment: the size activate-dr (dr) and failback (the centers) scale it to
 ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
 CORE_USER_ID = 10001
 POSTGRES_USER_ID = 999
@@ -87,16 +87,18 @@ while time.monotonic() < deadline:
     try:
         with urllib.request.urlopen(url, timeout=2) as answer:
             if answer.status == 200:
-                print(url + " is the primary: starting as its replica"); sys.exit(0)
+                print(url + ": it holds the leader lock, starting as its replica"); sys.exit(0)
     except OSError:
         pass
     time.sleep(2)
-print(url + " is not the primary after %g s: starting anyway, the first member up leads" % wait_s)
+print(url + ": no leader lock after %g s: starting anyway, the first member up leads" % wait_s)
 """
 
 
 def leader_gate_command(pgdata: str, leader_api_url: str, wait_s: int) -> list[str]:
-    return [PYTHON, "-c", LEADER_GATE, pgdata, f"{leader_api_url}/primary", str(wait_s)]
+    # /leader: 200 from the holder of the leader lock, a primary or (failback re-cloning the
+    # centers from dr) a standby leader; /primary would make the second member wait out a standby
+    return [PYTHON, "-c", LEADER_GATE, pgdata, f"{leader_api_url}/leader", str(wait_s)]
 
 
 def settings_json(settings: dict[str, Any]) -> str:
@@ -440,14 +442,14 @@ class AppTier(pulumi.ComponentResource):
             )
             mounts.append(core.VolumeMountArgs(name="drain", mount_path=DRAIN_DIR, read_only=True))
         idle = site not in CENTERS
-        deployment_annotations: dict[str, str] = {}
+        # the size the runbooks scale it back to: dr's when activate-dr starts it (`pulumi up` then
+        # leaves its replicas alone), a center's when failback starts the fenced center again
+        deployment_annotations = {ANNOTATION_ACTIVE_REPLICAS: str(replicas)}
         if idle:
-            # activate-dr scales it to the replicas of a center's; `pulumi up` leaves that alone
-            deployment_annotations[ANNOTATION_ACTIVE_REPLICAS] = str(replicas)
             replicas = 0
         self.deployment = apps.Deployment(
             f"{component}-deployment",
-            metadata=kube.metadata(component, namespace, pod_labels, deployment_annotations or None),
+            metadata=kube.metadata(component, namespace, pod_labels, deployment_annotations),
             spec=apps.DeploymentSpecArgs(
                 replicas=replicas,
                 selector=meta.LabelSelectorArgs(match_labels=kube.selector_labels(site, component)),

@@ -34,6 +34,9 @@ NAMESPACE_DEFAULT = "watertight"
 # what the Pulumi program (infra/watertight_infra/components.py) creates; tests check both agree
 PATRONI_CONTAINER = "patroni"
 PATRONI_CONFIG = "/etc/patroni/patroni.yml"
+POSTGRES_SOCKET_DIR = "/var/lib/postgresql/data"  # the data volume holds PGDATA and the socket
+DATA_CLAIM = "data"  # a member's PersistentVolumeClaim is <claim>-<statefulset>-0
+ETCD_CONTAINER = "etcd"
 DRAIN_CONFIG_MAP = "watertight-drain"
 DRAIN_FILE = "drained-cells.json"
 ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
@@ -48,6 +51,8 @@ DRAIN_WAIT_S = 150
 SWITCHOVER_WAIT_S = 90
 PROMOTE_WAIT_S = 90
 SCALE_WAIT_S = 180
+RECLONE_WAIT_S = 300
+CATCH_UP_WAIT_S = 60
 
 # kubernetes.core comes with the `ansible` distribution on PyPI (galaxy may be out of reach): the
 # version of that distribution whose kubernetes.core the runbooks are written against
@@ -111,7 +116,11 @@ class KubeTarget:
         cells = []
         for cell in self.topology.cell_numbers:
             members = {
-                site: {"name": render.pg_name(cell, site), "pod": f"{render.pg_name(cell, site)}-0"}
+                site: {
+                    "name": render.pg_name(cell, site),
+                    "pod": f"{render.pg_name(cell, site)}-0",
+                    "pvc": f"{DATA_CLAIM}-{render.pg_name(cell, site)}-0",
+                }
                 for site in SITE_NAMES
             }
             cells.append(
@@ -120,6 +129,7 @@ class KubeTarget:
                     "scope": render.scope(cell),
                     "dr_scope": render.dr_scope(cell),
                     "leader_site": self.topology.leader_site(cell),
+                    "postgres_port": self.topology.postgres_port(cell),
                     "members": members,
                 }
             )
@@ -138,6 +148,23 @@ class KubeTarget:
                 "label_kind": LABEL_KIND,
                 "label_component": LABEL_COMPONENT,
                 "label_part_of": LABEL_PART_OF,
+                "postgres_socket_dir": POSTGRES_SOCKET_DIR,
+                "superuser": render.SUPERUSER,
+                "patroni_namespace": render.PATRONI_NAMESPACE,
+                # the etcd the centers' clusters use (any center's member) and dr's own
+                "etcd": {
+                    **{
+                        site: {"name": render.etcd_name(site), "pod": f"{render.etcd_name(site)}-0"}
+                        for site in SITE_NAMES
+                    },
+                    "client_port": self.topology.ports.etcd_client,
+                    "container": ETCD_CONTAINER,
+                },
+                "etcd_dr": {
+                    "name": render.ETCD_DR_NAME,
+                    "pod": f"{render.ETCD_DR_NAME}-0",
+                    "client_port": self.topology.ports.etcd_dr_client,
+                },
                 "gateway_port": self.topology.ports.gateway,
                 "gateway_names": {site: render.gateway_name(site) for site in SITE_NAMES},
                 "app_names": {site: render.app_name(site) for site in SITE_NAMES},
@@ -145,6 +172,8 @@ class KubeTarget:
                 "switchover_wait_s": SWITCHOVER_WAIT_S,
                 "promote_wait_s": PROMOTE_WAIT_S,
                 "scale_wait_s": SCALE_WAIT_S,
+                "reclone_wait_s": RECLONE_WAIT_S,
+                "catch_up_wait_s": CATCH_UP_WAIT_S,
             },
         }
 
