@@ -848,3 +848,15 @@ def test_serves_under_granian(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+
+
+def test_the_drain_status_command_names_a_gateway_that_does_not_answer(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cardcore.gateway import drain
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert drain.main(["--port", str(port), "--cell", "1"]) == 1
+    assert f"drain status of cell 1 at 127.0.0.1:{port}" in capsys.readouterr().err
