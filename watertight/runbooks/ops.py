@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cardcore.gateway import drain as gateway_drain
+
 from watertight import render
 from watertight.runtime.local import LocalRuntime, RuntimeError_, http_json
 from watertight.topology import CENTERS
@@ -218,11 +220,13 @@ def drain_cell(run_dir: str, cell: int, drained: bool, check: bool = False) -> R
         for gateway in _gateways(runtime):
             if not runtime.running(gateway):
                 continue  # reads the file when it starts
-            _, body = http_json(gateway.ready_url or "", timeout_s=1.0)
-            report = ((body or {}).get("cells") or {}).get(str(cell)) if isinstance(body, dict) else None
-            if report is None or report.get("drained") is not drained:
+            try:  # what the kubernetes target asks inside each gateway pod, too
+                report = gateway_drain.status(gateway.ready_url or "", cell, timeout_s=1.0)
+            except (OSError, ValueError):
+                report = None
+            if report is None or report["drained"] is not drained:
                 pending.append(f"{gateway.name} has not applied it")
-            elif drained and report.get("in_flight", 0) > 0:
+            elif drained and report["in_flight"]:
                 pending.append(f"{gateway.name} has {report['in_flight']} requests in flight")
         if not pending:
             break

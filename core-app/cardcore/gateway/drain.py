@@ -121,14 +121,14 @@ class DrainControl:
 STATUS_TIMEOUT_S = 3.0
 
 
-def status(host: str, port: int, cell: int, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, object]:
-    """What one gateway reports for ``cell`` on its /readyz: ``{"drained": bool, "in_flight": n}``.
-    Raises OSError when the gateway does not answer and ValueError when it does not know the cell."""
+def status(url: str, cell: int, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, object]:
+    """What one gateway reports for ``cell`` on its /readyz (``url``): ``{"drained": bool,
+    "in_flight": n}``. Raises OSError when the gateway does not answer and ValueError when its
+    answer is not JSON or does not know the cell."""
     import json
     import urllib.error
     import urllib.request
 
-    url = f"http://{host}:{port}/readyz"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             body = response.read()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell", type=int, required=True)
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(status(args.host, args.port, args.cell)))
+        print(json.dumps(status(f"http://{args.host}:{args.port}/readyz", args.cell)))
     except (OSError, ValueError) as error:
         print(f"drain status of cell {args.cell} at {args.host}:{args.port}: {error}", file=sys.stderr)
         return 1
