@@ -342,12 +342,13 @@ def run_one(
     if fault_at is None:
         fault_at = started  # no mark: judge from when the experiment began
     window_end = rollback_at or time.time()
-    recovery_from = fault.recovery_from if rollback_at is not None else "fault"
-    if recovery_from == "rollback":
-        assert rollback_at is not None
-        rto = {cell: verdicts.rto_seconds(samples, cell, rollback_at) for cell in affected}
+    # recovery is timed from the rollback when only the rollback can heal the fault (and it ran);
+    # from the fault otherwise, up to the rollback so its own blips do not count
+    if fault.recovery_from == "rollback" and rollback_at is not None:
+        recovery_from, origin, until = "rollback", rollback_at, None
     else:
-        rto = {cell: verdicts.rto_seconds(samples, cell, fault_at, until=rollback_at) for cell in affected}
+        recovery_from, origin, until = "fault", fault_at, rollback_at
+    rto = {cell: verdicts.rto_seconds(samples, cell, origin, until=until) for cell in affected}
     judged = verdicts.verdict(
         rto=rto,
         unaffected_rto={
@@ -391,7 +392,6 @@ def run_one(
             plot_marks[key].append((rollback_at - start, "rollback", "#888"))
         rto = result["rto_seconds"].get(key)
         if cell in affected and isinstance(rto, (int, float)):
-            origin = rollback_at if recovery_from == "rollback" and rollback_at is not None else fault_at
             plot_marks[key].append((origin - start + rto, f"recovered {rto:.1f} s", "#27a"))
     report.write_json(result, directory)
     report.write_html(result, series, plot_marks, directory)

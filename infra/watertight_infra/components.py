@@ -27,6 +27,16 @@ from pulumi_kubernetes.networking import v1 as networking
 from pulumi_kubernetes.policy import v1 as policy
 
 from watertight import render
+from watertight.runbooks.kube import (
+    ANNOTATION_ACTIVE_REPLICAS,
+    DRAIN_CONFIG_MAP,
+    DRAIN_FILE,
+    ETCD_CONTAINER,
+    PATRONI_CONFIG_DIR,
+    PATRONI_CONTAINER,
+    PATRONI_FILE,
+)
+from watertight.runbooks.kube import POSTGRES_DATA_DIR as POSTGRES_DATA_PATH
 from watertight.topology import CENTERS, Topology
 from watertight_infra import kube, monitoring
 from watertight_infra.settings import PodSize, SiteSettings, StackSettings
@@ -39,19 +49,12 @@ DEFAULT_DENY_POLICY = "default-deny-ingress"
 # paths inside the images (core-app/Containerfile)
 PYTHON = "python"
 CORE_CONFIG_DIR = "/etc/cardcore"
-PATRONI_CONFIG_DIR = "/etc/patroni"
-PATRONI_FILE = "patroni.yml"
-POSTGRES_DATA_DIR = Path("/var/lib/postgresql/data")  # holds pgdata/, the socket and pgpass
+POSTGRES_DATA_DIR = Path(POSTGRES_DATA_PATH)  # holds pgdata/, the socket and pgpass
 ETCD_DATA_MOUNT = "/var/lib/etcd"
 ETCD_DATA_DIR = Path(ETCD_DATA_MOUNT) / "data"  # etcd creates it 0700 inside the volume
 LOCUSTFILE = "/loadtests/locustfile.py"
-# the cells drained for maintenance: one ConfigMap per site that the drain-cell runbook rewrites,
-# mounted as a directory (a subPath mount would never see the update) into the gateway pods
-DRAIN_CONFIG_MAP = "watertight-drain"
-DRAIN_FILE = "drained-cells.json"
+# where the gateway pods mount the drain ConfigMap: a directory (a subPath mount never sees the update)
 DRAIN_DIR = "/etc/cardcore-drain"
-# on each app and gateway Deployment: the size activate-dr (dr) and failback (the centers) scale it to
-ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
 CORE_USER_ID = 10001
 POSTGRES_USER_ID = 999
 ETCD_USER_ID = 65532
@@ -279,7 +282,7 @@ class EtcdMember(pulumi.ComponentResource):
                         termination_grace_period_seconds=30,
                         containers=[
                             core.ContainerArgs(
-                                name="etcd",
+                                name=ETCD_CONTAINER,
                                 image=settings.images.etcd,
                                 image_pull_policy=settings.images.pull_policy,
                                 # the rendered flags; only the binary's path is the image's
@@ -661,7 +664,7 @@ class CellMember(pulumi.ComponentResource):
                         init_containers=init_containers or None,
                         containers=[
                             core.ContainerArgs(
-                                name="patroni",
+                                name=PATRONI_CONTAINER,
                                 image=settings.images.patroni,
                                 image_pull_policy=settings.images.pull_policy,
                                 command=patroni_command(f"{PATRONI_CONFIG_DIR}/{PATRONI_FILE}"),

@@ -24,26 +24,34 @@ from typing import Any
 
 from watertight import render
 from watertight import topology as topology_module
+from watertight.chaos.kubernetes import (
+    LABEL_COMPONENT,
+    LABEL_KIND,
+    LABEL_PART_OF,
+    LABEL_SITE,
+    NAMESPACE_DEFAULT,
+    PART_OF,
+)
 from watertight.topology import SITE_NAMES, Topology
 
 CONTEXTS_ENV = "WATERTIGHT_KUBE_CONTEXTS"
 NAMESPACE_ENV = "WATERTIGHT_KUBE_NAMESPACE"
 TOPOLOGY_ENV = "WATERTIGHT_TOPOLOGY"
-NAMESPACE_DEFAULT = "watertight"
 
-# what the Pulumi program (infra/watertight_infra/components.py) creates; tests check both agree
+# names the Pulumi program (infra/watertight_infra/components.py, which imports them from here)
+# gives the objects the runbooks address; the labels are the chaos target's
 PATRONI_CONTAINER = "patroni"
-PATRONI_CONFIG = "/etc/patroni/patroni.yml"
-POSTGRES_SOCKET_DIR = "/var/lib/postgresql/data"  # the data volume holds PGDATA and the socket
+PATRONI_CONFIG_DIR = "/etc/patroni"
+PATRONI_FILE = "patroni.yml"
+PATRONI_CONFIG = f"{PATRONI_CONFIG_DIR}/{PATRONI_FILE}"
+POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # the data volume: PGDATA, the socket and pgpass
 DATA_CLAIM = "data"  # a member's PersistentVolumeClaim is <claim>-<statefulset>-0
 ETCD_CONTAINER = "etcd"
+# the cells drained for maintenance: one ConfigMap per site that drain-cell rewrites
 DRAIN_CONFIG_MAP = "watertight-drain"
 DRAIN_FILE = "drained-cells.json"
+# on each app and gateway Deployment: the size activate-dr (dr) and failback (the centers) scale it to
 ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
-LABEL_SITE = "watertight.io/site"
-LABEL_KIND = "watertight.io/kind"
-LABEL_COMPONENT = "watertight.io/component"
-LABEL_PART_OF = "app.kubernetes.io/part-of=watertight"
 
 # bounds of the kubernetes tasks' waits (a ConfigMap volume is refreshed by the kubelet's sync,
 # up to a minute and its cache TTL after the change)
@@ -147,8 +155,8 @@ class KubeTarget:
                 "label_site": LABEL_SITE,
                 "label_kind": LABEL_KIND,
                 "label_component": LABEL_COMPONENT,
-                "label_part_of": LABEL_PART_OF,
-                "postgres_socket_dir": POSTGRES_SOCKET_DIR,
+                "label_part_of": f"{LABEL_PART_OF}={PART_OF}",
+                "postgres_socket_dir": POSTGRES_DATA_DIR,
                 "superuser": render.SUPERUSER,
                 "patroni_namespace": render.PATRONI_NAMESPACE,
                 # the etcd the centers' clusters use (any center's member) and dr's own

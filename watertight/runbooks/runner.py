@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from watertight.runbooks.kube import KubeTarget
+from watertight.runbooks import kube
 from watertight.runtime.local import RUN_DIR_DEFAULT, LocalRuntime, RuntimeError_
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -65,8 +65,6 @@ def parse_extras(pairs: list[str]) -> dict[str, str]:
 
 
 def _envvars(private: Path) -> dict[str, str]:
-    from watertight.runbooks import kube
-
     collections = kube.collection_path()
     return {
         # kubernetes.core for the kubernetes target, where `make venv` put it, then Ansible's own paths
@@ -166,10 +164,8 @@ def step_of(event: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _kubernetes_ready(target: KubeTarget) -> dict[str, Any]:
+def _kubernetes_ready(target: kube.KubeTarget) -> dict[str, Any]:
     """The kubernetes target's extra variables, once its collection and client are there."""
-    from watertight.runbooks import kube
-
     if kube.collection_path() is None:
         raise RunbookError(
             f"target kubernetes needs the {kube.COLLECTION} collection: run `make venv` (or "
@@ -189,7 +185,7 @@ def run(
     run_dir: Path | None = None,
     check: bool = False,
     progress: Progress = print,
-    target: KubeTarget | None = None,
+    target: kube.KubeTarget | None = None,
 ) -> dict[str, Any]:
     """Run runbook ``name``; returns the summary (also written to ``summary.json`` beside the
     artifacts). ``check`` runs it in Ansible's check mode: every step says what it would do.
