@@ -179,21 +179,37 @@ def test_without_a_product_code_the_account_is_standard(core: CoreStack) -> None
     assert [a["product_code"] for a in customer["accounts"]] == ["STD"]
 
 
+def decided_on_one_date(
+    core: CoreStack, years: int, days_later: int, annual_income: int
+) -> tuple[dict[str, Any], int]:
+    """Apply as someone who turns ``years`` today (or ``days_later`` days later), with the dates
+    taken when the test runs, not when it is collected, and again if the UTC date turned while the
+    request was in flight (a CI run that crosses midnight). Returns the answer and the customer rows
+    taken just before it."""
+    for _ in range(2):
+        day = today()
+        before = customer_rows(core)
+        birth_date = born_years_ago(years, days_later=days_later)
+        answer = submit(core.client, application(birth_date=birth_date, annual_income=annual_income))
+        if today() == day:
+            return answer, before
+    raise AssertionError("the UTC date turned during two applications in a row")
+
+
 @pytest.mark.parametrize(
-    ("birth_date", "annual_income", "reason_word"),
+    ("years", "days_later", "annual_income", "reason_word"),
     [
-        (born_years_ago(18, days_later=1), 30_000_000, "age"),  # 17, turns 18 tomorrow
-        (born_years_ago(71), 30_000_000, "age"),
-        (born_years_ago(30), INCOME_MIN_FEN - 1, "income"),
-        (born_years_ago(16), 100_000, "age"),
+        (18, 1, 30_000_000, "age"),  # 17, turns 18 tomorrow
+        (71, 0, 30_000_000, "age"),
+        (30, 0, INCOME_MIN_FEN - 1, "income"),
+        (16, 0, 100_000, "age"),
     ],
     ids=["seventeen", "seventy-one", "income-below-24000-cny", "young-and-poor"],
 )
 def test_an_applicant_outside_the_age_or_income_rules_is_declined_with_reasons_and_no_account(
-    core: CoreStack, birth_date: str, annual_income: int, reason_word: str
+    core: CoreStack, years: int, days_later: int, annual_income: int, reason_word: str
 ) -> None:
-    before = customer_rows(core)
-    answer = submit(core.client, application(birth_date=birth_date, annual_income=annual_income))
+    answer, before = decided_on_one_date(core, years, days_later, annual_income)
     assert answer["decision"] == "declined"
     assert any(reason_word in reason for reason in answer["reasons"]), answer["reasons"]
     for field in ("customer_id", "account_id", "card_id", "pan"):
@@ -202,12 +218,12 @@ def test_an_applicant_outside_the_age_or_income_rules_is_declined_with_reasons_a
 
 
 @pytest.mark.parametrize(
-    "birth_date",
-    [born_years_ago(18), born_years_ago(70), born_years_ago(71, days_later=1)],
+    ("years", "days_later"),
+    [(18, 0), (70, 0), (71, 1)],
     ids=["eighteen-today", "seventy-today", "seventy-until-tomorrow"],
 )
-def test_the_age_bounds_18_and_70_are_inclusive(core: CoreStack, birth_date: str) -> None:
-    answer = submit(core.client, application(birth_date=birth_date))
+def test_the_age_bounds_18_and_70_are_inclusive(core: CoreStack, years: int, days_later: int) -> None:
+    answer, _ = decided_on_one_date(core, years, days_later, 30_000_000)
     assert answer["decision"] == "approved", answer["reasons"]
 
 
