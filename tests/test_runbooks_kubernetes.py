@@ -11,15 +11,17 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.ansible_tasks import ansible_condition, ansible_template, kubernetes_task
 from watertight import render
 from watertight import topology as topology_module
-from watertight.runbooks import kube, runner
+from watertight.runbooks import kube, ops, runner
 from watertight_infra import harness, settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,3 +331,154 @@ def test_the_chaos_action_takes_the_clusters_from_the_experiments_configuration(
             configuration={"kube_contexts": {"prod": "a", "samecity": "b"}},
         )
     assert not (tmp_path / "run").exists()
+
+
+# ---- the RPO of activate-dr on kubernetes: what the controller computes from psql's listing -----
+
+
+def write_ack_log(path: Path, entries: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return path
+
+
+def acked(key: str, cell: int, time: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"idempotency_key": key, "cell": cell, "transaction_id": f"TX{key}"}
+    if time is not None:
+        entry["time"] = time
+    return entry
+
+
+def test_the_ack_log_window_names_its_cells_and_starts_a_margin_before_the_first_acknowledgement(
+    tmp_path: Path,
+) -> None:
+    path = write_ack_log(
+        tmp_path / "ack.jsonl",
+        [acked("b", 2, "2026-11-25T10:00:05.5Z"), acked("a", 1, "2026-11-25T10:00:00Z")],
+    )
+    window = ops.ack_log_window(str(tmp_path), str(path))
+    assert window["changed"] is False and window["acknowledged"] == 2 and window["cells"] == [1, 2]
+    since = datetime.fromisoformat(window["since"])
+    first = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
+    assert since == first - timedelta(seconds=ops.ACK_CLOCK_MARGIN_S) and since.utcoffset() == timedelta(0)
+
+    # an entry without its time: every key of the cells must be listed
+    untimed = write_ack_log(
+        tmp_path / "untimed.jsonl", [acked("a", 1, "2026-11-25T10:00:00Z"), acked("c", 1, None)]
+    )
+    assert ops.ack_log_window(str(tmp_path), str(untimed))["since"] == "-infinity"
+    empty = write_ack_log(tmp_path / "empty.jsonl", [])
+    assert ops.ack_log_window(str(tmp_path), str(empty))["since"] is None
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "does not exist"),
+        ('{"idempotency_key": "a", "cell": 1, "time": "x"}\nnot json\n{}\n', "not a JSON line"),
+        ('{"idempotency_key": "a", "cell": 1, "time": "yesterday"}\n', "not an ISO 8601 time"),
+        ('{"idempotency_key": "a", "cell": 1, "time": "2026-11-25T10:00:00"}\n', "no time zone"),
+    ],
+    ids=["missing", "corrupt-line", "bad-time", "no-zone"],
+)
+def test_a_bad_ack_log_is_refused_naming_the_file(tmp_path: Path, content: str | None, says: str) -> None:
+    path = tmp_path / "ack.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ops.StepError, match=says) as raised:
+        ops.ack_log_window(str(tmp_path), str(path))
+    assert str(path) in str(raised.value)
+
+
+def test_the_rpo_from_listed_keys_counts_each_acknowledged_key_the_ledgers_lack(tmp_path: Path) -> None:
+    path = write_ack_log(
+        tmp_path / "ack.jsonl",
+        [acked(key, 1 + n % 2, f"2026-11-25T10:00:0{n}Z") for n, key in enumerate("abcd")],
+    )
+    # tmp_path is no topology: with found_keys the step must not need one
+    all_there = ops.rpo_of_ack_log(str(tmp_path), str(path), found_keys=["a", "b", "c", "d", "z"])
+    assert all_there["rpo"]["missing"] == 0 and all_there["rpo"]["acknowledged"] == 4
+    one_lost = ops.rpo_of_ack_log(str(tmp_path), str(path), found_keys=["a", "b", "d"])
+    assert one_lost["rpo"]["missing"] == 1 and "c" in json.dumps(one_lost["rpo"])
+    assert one_lost["msg"] == "1 of 4 acknowledged transactions are missing"
+    none_listed = ops.rpo_of_ack_log(str(tmp_path), str(path), found_keys=[])
+    assert none_listed["rpo"]["missing"] == 4
+
+
+def test_activate_dr_on_kubernetes_reads_the_ack_log_before_it_fences_and_lists_keys_read_only() -> None:
+    tasks = yaml.safe_load((REPO / "runbooks" / "kubernetes" / "activate-dr.yml").read_text())
+    names = [task["name"] for task in tasks]
+    window = next(
+        i for i, task in enumerate(tasks) if task.get("watertight_step", {}).get("step") == "ack_log_window"
+    )
+    fence = next(i for i, name in enumerate(names) if name.startswith("Fence both centers"))
+    assert window < fence
+    listing = next(task for task in tasks if task["name"].startswith("List the idempotency keys"))
+    assert listing["changed_when"] is False and "rc != 0" in listing["failed_when"]
+    assert "SELECT key FROM idempotency" in listing["kubernetes.core.k8s_exec"]["command"]
+
+
+def test_the_step_module_takes_the_listed_keys_as_ansible_hands_them(tmp_path: Path) -> None:
+    """The module itself, run as Ansible runs a module (its arguments in a JSON file)."""
+    path = write_ack_log(tmp_path / "ack.jsonl", [acked("a", 1, "2026-11-25T10:00:00Z"), acked("b", 2, None)])
+    arguments = {
+        "step": "rpo_of_ack_log",
+        "run_dir": str(tmp_path),
+        "ack_log": str(path),
+        "found_keys": ["b"],
+    }
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {**arguments, "_ansible_check_mode": True}}))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "runbooks" / "library" / "watertight_step.py"), str(args_file)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    answer = json.loads(done.stdout)
+    assert done.returncode == 0 and answer["changed"] is False, done.stdout + done.stderr
+    assert answer["rpo"]["acknowledged"] == 2 and answer["rpo"]["missing"] == 1
+
+
+def test_failback_starts_again_every_center_deployment_the_fence_stopped(
+    stack: tuple[harness.Run, kube.KubeTarget],
+) -> None:
+    """activate-dr scales every Deployment of the centers to zero; failback's last tasks, evaluated
+    by Ansible's templating over the Deployments the Pulumi program declares (as k8s_info would
+    return them once fenced), bring each back at the size the program gives it."""
+    run, target = stack
+    variables = target.extravars()
+    declared: dict[str, dict[str, int]] = {}
+    results = []
+    for site in ("prod", "samecity"):
+        deployments = _in_site(run, "Deployment", site)
+        declared[site] = {name: spec["spec"]["replicas"] for name, spec in deployments.items()}
+        fenced = [
+            {"metadata": spec["metadata"], "spec": {**spec["spec"], "replicas": 0}}
+            for spec in deployments.values()
+        ]
+        results.append({"item": site, "resources": fenced})
+    assert all(declared.values()) and all(size > 0 for sizes in declared.values() for size in sizes.values())
+    read = kubernetes_task("failback", "Read the centers' other Deployments")
+    start = kubernetes_task("failback", "Start them again at their annotated size")
+    assert (
+        read["kubernetes.core.k8s_info"]["kind"] == start["kubernetes.core.k8s_scale"]["kind"] == "Deployment"
+    )
+    scope = {
+        **variables,
+        "dr_serves": [{"cell": 1}],
+        "center_deployments": {"results": [*results, {"skipped": True}]},
+    }
+    assert ansible_condition(read["when"], scope)
+    assert not ansible_condition(read["when"], {**scope, "dr_serves": []})  # nothing was fenced by dr
+    started: dict[str, dict[str, int]] = {"prod": {}, "samecity": {}}
+    for item in ansible_template(start["loop"], scope):
+        if ansible_condition(start["when"], {**scope, "item": item}):
+            arguments = ansible_template(start["kubernetes.core.k8s_scale"], {**scope, "item": item})
+            assert arguments["context"] == variables["kube_contexts"][item[0]["item"]]
+            started[item[0]["item"]][arguments["name"]] = int(arguments["replicas"])
+    assert started == declared
+    # a Deployment already running is left alone (the run is idempotent)
+    running = {"item": "prod", "resources": [{**r, "spec": {"replicas": 2}} for r in results[0]["resources"]]}
+    again = {**scope, "center_deployments": {"results": [running]}}
+    assert not any(
+        ansible_condition(start["when"], {**again, "item": item})
+        for item in ansible_template(start["loop"], again)
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from watertight_load.ack_log import now_rfc3339
 
 from watertight import verdicts
 
@@ -51,6 +52,7 @@ class Writers:
                             "cell": cell,
                             "endpoint": "/v1/repayments",
                             "transaction_id": answer.json()["transaction_id"],
+                            "time": now_rfc3339(),
                         }
                         self.acked.append(entry)
                         if self.ack_log is not None:

@@ -800,7 +800,10 @@ class LoadGenerator(pulumi.ComponentResource):
             )
             apps.Deployment(
                 f"{component}-deployment",
-                metadata=kube.metadata(component, namespace, pod_labels),
+                # activate-dr fences its center by scaling it to zero; failback starts it again at this size
+                metadata=kube.metadata(
+                    component, namespace, pod_labels, {ANNOTATION_ACTIVE_REPLICAS: str(replicas)}
+                ),
                 spec=apps.DeploymentSpecArgs(
                     replicas=replicas,
                     selector=meta.LabelSelectorArgs(match_labels=kube.selector_labels(site.name, component)),

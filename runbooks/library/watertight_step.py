@@ -1,5 +1,6 @@
 #!/usr/bin/python
-"""Ansible module: one step of a Watertight runbook on the local target.
+"""Ansible module: one step of a Watertight runbook on the local target, or one the kubernetes
+target runs on the controller (the RPO of an ack log).
 
 Thin on purpose: the step itself (idempotent, bounded, with a check mode) lives in
 ``watertight.runbooks.ops`` so the CLI, the chaos actions and these playbooks share it. Runs under
@@ -19,11 +20,15 @@ options:
   to_site: {description: the center that takes over, type: str}
   drained: {description: drain (true) or bring back (false), type: bool}
   ack_log: {description: ack log of the load to check for lost transactions, type: path}
+  found_keys:
+    description: the idempotency keys the cells' ledgers hold (kubernetes, where psql lists them)
+    type: list
+    elements: str
 """
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402 (DOCUMENTATION first, as Ansible modules do)
 
-READ_ONLY = ("facts", "rpo_of_ack_log")  # every other step takes check=
+READ_ONLY = ("facts", "ack_log_window", "rpo_of_ack_log")  # every other step takes check=
 
 
 def main() -> None:
@@ -39,13 +44,14 @@ def main() -> None:
             "to_site": {"type": "str"},
             "drained": {"type": "bool"},
             "ack_log": {"type": "path"},
+            "found_keys": {"type": "list", "elements": "str"},
         },
         supports_check_mode=True,
     )
     params = module.params
     arguments = {
         name: params[name]
-        for name in ("cell", "site", "to_site", "drained", "ack_log")
+        for name in ("cell", "site", "to_site", "drained", "ack_log", "found_keys")
         if params[name] is not None
     }
     if params["step"] not in READ_ONLY:

@@ -158,6 +158,7 @@ class KubeTarget:
                 "label_part_of": f"{LABEL_PART_OF}={PART_OF}",
                 "postgres_socket_dir": POSTGRES_DATA_DIR,
                 "superuser": render.SUPERUSER,
+                "database": render.DATABASE,
                 "patroni_namespace": render.PATRONI_NAMESPACE,
                 # the etcd the centers' clusters use (any center's member) and dr's own
                 "etcd": {

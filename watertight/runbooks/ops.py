@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ PROMOTE_TIMEOUT_S = 60.0
 SERVE_TIMEOUT_S = 60.0
 HTTP_TIMEOUT_S = 30.0
 POLL_S = 0.2
+ACK_CLOCK_MARGIN_S = 300.0  # the load's clock against the databases'
 
 Result = dict[str, Any]
 
@@ -374,20 +376,58 @@ def _entry_serves_from_dr(runtime: LocalRuntime) -> bool:
     )
 
 
-def rpo_of_ack_log(run_dir: str, ack_log: str) -> Result:
-    """Acknowledged transactions of an ack log that the cells' primaries no longer hold."""
-    from watertight_load.ack_log import read_ack_log
+def _acknowledged(ack_log: str) -> list[dict[str, Any]]:
+    from watertight_load.ack_log import ack_log_files, read_ack_log
 
+    path = Path(ack_log)
+    if not ack_log_files(path):
+        raise StepError(
+            f"ack log {path} does not exist (nor its {path.name}.worker-* files); pass the ack log "
+            "of the load that ran (ack_log=PATH)"
+        )
+    try:
+        return [e for e in read_ack_log(path) if e.get("idempotency_key")]
+    except ValueError as error:
+        raise StepError(f"ack log {path}: {error}") from None
+
+
+def ack_log_window(run_dir: str, ack_log: str) -> Result:
+    """What a count of the RPO must read from each cell's ledger, for a target this process cannot
+    query itself (kubernetes: psql runs in the dr member's pod): the cells the ack log names and
+    the time from which their idempotency records must be listed (the first acknowledgement, less
+    ACK_CLOCK_MARGIN_S for the skew between the load's clock and the database's)."""
+    acked = _acknowledged(ack_log)
+    times = sorted(str(entry["time"]) for entry in acked if entry.get("time"))
+    since = None  # nothing acknowledged: nothing to list
+    if len(times) < len(acked):
+        since = "-infinity"  # an entry without a time: every key must be listed
+    elif times:
+        try:
+            first = datetime.fromisoformat(times[0].replace("Z", "+00:00"))
+        except ValueError:
+            raise StepError(f"ack log {ack_log}: time {times[0]!r} is not an ISO 8601 time") from None
+        if first.tzinfo is None:
+            raise StepError(f"ack log {ack_log}: time {times[0]!r} has no time zone")
+        since = (first - timedelta(seconds=ACK_CLOCK_MARGIN_S)).astimezone(UTC).isoformat()
+    cells = sorted({int(entry["cell"]) for entry in acked})
+    return {
+        "changed": False,
+        "msg": f"{len(acked)} acknowledged transactions in cells {cells or 'none'}, the first at {times[0] if times else 'no time'}",
+        "acknowledged": len(acked),
+        "cells": cells,
+        "since": since,
+    }
+
+
+def rpo_of_ack_log(run_dir: str, ack_log: str, found_keys: list[str] | None = None) -> Result:
+    """Acknowledged transactions of an ack log that the cells' primaries no longer hold: looked up
+    in the local topology's ledgers, or among ``found_keys`` (the idempotency keys the cells' ledgers
+    hold since ``ack_log_window``'s time, as the kubernetes target lists them)."""
     from watertight import drill, verdicts
 
-    runtime = _runtime(run_dir)
-    path = Path(ack_log)
-    if not path.exists():
-        raise StepError(
-            f"ack log {path} does not exist; pass the ack log of the load that ran (ack_log=PATH)"
-        )
-    acked = [e for e in read_ack_log(path) if e.get("idempotency_key")]
-    result = verdicts.rpo(acked, drill.found_in_ledgers(runtime, acked))
+    acked = _acknowledged(ack_log)
+    found = set(found_keys) if found_keys is not None else drill.found_in_ledgers(_runtime(run_dir), acked)
+    result = verdicts.rpo(acked, found)
     return {
         "changed": False,
         "msg": f"{result['missing']} of {result['acknowledged']} acknowledged transactions are missing",
@@ -403,5 +443,6 @@ STEPS = {
     "dr_consensus": dr_consensus,
     "promote_dr": promote_dr,
     "serve_from_dr": serve_from_dr,
+    "ack_log_window": ack_log_window,
     "rpo_of_ack_log": rpo_of_ack_log,
 }

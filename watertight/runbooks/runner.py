@@ -75,6 +75,8 @@ def _envvars(private: Path) -> dict[str, str]:
             if collections
             else {}
         ),
+        # our modules (watertight_step), also for a playbook outside runbooks/ (the syntax check's)
+        "ANSIBLE_LIBRARY": str(RUNBOOKS_DIR / "library"),
         "LC_ALL": "C.UTF-8",
         "LANG": "C.UTF-8",
         "ANSIBLE_NOCOLOR": "1",
