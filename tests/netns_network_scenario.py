@@ -20,9 +20,7 @@ DELAY_MS = 60
 
 AGENT = r"""
 import socket, sys, threading, time
-address = sys.argv[1]
-server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind((address, 9000)); server.listen(64)
+address = sys.argv[1]  # "-": a client only
 def echo(conn):
     try:
         while (data := conn.recv(100)):
@@ -33,7 +31,10 @@ def serve():
     while True:
         conn, _ = server.accept()
         threading.Thread(target=echo, args=(conn,), daemon=True).start()
-threading.Thread(target=serve, daemon=True).start()
+if address != "-":
+    server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((address, 9000)); server.listen(64)
+    threading.Thread(target=serve, daemon=True).start()
 kept = {}
 def ping(conn):
     conn.settimeout(1.0)
@@ -56,14 +57,19 @@ for line in sys.stdin:
 
 
 class Agent:
-    def __init__(self, site: str) -> None:
+    def __init__(self, site: str, listen: bool = True) -> None:
         self.site = site
         self.process = subprocess.Popen(
-            [sys.executable, "-c", AGENT, SITES[site]],
+            [sys.executable, "-c", AGENT, SITES[site] if listen else "-"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
     def ask(self, command: str) -> str:
         assert self.process.stdin and self.process.stdout
@@ -111,6 +117,16 @@ def main() -> int:
             "the partition is recorded", network.read_state(run_dir).get("partition", {}).get("site") == "a"
         )
 
+        # a process of site a started while the partition is in force (a restart): placed at spawn,
+        # as the local runtime does, it is cut at once; one left where it started is not
+        late = Agent("a", listen=False)
+        check("a late process of a is placed in a's cgroup", network.place(run_dir, "a", late.process.pid))
+        check("the late process cannot reach b", late.rtt_ms(f"new {SITES['b']}") is None)
+        stray = Agent("a", listen=False)
+        check("a process outside the site's cgroup is not cut", stray.rtt_ms(f"new {SITES['b']}") is not None)
+        for extra in (late, stray):
+            extra.stop()
+
         network.heal_partition(net())
         check("after healing a reaches b again", agents["a"].rtt_ms(f"new {SITES['b']}") is not None)
         check("after healing the run has no table", network.table_text(run_dir) is None)
@@ -141,10 +157,34 @@ def main() -> int:
         rules = subprocess.run(["iptables", "-S", "OUTPUT"], capture_output=True, text=True).stdout
         check("no queue rule is left", network.table_name(run_dir) not in rules, rules)
         check("no table is left", network.table_text(run_dir) is None)
+
+        # what `watertight down` does after the processes stopped: both faults in force are removed
+        network.partition(net(), "a")
+        network.add_latency(net(), DELAY_MS, ["b", "c"])
+        delayer = processes.ProcessRecord(**network.read_state(run_dir)["latency"]["delayer"])
+        for agent in agents.values():
+            agent.stop()
+        cleared = network.clear_run(run_dir)
+        check(
+            "clear_run heals the partition and the latency",
+            cleared["healed"] == {"partition": "a", "latency_ms": DELAY_MS},
+            cleared,
+        )
+        check("clear_run leaves no table", network.table_text(run_dir) is None)
+        rules = subprocess.run(["iptables", "-S", "OUTPUT"], capture_output=True, text=True).stdout
+        check("clear_run leaves no queue rule", network.table_name(run_dir) not in rules, rules)
+        check("clear_run stops the delayer", not processes.alive(delayer))
+        check("clear_run empties the state", network.read_state(run_dir) == {})
+        check(
+            "clear_run removes the sites' cgroups",
+            sorted(cleared["cgroups_removed"]) == sorted(SITES),
+            cleared,
+        )
+        again = network.clear_run(run_dir)
+        check("clear_run again finds nothing", again == {"healed": {}, "cgroups_removed": []}, again)
     finally:
         for agent in agents.values():
-            agent.process.kill()
-            agent.process.wait()
+            agent.stop()
         network.delete_table(run_dir)
         network.release_cgroups(run_dir)
     print(f"{len(failures)} failed", flush=True)

@@ -18,6 +18,7 @@ from tests.topologies import moved
 from tests.writers import Writers, ledger_transactions
 from watertight import bench
 from watertight import topology as topology_module
+from watertight.chaos import network
 from watertight.pg import service_tempdir
 from watertight.runtime import processes
 from watertight.runtime.local import LocalRuntime
@@ -69,6 +70,34 @@ def test_up_brings_every_cell_a_leader_and_a_sync_standby_in_the_other_center(ru
         "centers_follow_dr": False,
     }
     assert 0 < status["rss_total_bytes"] < RSS_MAX_BYTES
+
+
+def cgroup_of(pid: int) -> str:
+    """The cgroup v2 path of a process (its "0::" line)."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return next(line.removeprefix("0::") for line in lines if line.startswith("0::"))
+
+
+def test_every_site_process_starts_in_its_sites_cgroup(runtime: LocalRuntime) -> None:
+    """So a network fault covers a process started while it is in force (placed at spawn); the
+    partition's own placement at fault time then only confirms it."""
+    try:
+        network.site_cgroup(runtime.run_dir, "prod")
+    except network.NetworkFaultError as error:
+        pytest.fail(f"no usable cgroup v2 hierarchy here: {error}")
+    if os.geteuid() != 0:
+        assert all(cgroup_of(r.pid) == cgroup_of(os.getpid()) for r in runtime.records.values())
+        return
+    for component in runtime.components:
+        record = runtime.records.get(component.name)
+        if record is None or not processes.alive(record):
+            continue
+        where = cgroup_of(record.pid)
+        if component.site is None:
+            assert f"/{network.CGROUP_TOP}/" not in where, (component.name, where)
+        else:
+            expected = network.site_cgroup(runtime.run_dir, component.site).directory
+            assert where == "/" + str(expected.relative_to(network.cgroup2_mount())), (component.name, where)
 
 
 def test_up_again_changes_nothing(runtime: LocalRuntime) -> None:
@@ -182,6 +211,9 @@ def test_down_leaves_no_process_behind(runtime: LocalRuntime) -> None:
     assert runtime.pids() == []
     for record in records.values():
         assert not processes.alive(record)
+    # nothing of the run is left in the cgroup hierarchy (the sites' cgroups were emptied)
+    if os.geteuid() == 0:
+        assert not (network.cgroup2_mount() / network.CGROUP_TOP / network.run_id(runtime.run_dir)).exists()
     runtime.up()  # the fixture's down --purge must still work from a running topology
 
 

@@ -167,6 +167,45 @@ def adopt(net: SiteNetwork) -> dict[str, int]:
     return placed
 
 
+def place(run_dir: Path, site: str, pid: int) -> bool:
+    """Put a process that just started into its site's cgroup, so its sockets carry the site from
+    birth and a fault already in force covers it (a component restarted during a partition).
+    Best effort: False, changing nothing, without root or a cgroup v2 hierarchy nftables can name
+    (the fault actions then place the site's processes themselves when they start)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        group = site_cgroup(run_dir, site)
+        group.directory.mkdir(parents=True, exist_ok=True)
+        (group.directory / "cgroup.procs").write_text(str(pid))
+    except (NetworkFaultError, OSError):
+        return False
+    return True
+
+
+def clear_run(run_dir: Path) -> dict[str, Any]:
+    """Leave nothing of the run's network faults: heal any still in force (a drill stopped before
+    its rollback), which removes its table, its queue rule and its delayer, then remove its empty
+    cgroups. For `watertight down`, after the processes stopped. Idempotent; without root or nft
+    there is nothing of the run's to remove."""
+    tools = os.geteuid() == 0 and shutil.which(NFT) is not None
+    state = read_state(run_dir)
+    healed: dict[str, Any] = {}
+    if state or (tools and table_text(run_dir) is not None):
+        require_root_tools()
+        delete_table(run_dir)  # rules first: nothing is queued to a delayer that is going away
+        _queue_rule(run_dir, None)
+        latency = state.get("latency")
+        if latency:
+            _stop_delayer(ProcessRecord(**latency["delayer"]))
+        _write_state(run_dir, {})
+        healed = {
+            "partition": (state.get("partition") or {}).get("site"),
+            "latency_ms": latency["delay_ms"] if latency else None,
+        }
+    return {"healed": healed, "cgroups_removed": release_cgroups(run_dir)}
+
+
 def release_cgroups(run_dir: Path) -> list[str]:
     """Remove this run's cgroups that no process uses any more (after `down`). Returns those removed."""
     try:

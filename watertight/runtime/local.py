@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from watertight import pg, render
+from watertight.chaos import network
 from watertight.runtime import processes
 from watertight.runtime.processes import ProcessRecord
 from watertight.topology import CENTERS, Topology, parse
@@ -357,6 +358,9 @@ class LocalRuntime:
         record = processes.spawn(
             component.argv, directory, self.log_path(component), component.env, component.service_user
         )
+        if component.site is not None:
+            # its sockets carry its site from birth: a network fault in force covers it at once
+            network.place(self.run_dir, component.site, record.pid)
         self.records[component.name] = record
         self._write_state()
         return record
@@ -685,6 +689,16 @@ class LocalRuntime:
             raise RuntimeError_(
                 f"processes {left} survived the stop; stop them by PID and run `watertight down` again"
             )
+        try:
+            cleared = network.clear_run(self.run_dir)
+        except network.NetworkFaultError as error:
+            raise RuntimeError_(
+                f"every process stopped, but the run's network faults could not be removed: {error}; "
+                "run `watertight down` again as root"
+            ) from None
+        healed = {kind: what for kind, what in cleared["healed"].items() if what}
+        if healed:
+            progress(f"removed the network faults still in force: {healed}")
         if purge:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             progress(f"deleted {self.run_dir}")
