@@ -401,12 +401,43 @@ def run_one(
     return result
 
 
+def spread_as_designed(runtime: LocalRuntime, progress: Progress) -> dict[int, str]:
+    """Switch every cell that a failover left on the other center back to the center the topology
+    gives it (a Patroni switchover to the streaming sync standby: nothing acknowledged is lost), so
+    each experiment meets the cells spread as designed; a site fault after a failover would
+    otherwise interrupt no cell and prove nothing. Nothing is moved while dr serves. Returns the
+    cells moved and where to."""
+    from watertight.runbooks import ops
+
+    if runtime.dr_active:
+        return {}
+    moved: dict[int, str] = {}
+    for cell in runtime.topology.cell_numbers:
+        home = runtime.topology.leader_site(cell)
+        leader = runtime.cell_view(cell)["leader_site"]
+        if leader in (None, home):
+            continue
+        progress(f"cell {cell} is led by {leader} since a failover; switching it back to {home}")
+        try:
+            result = ops.switchover_cell(str(runtime.run_dir), cell, home)
+        except ops.StepError as error:
+            raise RuntimeError_(
+                f"cell {cell} could not be switched back to {home}: {error}; the drill stops so its "
+                "experiments are not judged on cells spread otherwise"
+            ) from None
+        progress(f"cell {cell}: {result['msg']}")
+        moved[cell] = home
+    return moved
+
+
 def heal(runtime: LocalRuntime, progress: Progress) -> None:
-    """Whatever an experiment left down is started again, so the next one starts whole."""
+    """Whatever an experiment left down is started again and every cell goes back to its center,
+    so the next one starts whole and spread as designed."""
     started = runtime.start()
     if started:
         progress(f"restarted {', '.join(started)} for the next experiment")
     runtime.up(progress)
+    spread_as_designed(runtime, progress)
 
 
 def run(
@@ -426,6 +457,7 @@ def run(
         runtime = LocalRuntime(run_dir, topology_module.parse(text, str(topology_module.DEFAULT_PATH)), text)
     progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
     runtime.up(progress)
+    spread_as_designed(runtime, progress)
     outcomes = []
     for name in experiments:
         outcomes.append(
