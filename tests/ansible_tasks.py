@@ -35,8 +35,13 @@ def ansible_condition(conditions: list[str] | str, variables: dict[str, Any]) ->
     return all(bool(ansible_template("{{ " + condition + " }}", variables)) for condition in listed)
 
 
+def top_level_tasks(runbook: str) -> list[dict[str, Any]]:
+    """The top-level tasks of runbooks/kubernetes/RUNBOOK.yml, in order."""
+    tasks: list[dict[str, Any]] = yaml.safe_load((KUBERNETES_TASKS / f"{runbook}.yml").read_text())
+    return tasks
+
+
 def kubernetes_task(runbook: str, name_starts: str) -> dict[str, Any]:
     """The one top-level task of runbooks/kubernetes/RUNBOOK.yml whose name starts so."""
-    tasks = yaml.safe_load((KUBERNETES_TASKS / f"{runbook}.yml").read_text())
-    (task,) = [task for task in tasks if task["name"].startswith(name_starts)]
+    (task,) = [task for task in top_level_tasks(runbook) if task["name"].startswith(name_starts)]
     return task

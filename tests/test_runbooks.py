@@ -230,7 +230,7 @@ def keys_listed_as_on_kubernetes(runtime: LocalRuntime, ack_log: Path) -> list[s
     listing = kubernetes_task("activate-dr", "List the idempotency keys")
     count = kubernetes_task("activate-dr", "Count acknowledged")
     window = ops.ack_log_window(str(runtime.run_dir), str(ack_log))
-    password = json.loads((runtime.run_dir / "secrets.json").read_text())["superuser_password"]
+    password = runtime.superuser_password()
     variables: dict[str, Any] = {
         "ack_window": window,
         "kube_cells": [{"cell": cell} for cell in runtime.topology.cell_numbers],

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.ansible_tasks import ansible_condition, ansible_template, kubernetes_task
+from tests.ansible_tasks import ansible_condition, ansible_template, kubernetes_task, top_level_tasks
 from watertight import render
 from watertight import topology as topology_module
 from watertight.runbooks import kube, ops, runner
@@ -405,7 +405,7 @@ def test_the_rpo_from_listed_keys_counts_each_acknowledged_key_the_ledgers_lack(
 
 
 def test_activate_dr_on_kubernetes_reads_the_ack_log_before_it_fences_and_lists_keys_read_only() -> None:
-    tasks = yaml.safe_load((REPO / "runbooks" / "kubernetes" / "activate-dr.yml").read_text())
+    tasks = top_level_tasks("activate-dr")
     names = [task["name"] for task in tasks]
     window = next(
         i for i, task in enumerate(tasks) if task.get("watertight_step", {}).get("step") == "ack_log_window"

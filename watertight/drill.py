@@ -216,14 +216,14 @@ def timeline_of(
 async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[str]]) -> set[str]:
     """The idempotency keys each cell's primary has committed: every acknowledged financial
     request leaves its key there, in the same transaction as its postings."""
-    secrets = json.loads((runtime.run_dir / "secrets.json").read_text())
+    password = runtime.superuser_password()
     found: set[str] = set()
     for cell, keys in keys_by_cell.items():
         conn = await asyncpg.connect(
             host=[runtime.topology.address(site) for site in runtime.primary_sites()],
             port=runtime.topology.postgres_port(cell),
             user="postgres",
-            password=secrets["superuser_password"],
+            password=password,
             database="cardcore",
             target_session_attrs="read-write",
             timeout=10,

@@ -193,12 +193,10 @@ def clear_run(run_dir: Path) -> dict[str, Any]:
     healed: dict[str, Any] = {}
     if state or (tools and table_text(run_dir) is not None):
         require_root_tools()
-        delete_table(run_dir)  # rules first: nothing is queued to a delayer that is going away
-        _queue_rule(run_dir, None)
+        _apply(SiteNetwork(run_dir, {}), {})  # rules first: nothing is queued to a delayer going away
         latency = state.get("latency")
         if latency:
             _stop_delayer(ProcessRecord(**latency["delayer"]))
-        _write_state(run_dir, {})
         healed = {
             "partition": (state.get("partition") or {}).get("site"),
             "latency_ms": latency["delay_ms"] if latency else None,

@@ -50,7 +50,8 @@ ETCD_CONTAINER = "etcd"
 # the cells drained for maintenance: one ConfigMap per site that drain-cell rewrites
 DRAIN_CONFIG_MAP = "watertight-drain"
 DRAIN_FILE = "drained-cells.json"
-# on each app and gateway Deployment: the size activate-dr (dr) and failback (the centers) scale it to
+# on each app, gateway and Locust Deployment: the size activate-dr (dr) and failback (the centers)
+# scale it to
 ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
 
 # bounds of the kubernetes tasks' waits (a ConfigMap volume is refreshed by the kubelet's sync,
