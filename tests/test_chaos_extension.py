@@ -19,6 +19,7 @@ import pytest
 
 import watertight
 from tests.cards import customers_in_each_cell
+from tests.topologies import on_test_net
 from tests.writers import Writers, ledger_transactions
 from watertight import render, verdicts
 from watertight import topology as topology_module
@@ -46,7 +47,7 @@ RTO_S = 30.0
 TAKEOVER_S_MAX = 90.0
 
 # its own addresses and ports (tests/test_local_topology.py uses 127.0.2x.x and 2xxxx)
-TEST_TOPOLOGY = (
+TEST_TOPOLOGY = on_test_net(
     (topology_module.DEFAULT_PATH.read_text())
     .replace("127.0.1.1", "127.0.31.1")
     .replace("127.0.2.1", "127.0.32.1")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.cards import customers_in_each_cell
-from tests.topologies import moved
+from tests.topologies import moved, test_net
 from tests.writers import Writers, ledger_transactions
 from watertight import bench
 from watertight import topology as topology_module
@@ -124,7 +124,7 @@ def test_status_and_up_on_the_command_line(runtime: LocalRuntime) -> None:
         env=env,
         check=True,
     )
-    assert '"entry": "http://127.0.0.1:28080"' in as_json.stdout
+    assert f'"entry": "http://127.{test_net()}.0.1:28080"' in as_json.stdout
 
 
 def test_freeze_and_thaw_a_gateway(runtime: LocalRuntime) -> None:
