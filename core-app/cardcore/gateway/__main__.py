@@ -1,6 +1,6 @@
 """``python -m cardcore.gateway --config FILE.json``: serve the gateway with granian.
 
-One worker, HTTP/1.1 only, uvloop where available. The settings are checked here first so a bad
+One process (granian embedded, no forked worker), HTTP/1.1 only, uvloop where available. The settings are checked here first so a bad
 file fails with a message naming the key instead of a crashed worker.
 """
 
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cardcore.gateway.settings import ENV_CONFIG, GatewayConfigError, load
+from cardcore.platform.serve import serve
 
 TARGET = "cardcore.gateway.app:create_app"
 
@@ -37,31 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"gateway: {path}: ok")
         return 0
-    os.environ[ENV_CONFIG] = str(path)  # read again by create_app in the worker process
+    os.environ[ENV_CONFIG] = str(path)  # read again by create_app
 
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces, Loops
-
-    try:
-        import uvloop  # noqa: F401
-
-        loop = Loops.uvloop
-    except ImportError:
-        loop = Loops.asyncio
-    server = Granian(
-        TARGET,
-        address=settings.host,
-        port=settings.port,
-        interface=Interfaces.ASGI,
-        factory=True,
-        workers=1,
-        loop=loop,
-        http=HTTPModes.http1,
-        websockets=False,
-        log_access=False,
-        process_name=None,
-    )
-    server.serve()
+    # one process, as the app server: the runtime's PID is the whole gateway, so SIGKILL of it
+    # leaves no worker listening behind (granian's Granian() forks a worker that outlives its master)
+    serve(TARGET, settings.host, settings.port)
     return 0
 
 
