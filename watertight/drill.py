@@ -170,6 +170,7 @@ def start_load(
         "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "5",
         "--rate-financial", f"{rate_financial:g}", "--rate-nonfinancial", f"{rate_nonfinancial:g}",
         "--population", str(population), "--ack-log", str(directory / "ack.jsonl"),
+        "--api-tokens", str(runtime.secrets_path),
         "--csv", str(directory / "load"), "--csv-full-history", "--html", str(directory / "load.html"),
         "--summary-json", str(directory / "load-summary.json"),
         # the drill judges by its verdicts; the gates only report
@@ -250,9 +251,11 @@ def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[
 def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
     """Trial balance of every cell through the entry, and the limits of a sample of customers."""
     entry = runtime.topology.entry_url
+    tokens = runtime.client_tokens()
     balances = []
     for cell in runtime.topology.cell_numbers:
-        status, body = http_json(f"{entry}/v1/admin/trial-balance?cell={cell}", timeout_s=30)
+        path = f"/v1/admin/trial-balance?cell={cell}"
+        status, body = http_json(entry + path, timeout_s=30, headers=tokens.headers("GET", path))
         balances.append(
             body
             if status == 200 and isinstance(body, dict)
@@ -263,7 +266,8 @@ def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[lis
     if population.exists():
         customers = json.loads(population.read_text()).get("customers", [])[:50]
         for customer in customers:
-            status, body = http_json(f"{entry}/v1/customers/{customer['customer_id']}/limits", timeout_s=10)
+            path = f"/v1/customers/{customer['customer_id']}/limits"
+            status, body = http_json(entry + path, timeout_s=10, headers=tokens.headers("GET", path))
             if status == 200 and isinstance(body, dict):
                 lines_views.append(body["lines"])
     return balances, lines_views

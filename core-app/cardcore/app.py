@@ -17,9 +17,11 @@ from cardcore.authorization import api as authorization_api
 from cardcore.common import api as common_api
 from cardcore.installments import api as installments_api
 from cardcore.issuing import api as issuing_api
+from cardcore.issuing import keys as issuing_keys
 from cardcore.limits import api as limits_api
 from cardcore.platform import metrics
 from cardcore.platform import settings as settings_module
+from cardcore.platform.auth import AccessControl
 from cardcore.platform.engine import UNAVAILABLE_ERRORS
 from cardcore.platform.http import ApiError, JsonApp, RawText, Request, Route, RouteTable
 from cardcore.platform.service import CoreService
@@ -111,7 +113,15 @@ def build(service: CoreService) -> JsonApp:
         return 200, RawText(registry.render())
 
     routes: list[Route] = []
-    for module in (issuing_api, limits_api, authorization_api, installments_api, accounting_api, common_api):
+    for module in (
+        issuing_api,
+        issuing_keys,
+        limits_api,
+        authorization_api,
+        installments_api,
+        accounting_api,
+        common_api,
+    ):
         routes += module.routes(service)
 
     authorize_route = next(r for r in routes if r.template == "/v1/authorizations" and r.method == "POST")
@@ -142,10 +152,18 @@ def build(service: CoreService) -> JsonApp:
         requests_total.inc((template, cell, site, outcome_of(status)))
         latency.observe((template, cell, site), seconds)
 
-    app = JsonApp(RouteTable(routes), observe, on_error=database_unavailable)
+    app = JsonApp(
+        RouteTable(routes),
+        observe,
+        on_error=database_unavailable,
+        access=AccessControl(service.settings.api_tokens_file),
+        limits=service.settings.serve_limits(),
+    )
+    app.startup.append(service.keys.start)
     for engine in service.engines.values():
         app.startup.append(engine.start)
         app.shutdown.append(engine.stop)
+    app.shutdown.append(service.keys.stop)
     return app
 
 

@@ -55,7 +55,12 @@ class CardCoreUser(FastHttpUser):
     def call(self, method: str, route: str, path: str, cell: int, body: Any = None) -> dict[str, Any] | None:
         """One request named ``<route> [cell N]``; the JSON answer, or None when it failed."""
         with self.client.request(
-            method, path, name=request_name(route, cell), json=body, catch_response=True
+            method,
+            path,
+            name=request_name(route, cell),
+            json=body,
+            headers=SESSION.require_tokens().headers(route),
+            catch_response=True,
         ) as response:
             try:
                 answer = response.json() if response.content else None
