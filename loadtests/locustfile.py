@@ -8,7 +8,7 @@ cell (``--customers``, or a ``--population`` file from an earlier run):
   expire; cleared purchases of 500 CNY or more turned into installment plans; what was spent
   repaid so the lines never run out.
 - ``Enquirer`` does the non-financial ones, at ``--rate-nonfinancial`` per second: balance,
-  limits, card, tags, installment quotes and routing lookups.
+  limits, card, tags, the newest transactions, installment quotes and routing lookups.
 
 Each task is one request, and each request waits for a slot of its class's fixed-rate schedule,
 so the rate offered does not depend on the core's latency. Requests are named by route and
@@ -152,6 +152,10 @@ class Enquirer(CardCoreUser):
         customer = self.customer()
         route = "/v1/customers/{customer_id}/limits"
         self.call("GET", route, f"/v1/customers/{customer.customer_id}/limits", customer.cell)
+
+    @task(2)
+    def transactions(self) -> None:
+        self.read_transactions(self.customer())
 
     @task(2)
     def card(self) -> None:
