@@ -17,6 +17,7 @@ Serve it with granian: ``python -m cardcore.gateway --config FILE.json``, or
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -45,6 +46,10 @@ from cardcore.platform.upstream import (
 )
 
 log = logging.getLogger("cardcore.gateway")
+
+# headers of an app server's answer the gateway passes on (the rest it sets itself)
+PASSED_ON = (b"allow", b"retry-after", b"www-authenticate")
+_passed_on: contextvars.ContextVar[list[tuple[bytes, bytes]]] = contextvars.ContextVar("passed_on")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -304,6 +309,7 @@ class Gateway:
 
     async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        _passed_on.set([])
         if not self._started:
             await self.startup()
         route = classify(scope["method"], scope["path"])
@@ -333,7 +339,7 @@ class Gateway:
             log.exception("gateway: unexpected error on %s %s", scope["method"], route.template)
             status, content_type, outcome = 500, JSON, "5xx"
             data = error_body("internal", "the gateway failed to handle the request")
-        await self._send(send, status, content_type, data, cell, extra)
+        await self._send(send, status, content_type, data, cell, extra + _passed_on.get([]))
         self.m_requests.inc((route.template, cell, self.site, outcome))
         if route.kind is Kind.BODY_PAN and status == 200:
             self.m_decisions.inc((cell, self.site, _response_code(data)))
@@ -445,6 +451,7 @@ class Gateway:
             return failed.status, JSON, failed.body(), label, failed.outcome
         finally:
             self.drain.end(cell)
+        _passed_on.set([(name, value) for name, value in response.headers if name in PASSED_ON])
         return (
             response.status,
             response.header(b"content-type") or JSON,

@@ -32,12 +32,20 @@ _encoder = msgspec.json.Encoder()
 class ApiError(Exception):
     """An error the client gets as ``{"error": {code, message, field}}``."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers or []
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "field": self.field}}
@@ -152,16 +160,19 @@ class RouteTable:
 
     def resolve(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         parts = path.strip("/").split("/")
-        allowed = False
+        allowed: list[str] = []
         for route in self._by_length.get(len(parts), ()):
             params = route.match(parts)
             if params is None:
                 continue
             if route.method == method:
                 return route, params
-            allowed = True
+            allowed.append(route.method)
         if allowed:
-            raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}", None)
+            methods = ", ".join(sorted(set(allowed))).encode("ascii")
+            raise ApiError(
+                405, "method_not_allowed", f"{method} is not allowed on {path}", None, [(b"allow", methods)]
+            )
         raise ApiError(404, "not_found", f"no such endpoint: {method} {path}", "path")
 
 
@@ -322,7 +333,7 @@ class JsonApp:
                 headers = [(b"content-type", payload.content_type)]
                 data = payload.data
         except ApiError as error:
-            status, data, headers = error.status, encode(error.body()), _JSON_HEADERS
+            status, data, headers = error.status, encode(error.body()), _JSON_HEADERS + error.headers
         except Exception as error:
             mapped = self.on_error(error) if self.on_error is not None else None
             if mapped is None:
