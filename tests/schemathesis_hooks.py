@@ -1,7 +1,7 @@
-"""Schemathesis hooks for the suite's run against a real stack (tests/test_openapi_fuzzing.py):
-every request gets the bearer token its route needs, from the tokens file the run names in
-$WATERTIGHT_API_TOKENS, unless the case carries an Authorization header already (so its own
-auth checks, which remove or spoil the header, stay theirs)."""
+"""Schemathesis auth for the suite's run against a real stack (tests/test_openapi_fuzzing.py):
+every request it generates carries the bearer token its route needs, from the tokens file the
+run names in $WATERTIGHT_API_TOKENS. As an auth provider (not a hook), so schemathesis knows the
+credentials are its own and its checks can take them away or spoil them (401 expected)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,13 @@ from typing import Any
 import schemathesis
 from cardcore.platform.auth import ClientTokens
 
-_TOKENS = ClientTokens.from_secrets(json.loads(Path(os.environ["WATERTIGHT_API_TOKENS"]).read_text()))
 
+@schemathesis.auth()
+class RouteToken:
+    def get(self, case: Any, ctx: Any) -> ClientTokens:
+        return ClientTokens.from_secrets(json.loads(Path(os.environ["WATERTIGHT_API_TOKENS"]).read_text()))
 
-@schemathesis.hook
-def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
-    if kwargs.get("headers") is None:
-        kwargs["headers"] = {}
-    headers = kwargs["headers"]
-    if any(name.lower() == "authorization" for name in (case.headers or {})) or any(
-        name.lower() == "authorization" for name in headers
-    ):
-        return
-    value = _TOKENS.header_value(case.method.upper(), case.formatted_path)
-    if value is not None:
-        headers["Authorization"] = value
+    def set(self, case: Any, data: ClientTokens, ctx: Any) -> None:
+        value = data.header_value(case.method.upper(), case.formatted_path)
+        if value is not None:
+            case.headers = {**(case.headers or {}), "Authorization": value}

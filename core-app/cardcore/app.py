@@ -150,7 +150,7 @@ def build(service: CoreService) -> JsonApp:
         Route("GET", "/metrics", metrics_text, "Prometheus metrics", tag="operations"),
         Route("GET", "/openapi.json", openapi, "This description", tag="operations"),
     ]
-    document = openapi_document(routes)
+    document = openapi_document(routes, service.settings.cell_count)
 
     def observe(route: Route | None, status: int, seconds: float) -> None:
         template = route.template if route is not None else "unmatched"
@@ -196,7 +196,12 @@ _QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("POST", "/v1/tags"): [{**_CELL, "required": False}],
     ("GET", "/v1/tags/{tag}/customers"): [
         {**_CELL, "required": False},
-        {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": common_api.CUSTOMERS_PER_PAGE_MAX},
+        },
     ],
     ("POST", "/v1/pricing/rules"): [{**_CELL, "required": False}],
     ("GET", "/v1/pricing/rules"): [
@@ -209,7 +214,12 @@ _QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
         },
     ],
     ("GET", "/v1/accounts/{account_id}/transactions"): [
-        {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": accounting_api.PAGE_SIZE_MAX},
+        },
         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
     ],
 }
@@ -249,7 +259,7 @@ _ERRORS = {
 }
 
 
-def openapi_document(routes: list[Route]) -> dict[str, Any]:
+def openapi_document(routes: list[Route], cell_count: int = 99) -> dict[str, Any]:
     request_types = [r.request_type for r in routes if r.request_type is not None]
     refs, components = msgspec.json.schema_components(
         request_types, ref_template="#/components/schemas/{name}"
@@ -345,7 +355,12 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             }
             for segment in route.segments
             if segment.startswith("{")
-        ] + _QUERY.get(key, [])
+        ] + [
+            {**query, "schema": {**query["schema"], "maximum": cell_count}}
+            if query["name"] == "cell"
+            else query
+            for query in _QUERY.get(key, [])
+        ]
         if parameters:
             operation["parameters"] = parameters
         if route.request_type is not None:
