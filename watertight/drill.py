@@ -327,6 +327,11 @@ def stop_load(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=LOAD_STOP_TIMEOUT_S)
 
 
+DURING_ATTEMPTS_MAX = 20  # the cycle during a fault: asked again at most this many times
+DURING_RETRY_PAUSE_S = 3.0
+DURING_RETRY_S = 150.0  # and not after this long: a failover takes well under this
+
+
 class During(threading.Thread):
     """The task of ``--during``: waits (bounded) for the fault's mark, then runs the statement
     cycle or a runbook while the fault is in force; what it did goes into the report."""
@@ -354,16 +359,34 @@ class During(threading.Thread):
         name, arguments = self.task
         try:
             if name == "cycle":
-                status, body = post_json(
-                    self.runtime,
-                    "/v1/admin/cycle",
-                    {"business_date": arguments["business_date"]},
-                    "operator",
-                    120,
-                )
-                self.result["result"] = {"status": status, "body": body}
+                # as a batch scheduler runs it: the cycle is idempotent per business date, so a cell
+                # that failed mid-fault (503 partial, no answer) is asked again, a bounded number of
+                # times, while the cells that finished skip what they did
+                attempts: list[int] = []
+                retry_until = time.monotonic() + DURING_RETRY_S
+                while True:
+                    status, body = post_json(
+                        self.runtime,
+                        "/v1/admin/cycle",
+                        {"business_date": arguments["business_date"]},
+                        "operator",
+                        120,
+                    )
+                    attempts.append(status)
+                    retryable = status in (0, 502, 503, 504)
+                    if (
+                        not retryable
+                        or len(attempts) >= DURING_ATTEMPTS_MAX
+                        or time.monotonic() >= retry_until
+                    ):
+                        break
+                    if self.stopping.wait(DURING_RETRY_PAUSE_S):
+                        break
+                self.result["result"] = {"status": status, "body": body, "attempts": attempts}
                 if status != 200:
-                    self.result["error"] = f"the cycle answered {status}: {body}"
+                    self.result["error"] = (
+                        f"the cycle answered {status} after {len(attempts)} attempt(s): {body}"
+                    )
             else:
                 from watertight.runbooks import runner
 
