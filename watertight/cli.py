@@ -181,6 +181,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"entry: {result['entry']}")
     for site in ("prod", "samecity"):
         print(f"gateway {site}: {topology.gateway_url(site)}")
+    if topology.monitoring.enabled:
+        print(f"prometheus: {topology.prometheus_url}")
+        print(f"alertmanager: {topology.alertmanager_url}")
     return 0
 
 

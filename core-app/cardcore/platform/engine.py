@@ -258,6 +258,11 @@ class CellEngine:
         self.ops_committed = 0
         self.on_batch: Callable[[int, float], None] | None = None
 
+    @property
+    def queue_depth(self) -> int:
+        """Financial requests waiting for the writer now (at most ``queue_depth_max``)."""
+        return self._queue.qsize()
+
     # ---- life cycle -------------------------------------------------------------------------
 
     def _server_settings(self, role: str) -> dict[str, str]:
