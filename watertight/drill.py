@@ -30,6 +30,8 @@ import asyncpg
 
 from watertight import report, verdicts
 from watertight import topology as topology_module
+from watertight.monitoring import detection
+from watertight.monitoring.receiver import AlertReceiver
 from watertight.runtime.local import REPO_ROOT, LocalRuntime, RuntimeError_, http_json
 
 EXPERIMENTS_DIR = REPO_ROOT / "chaos" / "experiments"
@@ -344,6 +346,7 @@ def run_one(
     rate_nonfinancial: float,
     report_dir: Path,
     progress: Progress,
+    receiver: AlertReceiver | None = None,
 ) -> dict[str, Any]:
     path, fault = load_experiment(name)
     directory = report_dir / path.stem if report_dir.name != path.stem else report_dir
@@ -354,6 +357,9 @@ def run_one(
     progress(
         f"{path.stem}: leaders {leaders}; the fault should interrupt cells {affected or 'none'}, not {unaffected or 'none'}"
     )
+    if receiver is not None:
+        detection.wait_quiet(runtime.topology.alertmanager_url, progress)
+    steady_from = time.time()
     load = start_load(runtime, directory, rate_financial, rate_nonfinancial, WARMUP_S + CHAOS_TIMEOUT_S)
     sampler = Sampler(runtime)
     chaos_status = "not run"
@@ -361,6 +367,7 @@ def run_one(
     started = time.time()
     fault_at: float | None = None
     rollback_at: float | None = None
+    recovered_at: float | None = None  # the experiment (rollback included) done
     try:
         progress(
             f"load: {rate_financial:g} financial + {rate_nonfinancial:g} non-financial TPS through {runtime.topology.entry_url}; warming up {WARMUP_S:g} s"
@@ -381,8 +388,9 @@ def run_one(
         journal_doc = json.loads(journal.read_text()) if journal.exists() else {}
         chaos_status = str(journal_doc.get("status", f"chaos exited {chaos.returncode}"))
         fault_at, rollback_at = marks_of(marks)
+        recovered_at = time.time()
         progress(f"chaos: {chaos_status}; load goes on {TAIL_S:g} s")
-        time.sleep(TAIL_S)
+        detection.tail(receiver, steady_from, recovered_at, TAIL_S, progress)
     finally:
         sampler.stopping.set()
         stop_load(load)
@@ -432,6 +440,11 @@ def run_one(
         if sampler.samples
         else None,
     )
+    judged["detection"], missed = detection.judge(
+        receiver, fault.kind, steady_from, fault_at, recovered_at or time.time()
+    )
+    judged["passed"] = judged["passed"] and not missed
+    judged["reasons"].extend(missed)
     if chaos_status != "completed":
         judged["passed"] = False
         judged["reasons"].append(
@@ -465,6 +478,8 @@ def run_one(
         rto = result["rto_seconds"].get(key)
         if cell in affected and isinstance(rto, (int, float)):
             plot_marks[key].append((origin - start + rto, f"recovered {rto:.1f} s", "#27a"))
+        for t, label, colour in detection.marks(judged["detection"], [cell]).get(key, []):
+            plot_marks[key].append((fault_at - start + t, label, colour))
     report.write_json(result, directory)
     report.write_html(result, series, plot_marks, directory)
     progress(f"{path.stem}: {'PASSED' if result['passed'] else 'FAILED'}; report {directory / 'report.json'}")
@@ -530,10 +545,22 @@ def run(
     progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
     runtime.up(progress)
     spread_as_designed(runtime, progress)
-    outcomes = []
-    for name in experiments:
-        outcomes.append(
-            run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress)["passed"]
+    monitoring = runtime.topology.monitoring.enabled
+    receiver = AlertReceiver(runtime.topology.alert_receiver_url).start() if monitoring else None
+    if receiver is not None:
+        progress(
+            f"monitoring: recording every alert Alertmanager delivers at {runtime.topology.alert_receiver_url}"
         )
-        heal(runtime, progress)
+    outcomes = []
+    try:
+        for name in experiments:
+            outcomes.append(
+                run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress, receiver)[
+                    "passed"
+                ]
+            )
+            heal(runtime, progress)
+    finally:
+        if receiver is not None:
+            receiver.stop()
     return 0 if all(outcomes) else 1
