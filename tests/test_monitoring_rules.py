@@ -200,12 +200,12 @@ def dr_falling_behind_case(t: Topology) -> dict[str, Any]:
 CASES = (steady_case, site_loss_case, member_faults_case, cell_failing_slowly_case, dr_falling_behind_case)
 
 
-def write_tests(directory: Path, topology: Topology) -> Path:
+def write_tests(directory: Path, topology: Topology, cases: tuple[Any, ...] = CASES) -> Path:
     (directory / "rules.yml").write_text(rules.rules_yaml(topology))
     document = {
         "rule_files": ["rules.yml"],
         "evaluation_interval": f"{ms.STEP_S}s",
-        "tests": [case(topology) for case in CASES],
+        "tests": [case(topology) for case in cases],
     }
     path = directory / "rules_test.yml"
     path.write_text(yaml.safe_dump(document, sort_keys=False, width=1000))
@@ -213,7 +213,9 @@ def write_tests(directory: Path, topology: Topology) -> Path:
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=300, check=False)
+    """promtool evaluates every rule every 2 s of 14 minutes per scenario: about 25 s of CPU for
+    all of them, minutes on a busy 2-core machine."""
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=900, check=False)
 
 
 # ---- tests ----------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_every_alert_is_shown_firing_and_every_early_warning_before_its_slo_aler
 def test_a_wrong_threshold_fails_the_rule_tests(tmp_path: Path) -> None:
     """The tests can fail: an SLO alert that tolerates 90 % errors misses the slow failure."""
     loose = msgspec.structs.replace(TOPOLOGY, slo=msgspec.structs.replace(TOPOLOGY.slo, error_ratio_max=0.9))
-    path = write_tests(tmp_path, TOPOLOGY)
+    path = write_tests(tmp_path, TOPOLOGY, (cell_failing_slowly_case,))
     (tmp_path / "rules.yml").write_text(rules.rules_yaml(loose))
     result = promtool("test", "rules", str(path))
     assert result.returncode != 0
