@@ -128,6 +128,9 @@ def test_status_and_up_on_the_command_line(runtime: LocalRuntime) -> None:
         check=True,
     )
     assert f'"entry": "http://127.{test_net()}.0.1:28080"' in as_json.stdout
+    assert f'"prometheus": "http://127.{test_net()}.0.1:28090"' in as_json.stdout
+    assert f'"alertmanager": "http://127.{test_net()}.0.1:28093"' in as_json.stdout
+    assert "monitoring: Prometheus" in shown.stdout and "targets up" in shown.stdout
 
 
 def test_up_starts_prometheus_and_alertmanager_with_every_target_up(runtime: LocalRuntime) -> None:

@@ -29,7 +29,7 @@ from watertight.runbooks import ops, runner
 from watertight.runtime.local import LocalRuntime, http_json
 
 # its own addresses and entry port: other test modules' topologies are left alone
-TEST_TOPOLOGY = moved(50, 2).replace("port: 28080", "port: 28180")
+TEST_TOPOLOGY = moved(50, 2).replace("port: 28080", "port: 28180").replace("_port: 2809", "_port: 2819")
 REPO = Path(__file__).resolve().parents[1]
 
 
