@@ -193,6 +193,8 @@ class LocalRuntime:
         except (OSError, ValueError):
             return None
         token = tokens.get("operator") if isinstance(tokens, dict) else None
+        if isinstance(token, list):  # several valid at once (a rotation): any one will do
+            token = token[0] if token else None
         return str(token) if token else None
 
     @property
