@@ -15,8 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,8 +99,12 @@ class CoreStack:
     @property
     def client(self) -> httpx.Client:
         if self._client is None:
-            self._client = httpx.Client(base_url=self.url, timeout=30.0)
+            self._client = self.new_client()
         return self._client
+
+    def new_client(self) -> httpx.Client:
+        """A client of the gateway of its own (one per thread: see tests/test_concurrency.py)."""
+        return httpx.Client(base_url=self.url, timeout=30.0)
 
     def app_config(self, cells: list[int], site: str = "prod", **overrides: Any) -> dict[str, Any]:
         return {
@@ -152,6 +158,32 @@ class CoreStack:
         for server in [self.gateway, *self.apps]:
             if server is not None:
                 server.stop()
+
+
+def in_parallel(stack: CoreStack, calls: list[Any], threads: int = 32) -> list[httpx.Response]:
+    """Run each ``call(client)`` on a pool of threads, each thread with its own client: one
+    httpx.Client shared by 32 threads once failed a request with "ReadError: [Errno 9] Bad file
+    descriptor" (a pooled connection closed by one thread while another read from it), which is
+    the client's trouble, not the core's."""
+    local = threading.local()
+    clients: list[httpx.Client] = []
+    guard = threading.Lock()
+
+    def run(call: Any) -> httpx.Response:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = stack.new_client()
+            with guard:
+                clients.append(client)
+        response: httpx.Response = call(client)
+        return response
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(run, calls))
+    finally:
+        for client in clients:
+            client.close()
 
 
 def new_stack(postgres: PostgresServer, cell_count: int = 2) -> CoreStack:
