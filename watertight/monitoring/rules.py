@@ -263,7 +263,7 @@ def slo_alerts(topology: Topology) -> list[Alert]:
         Alert(
             "CellLatencyP99High",
             f"{LATENCY_P99} > {latency_s:g} and {REQUESTS} > {REQUESTS_MIN_PER_S}",
-            30,  # a burst on a busy machine (a drill's first seconds) is not an outage
+            60,  # a latency SLO holds over a minute: a burst on a busy machine is not an outage
             "warning",
             "cell {{ $labels.cell }} at {{ $labels.site }}: p99 above " + f"{slo.latency_p99_ms_max:g} ms",
             "The 99th percentile of the cell's answers at that site is above the latency SLO.",
