@@ -93,6 +93,24 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                         },
                                     },
                                 },
+                                # monitoring.coreos.com/v1 SafeAuthorization
+                                "authorization": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "type": {"type": "string"},
+                                        "credentials": {
+                                            "type": "object",
+                                            "required": ["key"],
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "name": {"type": "string"},
+                                                "key": {"type": "string"},
+                                                "optional": {"type": "boolean"},
+                                            },
+                                        },
+                                    },
+                                },
                             },
                         },
                     },

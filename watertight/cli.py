@@ -225,6 +225,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"entry: {result['entry']}")
     for site in ("prod", "samecity"):
         print(f"gateway {site}: {topology.gateway_url(site)}")
+    print(f"API tokens (Authorization: Bearer, one per client kind): {runtime.secrets_path} (api_tokens)")
     if topology.monitoring.enabled:
         print(f"prometheus: {topology.prometheus_url}")
         print(f"alertmanager: {topology.alertmanager_url}")

@@ -52,10 +52,15 @@ RELABELINGS = [
 ]
 
 
-def service_monitor_spec(namespace: str) -> dict[str, Any]:
-    """App servers and gateways on their ``http`` port (their series carry their own cell and
-    site: honoured), Patroni on its ``patroni`` port, etcd on its ``client`` port; each target
-    labelled as watertight.monitoring.rules expects."""
+# the clients' API tokens (components.Site makes it): Prometheus scrapes /metrics with the operator's
+API_CLIENTS_SECRET = "watertight-api-clients"
+
+
+def service_monitor_spec(namespace: str, token_secret: str = API_CLIENTS_SECRET) -> dict[str, Any]:
+    """App servers and gateways on their ``http`` port (their /metrics needs the operator's API
+    token: ``token_secret``, key ``operator``; their series carry their own cell and site:
+    honoured), Patroni on its ``patroni`` port, etcd on its ``client`` port; each target labelled
+    as watertight.monitoring.rules expects."""
     return {
         "namespaceSelector": {"matchNames": [namespace]},
         "selector": {
@@ -71,6 +76,7 @@ def service_monitor_spec(namespace: str) -> dict[str, Any]:
                 "interval": SCRAPE_INTERVAL,
                 "honorLabels": True,
                 "relabelings": RELABELINGS,
+                "authorization": {"type": "Bearer", "credentials": {"name": token_secret, "key": "operator"}},
             },
             {"port": "patroni", "path": "/metrics", "interval": SCRAPE_INTERVAL, "relabelings": RELABELINGS},
             {"port": "client", "path": "/metrics", "interval": SCRAPE_INTERVAL, "relabelings": RELABELINGS},
