@@ -30,6 +30,7 @@ import msgspec
 from cardcore.platform.auth import ClientTokens
 from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
+from watertight.monitoring.config import MONITORING_KINDS
 from watertight.runtime import processes
 from watertight.runtime.local import LocalRuntime
 
@@ -242,6 +243,8 @@ def sample(runtime: LocalRuntime) -> dict[int, tuple[str, float]]:
     tree = processes.children_map()
     found: dict[int, tuple[str, float]] = {}
     for component in runtime.components:
+        if component.kind in MONITORING_KINDS:
+            continue  # the observer, not the core: its cost is no transaction's
         kind = "postgres+patroni" if component.kind == "patroni" else component.kind
         for pid in runtime.component_pids(component, tree):
             seconds = cpu_seconds(pid)

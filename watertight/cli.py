@@ -226,6 +226,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     for site in ("prod", "samecity"):
         print(f"gateway {site}: {topology.gateway_url(site)}")
     print(f"API tokens (Authorization: Bearer, one per client kind): {runtime.secrets_path} (api_tokens)")
+    if topology.monitoring.enabled:
+        print(f"prometheus: {topology.prometheus_url}")
+        print(f"alertmanager: {topology.alertmanager_url}")
     return 0
 
 

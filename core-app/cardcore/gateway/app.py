@@ -213,6 +213,11 @@ class Gateway:
             "Authorization decisions answered through the gateway, by ISO 8583 response code.",
             ("cell", "site", "response_code"),
         )
+        # a series that appears only at its first event is invisible to rate() and increase():
+        # the codes the alerts watch (approved, issuer unavailable) exist from the start
+        for cell in self.cells:
+            for code in ("00", "91"):
+                self.m_decisions.inc((str(cell), self.site, code), 0)
         self.m_healthy = self.registry.gauge(
             "watertight_upstream_healthy",
             "1 when the upstream app server can serve the cell (last readyz poll), else 0.",

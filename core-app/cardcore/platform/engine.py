@@ -277,6 +277,11 @@ class CellEngine:
         self.on_batch: Callable[[int, float], None] | None = None
 
     @property
+    def queue_depth(self) -> int:
+        """Financial requests waiting for the writer now (at most ``queue_depth_max``)."""
+        return self._queue.qsize()
+
+    @property
     def vault(self) -> PanVault:
         """The keys as they are now; a batch takes them once (``BatchContext.vault``)."""
         return self.keys.vault
