@@ -6,6 +6,7 @@ Never: return a full PAN except in the application's answer; log one anywhere.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import asyncpg
@@ -13,6 +14,7 @@ import msgspec
 
 from cardcore.common import ids
 from cardcore.common.crypto import hash_id_number
+from cardcore.common.money import decimal_of, fen_of
 from cardcore.common.types import AMOUNT_FEN_MAX
 from cardcore.issuing.decision import decide
 from cardcore.platform.http import Request, Route, bad_request, conflict, not_found
@@ -162,11 +164,15 @@ def routes(service: CoreService) -> list[Route]:
                 product_code,
                 int.from_bytes(id_hash[:2], "big") % 28 + 1,
             )
+            # children are shares of the total (limits/lines.py)
+            shares = [None, Decimal(1), decimal_of(params["cash_share"]), Decimal(1)]
             await conn.execute(
-                "INSERT INTO lines (account_id, line, limit_fen) SELECT $1, l, x FROM unnest($2::text[], $3::bigint[]) AS u(l, x)",
+                "INSERT INTO lines (account_id, line, limit_fen, share)"
+                " SELECT $1, l, x, s FROM unnest($2::text[], $3::bigint[], $4::numeric[]) AS u(l, x, s)",
                 account_id,
                 ["total", "purchase", "cash", "installment"],
-                [limit, limit, int(limit * float(params["cash_share"])), limit],
+                [limit] + [fen_of(limit, share) for share in shares[1:] if share is not None],
+                shares,
             )
             card_id, pan, expiry = await insert_card(
                 conn, service, cell, account_id, customer_id, int(params["card_years"])
@@ -246,8 +252,13 @@ def routes(service: CoreService) -> list[Route]:
             new_id, _pan, _expiry = await insert_card(
                 conn, service, engine.cell, row["account_id"], row["customer_id"], years
             )
+            # a card reported lost or stolen stays so (as final as closed): the networks keep
+            # getting 41 / 43 for its number, which tells them to retain the plastic
             await conn.execute(
-                "UPDATE cards SET status = 'closed', replaced_by = $2 WHERE card_id = $1", card_id, new_id
+                "UPDATE cards SET status = CASE WHEN status IN ('lost', 'stolen') THEN status ELSE 'closed' END,"
+                " replaced_by = $2 WHERE card_id = $1",
+                card_id,
+                new_id,
             )
             new_row = await conn.fetchrow(f"SELECT {CARD_COLUMNS} FROM cards WHERE card_id = $1", new_id)
         return 201, {**card_view(new_row), "replaces": card_id}
@@ -305,7 +316,7 @@ def routes(service: CoreService) -> list[Route]:
             "POST",
             "/v1/cards/{card_id}/replace",
             replace,
-            "Issue a replacement card; the old one is closed",
+            "Issue a replacement card; the old one is closed (or stays lost or stolen)",
             tag="issuing",
         ),
         Route(
