@@ -310,7 +310,20 @@ def test_pods_run_what_the_local_runtime_runs(stack: str) -> None:
     patroni = pod_spec(workload(run, "StatefulSet", "pg-cell1-prod", "prod"))["containers"][0]["command"]
     assert app[1:-1] == local["app"][:-1] and app[-1] == "/etc/cardcore/app.json"
     assert gateway[1:-1] == local["gateway"][:-1] and gateway[-1] == "/etc/cardcore/gateway.json"
-    assert patroni[1:-1] == local["patroni"][:-1] and patroni[-1] == "/etc/patroni/patroni.yml"
+    # Patroni under the member guard in both: the same module after the guard's "--"
+    guard, patroni_argv = patroni[: patroni.index("--")], patroni[patroni.index("--") + 1 :]
+    local_patroni = local["patroni"][local["patroni"].index("--") + 2 :]
+    assert patroni_argv[1:-1] == local_patroni[:-1] and patroni_argv[-1] == "/etc/patroni/patroni.yml"
+    assert guard[1] == "/opt/watertight/guard.py" and local["patroni"][:2] == [
+        "-m",
+        "watertight.runtime.guard",
+    ]
+    assert guard[2:] == [
+        "--watchdog",
+        "/tmp/watertight-watchdog",
+        "--pid-file",
+        "/var/lib/postgresql/data/pgdata/postmaster.pid",
+    ]
     # Patroni's passwords arrive as the same variables, from the credentials Secret
     env = {
         e["name"]: e["valueFrom"]["secretKeyRef"]

@@ -434,15 +434,28 @@ def test_generated_secrets_are_complete_and_fresh() -> None:
     assert all(first[key] != second[key] for key in first)
 
 
-def test_patroni_component_runs_patroni_on_its_yaml(default_topo: Topology, secrets: dict[str, str]) -> None:
+def test_patroni_component_runs_patroni_on_its_yaml_under_the_member_guard(
+    default_topo: Topology, secrets: dict[str, str]
+) -> None:
     found = components(default_topo, secrets)
     c = found["pg-cell2-samecity"]
+    own = RUN_DIR / "components" / "pg-cell2-samecity"
+    pid_file = RUN_DIR / "data" / "pg-cell2-samecity" / "pgdata" / "postmaster.pid"
     assert c.argv == [
-        PYTHON,
-        "-m",
-        "patroni",
-        str(RUN_DIR / "components" / "pg-cell2-samecity" / "patroni.yml"),
-    ]
+        PYTHON, "-m", "watertight.runtime.guard", "--watchdog", str(own / "watchdog"),
+        "--pid-file", str(pid_file), "--",
+        PYTHON, "-m", "patroni", str(own / "patroni.yml"),
+    ]  # fmt: skip
+    assert c.detached_pid_file == pid_file
+    # Patroni's watchdog writes to the guard's pipe, required: a leader whose Patroni froze is
+    # fenced at ttl // 2, before its leader key can run out
+    assert patroni_of(c)["watchdog"] == {
+        "mode": "required",
+        "driver": "testing",
+        "device": str(own / "watchdog"),
+        "safety_margin": -1,
+    }
+    assert c.listens == (("127.0.2.1", 15502), ("127.0.2.1", 18802))
     assert c.ready_url == "http://127.0.2.1:18802/readiness"
     config = patroni_of(c)
     assert config["postgresql"]["bin_dir"] == str(pg.pg_bindir())

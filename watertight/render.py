@@ -294,6 +294,11 @@ def _netloc(url: str) -> str:
     return urlsplit(url).netloc
 
 
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return str(parts.hostname), _port(url)
+
+
 def _listen_url(url: str, host: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{host}:{_port(url)}"
@@ -325,6 +330,13 @@ class Component:
     # started only while dr is active (the activate-dr runbook), never by a plain `up`: dr's app
     # server and gateway stay idle until both centers are lost
     on_dr_activation: bool = False
+    # the (address, port) pairs it listens on: `up` refuses to start it while another process
+    # holds one of them
+    listens: tuple[tuple[str, int], ...] = ()
+
+
+# the named pipe in a member's component directory that its Patroni's watchdog writes to
+WATCHDOG_PIPE = "watchdog"
 
 
 def component_dir(run_dir: Path, name: str) -> Path:
@@ -478,8 +490,24 @@ def _pg_hba(endpoints: Endpoints) -> list[str]:
     return lines
 
 
+def _watchdog(device: Path | None) -> dict[str, Any]:
+    """Patroni's watchdog: off, or required and fed to the member guard's pipe (Patroni's
+    ``testing`` driver writes ``Ctimeout=N``, a keepalive per loop and ``V`` to a named pipe;
+    watertight.runtime.guard fences PostgreSQL when they stop). ttl // 2 (safety_margin -1): a
+    leader whose Patroni froze is fenced 10 s before its leader key can run out."""
+    if device is None:
+        return {"mode": "off"}
+    return {"mode": "required", "driver": "testing", "device": str(device), "safety_margin": -1}
+
+
 def _patroni_common(
-    topology: Topology, endpoints: Endpoints, cell: int, site: str, data_dir: Path, bin_dir: Path
+    topology: Topology,
+    endpoints: Endpoints,
+    cell: int,
+    site: str,
+    data_dir: Path,
+    bin_dir: Path,
+    watchdog_device: Path | None = None,
 ) -> dict[str, Any]:
     listen = endpoints.listen_address(site)
     port = endpoints.postgres_port(cell)
@@ -495,7 +523,7 @@ def _patroni_common(
         "namespace": PATRONI_NAMESPACE,
         "log": {"level": "INFO"},
         "restapi": {"listen": f"{listen}:{_port(api)}", "connect_address": _netloc(api)},
-        "watchdog": {"mode": "off"},
+        "watchdog": _watchdog(watchdog_device),
         "postgresql": {
             "listen": f"{listen}:{port}",
             "connect_address": endpoints.postgres_member(cell, site),
@@ -541,6 +569,7 @@ def patroni_config(
     data_dir: Path,
     bin_dir: Path,
     centers_follow_dr: bool = False,
+    watchdog_device: Path | None = None,
 ) -> dict[str, Any]:
     """Patroni YAML (as a dict) of a cell's member in ``site``.
 
@@ -557,12 +586,15 @@ def patroni_config(
     ``centers_follow_dr`` (failback, after activate-dr): a center member that bootstraps again
     (re-cloned) starts the main cluster as a standby cluster of the cell's dr primary, until the
     failback runbook promotes it.
+
+    ``watchdog_device``: the named pipe of the member guard (watertight.runtime.guard) that runs
+    this Patroni; without it the watchdog is off.
     """
     if not 1 <= cell <= topology.cells:
         raise ValueError(f"patroni_config: cell {cell} is not one of 1..{topology.cells}")
     if site not in topology.sites:
         raise ValueError(f"patroni_config: unknown site {site!r}")
-    config = _patroni_common(topology, endpoints, cell, site, data_dir, bin_dir)
+    config = _patroni_common(topology, endpoints, cell, site, data_dir, bin_dir, watchdog_device)
     dcs = _bootstrap_dcs(topology)
     if site in CENTERS:
         config["scope"] = scope(cell)
@@ -650,6 +682,10 @@ def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_he
             "dsn": _dsn(members),
             "member_sites": dict(zip(members, sites, strict=True)),
             "leader_site": sites[0],
+            # serve only from the member whose Patroni holds the leader lock
+            "patroni_urls": {
+                member: endpoints.patroni_api_url(cell, s) for member, s in zip(members, sites, strict=True)
+            },
         }
     url = endpoints.app_url(site)
     return {
@@ -746,6 +782,7 @@ def render_local(
                 ready_url=endpoints.etcd_client_url(site) + "/health",
                 stage=STAGE_ETCD,
                 data_dir=data_dir(run_dir, name),
+                listens=(_address(endpoints.etcd_client_url(site)), _address(endpoints.etcd_peer_url(site))),
             )
         )
     components.append(
@@ -758,28 +795,54 @@ def render_local(
             ready_url=endpoints.etcd_dr_client_url() + "/health",
             stage=STAGE_ETCD,
             data_dir=data_dir(run_dir, ETCD_DR_NAME),
+            listens=(_address(endpoints.etcd_dr_client_url()), _address(endpoints.etcd_dr_peer_url())),
         )
     )
 
     def member(cell: int, site: str, stage: int) -> Component:
         name = pg_name(cell, site)
         member_dir = data_dir(run_dir, name)
+        own_dir = component_dir(run_dir, name)
+        fifo = own_dir / WATCHDOG_PIPE
         config = patroni_config(
-            topology, endpoints, cell, site, member_dir, bin_dir, centers_follow_dr and site in CENTERS
+            topology,
+            endpoints,
+            cell,
+            site,
+            member_dir,
+            bin_dir,
+            centers_follow_dr and site in CENTERS,
+            watchdog_device=fifo,
         )
+        postmaster_pid = pgdata(member_dir) / "postmaster.pid"
+        guard = [
+            python,
+            "-m",
+            "watertight.runtime.guard",
+            "--watchdog",
+            str(fifo),
+            "--pid-file",
+            str(postmaster_pid),
+        ]
         return Component(
             name=name,
             kind="patroni",
             site=site,
             cell=cell,
-            argv=[python, "-m", "patroni", str(component_dir(run_dir, name) / "patroni.yml")],
+            # the guard is the component's PID: Patroni runs under it, and PostgreSQL never
+            # outlives Patroni (watertight.runtime.guard)
+            argv=[*guard, "--", python, "-m", "patroni", str(own_dir / "patroni.yml")],
             env=patroni_env(secrets),
             files={"patroni.yml": yaml.safe_dump(config, sort_keys=False)},
             service_user=True,
             ready_url=endpoints.patroni_api_url(cell, site) + "/readiness",
             stage=stage,
             data_dir=member_dir,
-            detached_pid_file=pgdata(member_dir) / "postmaster.pid",
+            detached_pid_file=postmaster_pid,
+            listens=(
+                (endpoints.postgres_host(cell, site), endpoints.postgres_port(cell)),
+                _address(endpoints.patroni_api_url(cell, site)),
+            ),
         )
 
     for cell in topology.cell_numbers:
@@ -804,6 +867,7 @@ def render_local(
                 ready_url=endpoints.app_url(site) + "/readyz",
                 stage=STAGE_APP,
                 on_dr_activation=site == DR_SITE,
+                listens=(_address(endpoints.app_url(site)),),
             )
         )
     for site in (*CENTERS, DR_SITE):
@@ -825,6 +889,7 @@ def render_local(
                 ready_url=endpoints.gateway_url(site) + "/readyz",
                 stage=STAGE_GATEWAY,
                 on_dr_activation=site == DR_SITE,
+                listens=(_address(endpoints.gateway_url(site)),),
             )
         )
     components.append(
@@ -843,6 +908,7 @@ def render_local(
             files={"entry.json": _json(entry_settings(topology, endpoints, drain))},
             ready_url=endpoints.entry_url() + "/readyz",
             stage=STAGE_ENTRY,
+            listens=(_address(endpoints.entry_url()),),
         )
     )
     return components

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -38,12 +39,17 @@ def outcome_of(status: int) -> str:
     return f"{status // 100}xx"
 
 
-def database_unavailable(error: Exception) -> ApiError | None:
+def database_unavailable(
+    error: Exception, on_unavailable: Callable[[int], None] | None = None
+) -> ApiError | None:
     """A cell's database lost in the middle of a request (a failover, a partition) makes the cell
-    unavailable: 503 ``cell_unavailable`` as CONTRACT says, not a 500. Anything else: None."""
+    unavailable: 503 ``cell_unavailable`` as CONTRACT says, not a 500; ``on_unavailable`` hears
+    which cell (its engine re-checks who leads at once). Anything else: None."""
     if not isinstance(error, UNAVAILABLE_ERRORS):
         return None
     cell = current_cell.get() or "?"
+    if on_unavailable is not None and cell.isdigit():
+        on_unavailable(int(cell))
     log.warning("cell %s: request failed, database unavailable: %s: %s", cell, type(error).__name__, error)
     return ApiError(
         503,
@@ -142,7 +148,11 @@ def build(service: CoreService) -> JsonApp:
         requests_total.inc((template, cell, site, outcome_of(status)))
         latency.observe((template, cell, site), seconds)
 
-    app = JsonApp(RouteTable(routes), observe, on_error=database_unavailable)
+    def suspect(cell: int) -> None:
+        if cell in service.engines:
+            service.engines[cell].suspect()
+
+    app = JsonApp(RouteTable(routes), observe, on_error=lambda error: database_unavailable(error, suspect))
     for engine in service.engines.values():
         app.startup.append(engine.start)
         app.shutdown.append(engine.stop)

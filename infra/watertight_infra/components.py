@@ -32,9 +32,11 @@ from watertight.runbooks.kube import (
     DRAIN_CONFIG_MAP,
     DRAIN_FILE,
     ETCD_CONTAINER,
+    MEMBER_GUARD,
     PATRONI_CONFIG_DIR,
     PATRONI_CONTAINER,
     PATRONI_FILE,
+    WATCHDOG_PIPE,
 )
 from watertight.runbooks.kube import POSTGRES_DATA_DIR as POSTGRES_DATA_PATH
 from watertight.topology import CENTERS, Topology
@@ -76,7 +78,14 @@ def gateway_command(config_file: str) -> list[str]:
 
 
 def patroni_command(config_file: str) -> list[str]:
-    return [PYTHON, "-m", PATRONI_MODULE, config_file]
+    """Patroni under the member guard, as the local runtime runs it (render.render_local): the
+    guard is the container's PID 1, so a Patroni that dies takes PostgreSQL with it (the guard
+    fences it and exits; the kubelet starts the container again), a Patroni that freezes while it
+    leads is fenced at ttl // 2 by its watchdog, and a guard that dies ends the container's PID
+    namespace, every process in it included."""
+    pid_file = render.pgdata(POSTGRES_DATA_DIR) / "postmaster.pid"
+    guard = [PYTHON, MEMBER_GUARD, "--watchdog", WATCHDOG_PIPE, "--pid-file", str(pid_file)]
+    return [*guard, "--", PYTHON, "-m", PATRONI_MODULE, config_file]
 
 
 # run by the patroni image's python before Patroni, at the first start of a standby-center member
@@ -596,7 +605,13 @@ class CellMember(pulumi.ComponentResource):
         super().__init__(f"{TYPE_PREFIX}:CellMember", component, None, pulumi.ResourceOptions(parent=parent))
         topology, settings = context.topology, context.settings
         self.config = render.patroni_config(
-            topology, context.endpoints, cell, site.name, POSTGRES_DATA_DIR, Path(settings.postgres_bin_dir)
+            topology,
+            context.endpoints,
+            cell,
+            site.name,
+            POSTGRES_DATA_DIR,
+            Path(settings.postgres_bin_dir),
+            watchdog_device=Path(WATCHDOG_PIPE),
         )
         text = yaml.safe_dump(self.config, sort_keys=False)
         namespace = site.namespace_name

@@ -45,6 +45,10 @@ PATRONI_CONFIG_DIR = "/etc/patroni"
 PATRONI_FILE = "patroni.yml"
 PATRONI_CONFIG = f"{PATRONI_CONFIG_DIR}/{PATRONI_FILE}"
 POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # the data volume: PGDATA, the socket and pgpass
+# the member guard (watertight/runtime/guard.py) in the patroni image: the container's command, so
+# PostgreSQL never outlives Patroni in a pod either; its watchdog pipe is on the pod's /tmp
+MEMBER_GUARD = "/opt/watertight/guard.py"
+WATCHDOG_PIPE = "/tmp/watertight-watchdog"
 DATA_CLAIM = "data"  # a member's PersistentVolumeClaim is <claim>-<statefulset>-0
 ETCD_CONTAINER = "etcd"
 # the cells drained for maintenance: one ConfigMap per site that drain-cell rewrites

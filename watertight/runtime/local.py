@@ -288,9 +288,19 @@ class LocalRuntime:
             return []
         return [pid, *processes.descendants(pid, tree)]
 
+    def component_cgroup(self, component: render.Component) -> Path | None:
+        """The component's cgroup (root only; None without a cgroup v2 hierarchy)."""
+        try:
+            return network.component_cgroup(self.run_dir, component.site, component.name)
+        except network.NetworkFaultError:
+            return None
+
     def component_pids(
         self, component: render.Component, tree: dict[int, list[int]] | None = None
     ) -> list[int]:
+        """Every live process of the component: its own PID and descendants, the postmaster Patroni
+        started detached and its children, and anything else in the component's cgroup (a process
+        that outlived its parent)."""
         tree = tree if tree is not None else processes.children_map()
         record = self.records.get(component.name)
         pids: list[int] = []
@@ -299,7 +309,47 @@ class LocalRuntime:
         for pid in self._postmaster_pids(component, tree):
             if pid not in pids:
                 pids.append(pid)
+        group = self.component_cgroup(component)
+        if group is not None:
+            for pid in network.cgroup_pids(group):
+                if pid not in pids and processes.state_of(pid) not in (None, "Z", "X"):
+                    pids.append(pid)
         return pids
+
+    def processes_of(
+        self, component: render.Component, tree: dict[int, list[int]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every process of a component with its role, so an operator sees at a glance what runs:
+        a member's guard, keeper, Patroni, postmaster and PostgreSQL's own processes."""
+        tree = tree if tree is not None else processes.children_map()
+        record = self.records.get(component.name)
+        main_pid = record.pid if record is not None and processes.alive(record) else None
+        postmaster = self._postmaster_pids(component, tree)[:1]
+        postgres_children = set(processes.descendants(postmaster[0], tree)) if postmaster else set()
+        described = []
+        for pid in self.component_pids(component, tree):
+            line = processes.cmdline(pid)
+            if pid == main_pid:
+                role = "guard" if component.kind == "patroni" else component.kind
+            elif pid in postmaster:
+                role = "postgres"
+            elif pid in postgres_children:
+                role = "postgres-child"
+            elif "watertight.runtime.guard" in line and "--keeper" in line:
+                role = "keeper"
+            elif " -m patroni " in f" {line} ":
+                role = "patroni"
+            else:
+                role = "child"
+            described.append(
+                {
+                    "pid": pid,
+                    "role": role,
+                    "state": processes.state_of(pid),
+                    "orphan": main_pid is None,
+                }
+            )
+        return described
 
     def pids(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
@@ -358,9 +408,9 @@ class LocalRuntime:
         record = processes.spawn(
             component.argv, directory, self.log_path(component), component.env, component.service_user
         )
-        if component.site is not None:
-            # its sockets carry its site from birth: a network fault in force covers it at once
-            network.place(self.run_dir, component.site, record.pid)
+        # its sockets carry its site from birth (a network fault in force covers it at once), and
+        # whatever it ever starts stays findable in its component's cgroup
+        network.place(self.run_dir, component.site, record.pid, component.name)
         self.records[component.name] = record
         self._write_state()
         return record
@@ -382,6 +432,7 @@ class LocalRuntime:
             (self.run_dir / folder).chmod(0o755)
         self.run_dir.chmod(0o755)
         self._write_state()
+        self._refuse_taken_addresses([c for c in self.components if self.expected(c) and not self.running(c)])
         started: list[str] = []
         stages = sorted({c.stage for c in self.components})
         for stage in stages:
@@ -557,22 +608,28 @@ class LocalRuntime:
             healthy = None
             if component.kind in ("app", "gateway", "entry") and is_alive and component.ready_url:
                 healthy = http_json(component.ready_url, timeout_s=0.5)[0] == 200
-            components.append(
-                {
-                    "name": component.name,
-                    "kind": component.kind,
-                    "site": component.site,
-                    "cell": component.cell,
-                    "role": roles.get(component.name, component.kind),
-                    "pid": record.pid if record and is_alive else None,
-                    "alive": is_alive,
-                    "frozen": bool(record and processes.frozen(record)),
-                    "healthy": healthy,
-                    "expected": self.expected(component),
-                    "rss_bytes": rss,
-                    "log": str(self.log_path(component)),
-                }
-            )
+            described = self.processes_of(component, tree)
+            entry: dict[str, Any] = {
+                "name": component.name,
+                "kind": component.kind,
+                "site": component.site,
+                "cell": component.cell,
+                "role": roles.get(component.name, component.kind),
+                "pid": record.pid if record and is_alive else None,
+                "alive": is_alive,
+                "frozen": bool(record and processes.frozen(record)),
+                "healthy": healthy,
+                "expected": self.expected(component),
+                "rss_bytes": rss,
+                "log": str(self.log_path(component)),
+                # every process, so an orphan (alive while the component's PID is gone) shows
+                "processes": described,
+                "orphans": [p["pid"] for p in described if p["orphan"]],
+            }
+            if component.kind == "patroni":
+                entry["patroni_pid"] = next((p["pid"] for p in described if p["role"] == "patroni"), None)
+                entry["postgres_pid"] = next((p["pid"] for p in described if p["role"] == "postgres"), None)
+            components.append(entry)
         endpoints = render.LocalEndpoints(self.topology)
         sites = {}
         idle = {c.name for c in self.components if not self.expected(c)}
@@ -619,9 +676,22 @@ class LocalRuntime:
         for component in sorted(chosen, key=lambda c: -c.stage):
             record = self.records.get(component.name)
             pids = self.component_pids(component, tree)
-            if record is None or not pids:
+            if not pids:
                 continue
-            processes.stop_tree(record, [p for p in pids if p != record.pid], STOP_TIMEOUT_S, hard=hard)
+            if record is not None and processes.alive(record):
+                processes.stop_tree(record, [p for p in pids if p != record.pid], STOP_TIMEOUT_S, hard=hard)
+            else:
+                # what outlived the component's PID: nobody is left to ask politely
+                log.warning("%s: its PID is gone but PIDs %s of it run: killing them", component.name, pids)
+                processes.signal_pids(pids, signal.SIGCONT)
+                processes.signal_pids(pids, signal.SIGKILL)
+                processes.wait_gone(pids, STOP_TIMEOUT_S)
+            group = self.component_cgroup(component)
+            if group is not None:
+                # a process the tree no longer reached (reparented to init) is still in its cgroup
+                escaped = network.kill_cgroup(group)
+                if escaped:
+                    processes.wait_gone(escaped, STOP_TIMEOUT_S)
             hit.append(component.name)
         return hit
 
@@ -675,6 +745,54 @@ class LocalRuntime:
             self.start_component(item)
         return [c.name for c in chosen]
 
+    # ---- strays ---------------------------------------------------------------------------------
+
+    def stray_pids(self) -> list[int]:
+        """Processes of this run that no running component accounts for: left in the run's
+        cgroups, or running one of its components' command lines (a component killed in an earlier
+        life of this run directory, a postmaster whose Patroni is long gone)."""
+        tree = processes.children_map()
+        accounted = {pid for c in self.components for pid in self.component_pids(c, tree)}
+        signatures = [" ".join(c.argv) for c in self.components]
+        signatures += [
+            f"-D {c.detached_pid_file.parent}" for c in self.components if c.detached_pid_file is not None
+        ]
+        found: set[int] = set()
+        group = network.run_cgroup(self.run_dir)
+        if group is not None:
+            found.update(network.cgroup_pids(group))
+        for pid in processes.pids_mentioning(str(self.run_dir)):
+            line = processes.cmdline(pid)
+            if any(line.startswith(sig) or f" {sig}" in line for sig in signatures):
+                found.add(pid)
+        for pid in list(found):
+            found.update(processes.descendants(pid, tree))
+        me = os.getpid()
+        return sorted(
+            pid
+            for pid in found
+            if pid not in accounted and pid != me and processes.state_of(pid) not in (None, "Z", "X")
+        )
+
+    def _refuse_taken_addresses(self, todo: list[render.Component]) -> None:
+        """`up` never starts a component beside a process that already holds one of its addresses
+        (an orphan of an earlier kill would take a share of its traffic, or its data)."""
+        wanted = {address: c for c in todo for address in c.listens}
+        if not wanted:
+            return
+        ours = {pid for c in self.components if self.running(c) for pid in self.component_pids(c)}
+        for (host, port), pids in sorted(processes.listeners(set(wanted)).items()):
+            strangers = [pid for pid in pids if pid not in ours]
+            if strangers:
+                component = wanted.get((host, port)) or next(c for a, c in wanted.items() if a[1] == port)
+                holders = "; ".join(f"PID {pid} ({processes.cmdline(pid)[:80]})" for pid in strangers)
+                raise RuntimeError_(
+                    f"{host}:{port}, where {component.name} must listen, is held by {holders}: "
+                    "no process of this run's components; if it is left from an earlier run of this "
+                    f"directory `watertight down` stops it, otherwise stop it by its PID, then run "
+                    "`watertight up` again"
+                )
+
     # ---- down -----------------------------------------------------------------------------------
 
     def down(self, purge: bool = False, progress: Progress = _quiet) -> list[str]:
@@ -684,7 +802,16 @@ class LocalRuntime:
             progress(f"stopped {len(stopped)} components: {', '.join(stopped)}")
         else:
             progress("nothing was running")
-        left = self.pids()
+        strays = self.stray_pids()
+        if strays:
+            described = ", ".join(f"{pid} ({processes.cmdline(pid)[:60]})" for pid in strays)
+            progress(
+                f"found {len(strays)} processes of this run no component accounts for: {described}; killing them"
+            )
+            processes.signal_pids(strays, signal.SIGCONT)
+            processes.signal_pids(strays, signal.SIGKILL)
+            processes.wait_gone(strays, STOP_TIMEOUT_S)
+        left = self.pids() + self.stray_pids()
         if left:
             raise RuntimeError_(
                 f"processes {left} survived the stop; stop them by PID and run `watertight down` again"

@@ -5,7 +5,15 @@ one synchronous-replication round trip) for up to ``batch_size_max`` requests, g
 most ``batch_wait_ms_max``. Inside a batch every account is locked in id order, decisions are
 made in Python over the loaded state, and the effects are written with set-based SQL.
 
-Never: answer a financial request before its commit; post twice for one idempotency key.
+Fencing: where the cell's members run under Patroni (``patroni_urls``), the engine serves only
+from the member whose Patroni says it holds the leader lock (``GET /primary``: 200 only for a
+running primary with the lock), re-asks every ``probe_interval_ms`` and at once after any database
+error, and drops every connection to a member the moment it is no longer the one: "not in
+recovery" is not enough, a deposed primary whose Patroni died or froze is writable too. ``epoch``
+changes with every change of member, so nothing cached outlives a failover.
+
+Never: answer a financial request before its commit; post twice for one idempotency key; read or
+write through a member that does not hold the leader lock when Patroni runs the cell.
 """
 
 from __future__ import annotations
@@ -31,11 +39,19 @@ from cardcore.platform import db
 from cardcore.platform.http import ApiError, encode
 from cardcore.platform.settings import AppSettings, CellSettings
 from cardcore.platform.state import Writes, business_date, state_from_row, value_date
+from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("cardcore.engine")
 
 BATCH_RETRIES_MAX = 3
 SUBMIT_TIMEOUT_S = 10.0
+LEADER_PROBE_TIMEOUT_S = 0.5
+
+
+class NoLeaderError(Exception):
+    """No member holds the cell's leader lock (a failover under way), or more than one says so."""
+
+
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ConnectionError,
@@ -53,6 +69,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TargetServerAttributeNotMatched,
     # committed on the primary only: PostgreSQL stopped waiting for the sync standby
     db.CommitNotConfirmedError,
+    # fenced: no member holds the leader lock, or the connection is not to the one that does
+    NoLeaderError,
 )
 RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 # the request hash of an idempotency key a reversal claimed before its request arrived: the late
@@ -260,6 +278,14 @@ class CellEngine:
         self.leader_site: str | None = cell_settings.leader_site
         self.last_error = "not started"
         self._writer_conn: asyncpg.Connection | None = None
+        # fencing: the member (host:port) every connection goes to, and a change counter
+        self.serving_member: str | None = None
+        self.epoch = 0
+        self._patroni = {
+            member: UpstreamPool(url, size_max=2, connect_timeout=LEADER_PROBE_TIMEOUT_S)
+            for member, url in cell_settings.patroni_urls.items()
+        }
+        self._probe_now = asyncio.Event()
         self._queue: asyncio.Queue[Op] = asyncio.Queue(maxsize=settings.queue_depth_max)
         self._tasks: list[asyncio.Task[None]] = []
         self.batches_committed = 0
@@ -275,10 +301,19 @@ class CellEngine:
             "application_name": f"cardcore-{self.settings.site}-cell{self.cell}-{role}",
         }
 
+    def _members(self) -> list[str]:
+        """Where connections may go: the lock holder when Patroni runs the cell (none while no
+        member holds it), else every member (the writable one is chosen)."""
+        if self._patroni:
+            if self.serving_member is None:
+                raise NoLeaderError("no member holds the leader lock")
+            return [self.serving_member]
+        return list(self.cell_settings.member_sites)
+
     async def _connect(self, role: str) -> asyncpg.Connection:
         return await db.connect_writable(
             self.cell_settings.dsn,
-            list(self.cell_settings.member_sites),
+            self._members(),
             timeout=self.settings.connect_timeout_ms / 1000,
             command_timeout=self.settings.statement_timeout_ms / 1000,
             server_settings=self._server_settings(role),
@@ -287,7 +322,7 @@ class CellEngine:
     async def _pool_connect(self, dsn: str, **kwargs: Any) -> asyncpg.Connection:
         """The pool's way to open a connection: to the writable member, as ``_connect``."""
         kwargs.pop("loop", None)
-        return await db.connect_writable(dsn, list(self.cell_settings.member_sites), **kwargs)
+        return await db.connect_writable(dsn, self._members(), **kwargs)
 
     async def start(self) -> None:
         """Connect, migrate, seed the catalogue; keeps going in the background if the cell is down."""
@@ -338,26 +373,92 @@ class CellEngine:
             await self._writer_conn.close()
         if self.pool is not None:
             await self.pool.close()
+        for patroni in self._patroni.values():
+            await patroni.close()
+
+    async def _holds_lock(self, member: str) -> bool:
+        try:
+            response = await self._patroni[member].request("GET", "/primary", seconds=LEADER_PROBE_TIMEOUT_S)
+        except UpstreamError:
+            return False
+        return response.status == 200
+
+    async def leader_member(self) -> str:
+        """The member whose Patroni says it is the running primary holding the cell's leader lock;
+        raises NoLeaderError when none does or several do."""
+        members = list(self._patroni)
+        answers = await asyncio.gather(*(self._holds_lock(member) for member in members))
+        holders = [member for member, holds in zip(members, answers, strict=True) if holds]
+        if len(holders) == 1:
+            return holders[0]
+        if not holders:
+            raise NoLeaderError("no member holds the leader lock")
+        raise NoLeaderError(f"members {', '.join(holders)} all say they hold the leader lock")
+
+    async def _fence(self, member: str | None, why: str) -> None:
+        """Serve from ``member`` from now on: every connection to another member is dropped."""
+        if member == self.serving_member:
+            return
+        previous, self.serving_member = self.serving_member, member
+        self.epoch += 1
+        self.ready = False
+        if previous is not None:
+            log.warning(
+                "cell %s: leaving %s (%s); serving from %s, epoch %d",
+                self.cell,
+                previous,
+                why,
+                member or "nobody",
+                self.epoch,
+            )
+        await self._drop_writer()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.terminate()
+
+    def suspect(self) -> None:
+        """A request just failed on the database: check who leads now rather than at the next tick."""
+        self._probe_now.set()
+
+    async def _probe_once(self) -> None:
+        if self._patroni:
+            try:
+                holder = await self.leader_member()
+            except NoLeaderError as error:
+                await self._fence(None, str(error))
+                raise
+            await self._fence(holder, "another member holds the leader lock")
+        pool = await asyncio.wait_for(
+            self._ensure_pool(), timeout=self.settings.connect_timeout_ms / 1000 + 5
+        )
+        async with pool.acquire(timeout=1.0) as conn:
+            row = await conn.fetchrow(
+                "SELECT pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()",
+                timeout=1.0,
+            )
+        assert row is not None
+        member = f"{row[1]}:{row[2]}"
+        if self._patroni and member != self.serving_member:
+            await self._fence(None, f"connected to {member}, not the lock holder")
+            raise NoLeaderError(f"connected to {member}, not the lock holder {self.serving_member}")
+        self.leader_site = self.cell_settings.member_sites.get(member, self.cell_settings.leader_site)
+        was_ready, self.ready = self.ready, not row[0]
+        self.last_error = "" if self.ready else "connected to a replica"
+        if self.ready and not was_ready:
+            log.info(
+                "cell %s: ready, primary at %s (site %s), epoch %d",
+                self.cell,
+                member,
+                self.leader_site,
+                self.epoch,
+            )
 
     async def _probe_loop(self) -> None:
         interval = self.settings.probe_interval_ms / 1000
         while True:
+            self._probe_now.clear()
             try:
-                pool = await asyncio.wait_for(
-                    self._ensure_pool(), timeout=self.settings.connect_timeout_ms / 1000 + 5
-                )
-                async with pool.acquire(timeout=1.0) as conn:
-                    row = await conn.fetchrow(
-                        "SELECT pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()",
-                        timeout=1.0,
-                    )
-                assert row is not None
-                member = f"{row[1]}:{row[2]}"
-                self.leader_site = self.cell_settings.member_sites.get(member, self.cell_settings.leader_site)
-                was_ready, self.ready = self.ready, not row[0]
-                self.last_error = "" if self.ready else "connected to a replica"
-                if self.ready and not was_ready:
-                    log.info("cell %s: ready, primary at %s (site %s)", self.cell, member, self.leader_site)
+                await self._probe_once()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # any failure means: not ready, say why once
@@ -365,7 +466,10 @@ class CellEngine:
                     log.warning("cell %s: not ready: %s: %s", self.cell, type(error).__name__, error)
                 self.ready = False
                 self.last_error = f"{type(error).__name__}: {error}"
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._probe_now.wait(), timeout=interval)
+            except TimeoutError:
+                pass
 
     async def _catalogue_loop(self) -> None:
         """Catalogue rows may be changed through another app server: reload them periodically."""
@@ -469,6 +573,7 @@ class CellEngine:
                 )
                 continue
             except UNAVAILABLE_ERRORS as error:
+                self.suspect()
                 await self._drop_writer()
                 reason = f"{type(error).__name__}: {error}"
                 log.warning("cell %s: batch of %d not committed: %s", self.cell, len(batch), reason)

@@ -18,6 +18,9 @@ class CellSettings(msgspec.Struct, forbid_unknown_fields=True):
     # host:port of each database member -> its site, so readyz can say where the leader is
     member_sites: dict[str, str] = {}
     leader_site: str | None = None
+    # host:port of each database member -> the base URL of its Patroni REST API: when given, the
+    # app server serves only from the member holding the leader lock (see cardcore.platform.engine)
+    patroni_urls: dict[str, str] = {}
 
 
 class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
