@@ -468,6 +468,8 @@ class Increment:
     """An incremental authorization on an open hold (a hotel stay extended, a fuel pump): the
     card and the credit are checked again; approved, the hold grows and its expiry restarts."""
 
+    claimable = True  # reversed by its key before it arrived: declined
+
     def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
         assert op.path_id is not None
         needs.auth_ids.add(op.path_id)
