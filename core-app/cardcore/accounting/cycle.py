@@ -48,7 +48,7 @@ from cardcore.common.money import decimal_of, fen, fen_of
 from cardcore.common.pricing import PriceContext, price
 from cardcore.limits.lines import StatementRef, minimum_due
 from cardcore.platform.engine import CellEngine
-from cardcore.platform.state import TransactionRow, Writes, load_accounts
+from cardcore.platform.state import TransactionRow, Writes, load_accounts, read_business_date
 
 log = logging.getLogger("cardcore.cycle")
 
@@ -145,6 +145,7 @@ async def run_cycle(engine: CellEngine, business_date: date) -> dict[str, Any]:
     }
     async with pool.acquire() as conn:
         await advance_business_date(conn, business_date)
+        cell_date = await read_business_date(conn, datetime.now(UTC))
     last = ""
     while True:
         async with pool.acquire() as conn:
@@ -174,7 +175,13 @@ async def run_cycle(engine: CellEngine, business_date: date) -> dict[str, Any]:
             totals["accounts_due"],
         )
     log.info("cell %s: cycle %s: %s", engine.cell, business_date, totals)
-    return {"cell": engine.cell, "business_date": business_date.isoformat(), **totals}
+    return {
+        "cell": engine.cell,
+        "business_date": business_date.isoformat(),
+        # the cell's business date now: postings are valued on it (it never moves back)
+        "cell_business_date": cell_date.isoformat(),
+        **totals,
+    }
 
 
 async def _cycle_account(
