@@ -262,15 +262,23 @@ def test_a_reversal_without_a_card_number_needs_every_cell_and_one_with_it_only_
     opened = customers[1]
     original_key = key()
     approved(stack.client, opened, 100_000, idempotency_key=original_key)
+    port = int(second.url.rsplit(":", 1)[1])
     second.stop()
-    unknown = key()
-    asked_everywhere = reverse_by_key(stack.client, unknown)
+    unknown, reversal_key = key(), key()
+    asked_everywhere = reverse_by_key(stack.client, unknown, idempotency_key=reversal_key)
     assert asked_everywhere.status_code == 503, asked_everywhere.text  # cell 2 may have it: retry later
     # the cell that has the original answers even while another cell is down
     found = answer_of(reverse_by_key(stack.client, original_key))
     assert (found["original"], found["status"]) == ("approved", "reversed")
-    recorded = answer_of(reverse_by_key(stack.client, unknown, opened["pan"]))
-    assert recorded["original"] == "absent"
+    # cell 2 is back: the same reversal, tried again, is recorded in every cell
+    stack.start_app([2], port=port)
+    retried = answer_of(reverse_by_key(stack.client, unknown, idempotency_key=reversal_key))
+    assert (retried["original"], retried["status"]) == ("absent", "recorded")
+    for cell in (1, 2):
+        claimed = stack.psql(cell, "SELECT count(*) FROM idempotency WHERE key = $1", unknown)
+        assert claimed[0][0] == 1, cell
+    late = answer_of(authorize(stack.client, customers[2], 1_000, idempotency_key=unknown))
+    assert (late["approved"], late["response_code"]) == (False, "05")
 
 
 # ---- incremental authorizations ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Authorization over HTTP. An authorization (or an increment) for a cell that is down is
 declined with 91. A reversal by the original key without a card number goes to every cell this
-server serves (``?cell=N``: that one); the cell that knew the original answers for all."""
+server serves (``?cell=N``: that one; ``&known=only``: applied only if that cell knows the
+original): first where the original is known, and only when no cell knows it, claimed in every
+cell (``merge_reversals``); the cell that knew the original answers for all."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import msgspec
 
 from cardcore.authorization.ops import (
+    KNOWN_ONLY,
     AuthorizationRequest,
     ClearingRequest,
     IncrementRequest,
@@ -17,6 +20,7 @@ from cardcore.authorization.ops import (
     ReversalByKeyRequest,
     ReversalRequest,
     check_authorization_format,
+    check_reversal_by_key,
 )
 from cardcore.common import ids
 from cardcore.platform.engine import CellEngine, Result
@@ -59,17 +63,24 @@ def routes(service: CoreService) -> list[Route]:
 
     async def reverse_by_key(request: Request) -> tuple[int, Any]:
         body: ReversalByKeyRequest = request.decode(ReversalByKeyRequest)
+        check_reversal_by_key(body)
+        known = request.query.get("known")
+        if known not in (None, "only"):
+            raise bad_request("known", "known must be 'only' (apply only where the original is known)")
+        mode = KNOWN_ONLY if known == "only" else ""
         if "cell" in request.query:
-            engines = cell_param(service, request.query)
-        elif body.pan is not None:
-            if not ids.pan_well_formed(body.pan):
-                raise bad_request("pan", "pan must be 16 digits with a valid Luhn check digit")
+            (engine,) = cell_param(service, request.query)
+            return await _submit(engine, body, mode)
+        if body.pan is not None:
             cell = service.router.cell_for_pan(body.pan)
             if cell is None:
                 raise bad_request("pan", "pan is not a card number of this issuer")
-            engines = [service.engine_for_cell(cell)]
-        else:
-            engines = cell_param(service, request.query, required=False)
+            return await _submit(service.engine_for_cell(cell), body, mode)
+        engines = cell_param(service, request.query, required=False)
+        first = list(await asyncio.gather(*(_submit(e, body, KNOWN_ONLY) for e in engines)))
+        decided = merge_known(first)
+        if decided is not None or mode == KNOWN_ONLY:
+            return decided or first[0]
         return merge_reversals(await asyncio.gather(*(_submit(e, body) for e in engines)))
 
     async def increment(request: Request) -> tuple[int, Any]:
@@ -152,17 +163,65 @@ class _ReversalAnswer(msgspec.Struct):
 _decode_reversal = msgspec.json.Decoder(_ReversalAnswer).decode
 
 
-async def _submit(engine: CellEngine, body: ReversalByKeyRequest) -> Result:
+async def _submit(engine: CellEngine, body: ReversalByKeyRequest, mode: str = "") -> Result:
     try:
-        return await engine.submit("reverse_by_key", body.idempotency_key, body)
+        return await engine.submit("reverse_by_key", body.idempotency_key, body, mode=mode)
     except ApiError as error:
         return error.status, encode(error.body())
 
 
+class _Error(msgspec.Struct):
+    code: str = ""
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error | None = None
+
+
+_decode_error = msgspec.json.Decoder(_ErrorBody).decode
+
+
+def original_unknown(result: Result) -> bool:
+    """A cell's answer to a ``known=only`` reversal that says it does not know the original."""
+    status, data = result
+    if status != 404:
+        return False
+    try:
+        error = _decode_error(data).error
+    except msgspec.DecodeError:
+        return False
+    return error is not None and error.code == "original_unknown"
+
+
+def merge_known(answers: list[Result]) -> Result | None:
+    """The first round of a reversal asked of every cell (``known=only``): the answer of the cell
+    that knew the original (a refusal too); 503 when a cell could not say (it may know it);
+    None when no cell knows it: the reversal is then to be claimed in every cell."""
+    failed: Result | None = None
+    for result in answers:
+        status, data = result
+        if original_unknown(result):
+            continue
+        if status >= 500:
+            failed = failed or result
+            continue
+        if status >= 400:
+            return result
+        try:
+            original = _decode_reversal(data).original
+        except msgspec.DecodeError:
+            original = ""
+        if original != "absent":
+            return result
+        # "absent": this reversal was recorded here before (the second round of an earlier try,
+        # which may not have reached every cell): the second round answers
+    return failed
+
+
 def merge_reversals(answers: list[Result]) -> Result:
-    """One answer for a reversal asked of several cells: the cell that knew the original answers
-    (its error too: it is about that original); else, when one failed, 503 (retry: every cell that
-    recorded it answers the same again); else the first "recorded"."""
+    """The second round (claimed in every cell): the cell that knew the original after all (it
+    committed in between) answers; else, when one failed, 503 (retry: every cell that recorded it
+    answers the same again); else the first "recorded"."""
     failed: Result | None = None
     recorded: Result | None = None
     for status, data in answers:

@@ -13,7 +13,7 @@ Never: approve beyond any line; mutate state before the request is known to be v
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -26,7 +26,7 @@ from cardcore.common.pricing import PriceContext, price
 from cardcore.common.types import AmountFen, Currency, Expiry, IdempotencyKey, Mcc, PanText, ShortText
 from cardcore.limits.lines import AccountState
 from cardcore.platform.engine import CLAIMED_HASH, BatchContext, Needs, Op, register
-from cardcore.platform.http import bad_request, conflict, encode, not_found, unprocessable
+from cardcore.platform.http import ApiError, bad_request, conflict, encode, not_found, unprocessable
 from cardcore.platform.state import TransactionRow
 
 APPROVED = "00"
@@ -105,6 +105,13 @@ def check_authorization_format(request: AuthorizationRequest | RefundRequest) ->
     if not ids.pan_well_formed(request.pan):
         raise bad_request("pan", "pan must be 16 digits with a valid Luhn check digit")
     check_currency(request.currency)
+
+
+def check_reversal_by_key(request: ReversalByKeyRequest) -> None:
+    if request.original_idempotency_key == request.idempotency_key:
+        raise bad_request("original_idempotency_key", "a reversal cannot name its own idempotency_key")
+    if request.pan is not None and not ids.pan_well_formed(request.pan):
+        raise bad_request("pan", "pan must be 16 digits with a valid Luhn check digit")
 
 
 def check_currency(currency: str) -> None:
@@ -256,18 +263,26 @@ def _auth_of(ctx: BatchContext, auth_id: str) -> tuple[dict[str, Any], AccountSt
     return auth, state
 
 
+def write_auth(
+    ctx: BatchContext, auth: dict[str, Any], amount_fen: int | None = None, expires_at: datetime | None = None
+) -> None:
+    """Buffer the authorization's hold and status (and a new amount or expiry), keeping what an
+    earlier request of the batch changed on it."""
+    pending = ctx.writes.auth_updates.get(auth["auth_id"])
+    ctx.writes.auth_updates[auth["auth_id"]] = (
+        auth["hold_fen"],
+        auth["status"],
+        amount_fen if amount_fen is not None else (pending[2] if pending else None),
+        expires_at if expires_at is not None else (pending[3] if pending else None),
+    )
+
+
 def release(ctx: BatchContext, auth: dict[str, Any], state: AccountState, amount_fen: int) -> None:
     """Release ``amount_fen`` of an open hold (all of it: the authorization is reversed)."""
     state.release(auth["line"], amount_fen)
     auth["hold_fen"] -= amount_fen
     auth["status"] = "open" if auth["hold_fen"] else "reversed"
-    pending = ctx.writes.auth_updates.get(auth["auth_id"])
-    ctx.writes.auth_updates[auth["auth_id"]] = (
-        auth["hold_fen"],
-        auth["status"],
-        pending[2] if pending else None,
-        pending[3] if pending else None,
-    )
+    write_auth(ctx, auth)
 
 
 class Reverse:
@@ -317,7 +332,7 @@ class Clear:
         if released:
             state.release(auth["line"], released)
             auth["hold_fen"], auth["status"] = 0, "cleared"
-            ctx.writes.auth_updates[auth["auth_id"]] = (0, "cleared", None, None)
+            write_auth(ctx, auth)
         line = auth["line"]
         gl = journal.GL_CASH if line == "cash" else journal.GL_PURCHASE
         transaction_id = ctx.new_id(ids.PREFIX_TRANSACTION)
@@ -392,9 +407,15 @@ _REVERSED_BEFORE_ARRIVAL = {
 }
 
 
+KNOWN_ONLY = "known-only"
+
+
 class ReverseByKey:
     """Reverse a request named by its idempotency key (its answer was lost). Runs in the cell of
-    the card, or in every cell when the acquirer did not give the card number."""
+    the card. Without the card number every cell is asked, in two rounds so that a refusal
+    writes nothing anywhere: first ``KNOWN_ONLY`` (applied only where the original is known;
+    elsewhere 404 ``original_unknown``, nothing written), then, when no cell knew it, the claim
+    in every cell."""
 
     def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
         needs.original_keys.add(op.request.original_idempotency_key)
@@ -402,10 +423,16 @@ class ReverseByKey:
     def apply(self, ctx: BatchContext, op: Op) -> tuple[int, dict[str, Any]]:
         request: ReversalByKeyRequest = op.request
         key = request.original_idempotency_key
-        if key == request.idempotency_key:
-            raise bad_request("original_idempotency_key", "a reversal cannot name its own idempotency_key")
+        check_reversal_by_key(request)
         answer: dict[str, Any] = {"original_idempotency_key": key}
         original = self._original(ctx, key)
+        if op.mode == KNOWN_ONLY and (original is None or isinstance(original, str)):
+            raise ApiError(
+                404,
+                "original_unknown",
+                "no request with this idempotency_key in this cell",
+                "original_idempotency_key",
+            )
         if original is None:
             # never seen here: claim the key so the original, if it comes, is declined
             stored = encode(_REVERSED_BEFORE_ARRIVAL)
@@ -490,11 +517,8 @@ class Increment:
             state.hold(auth["line"], request.amount)
             auth["hold_fen"] += request.amount
             auth["amount_fen"] += request.amount
-            ctx.writes.auth_updates[auth["auth_id"]] = (
-                auth["hold_fen"],
-                "open",
-                auth["amount_fen"],
-                ctx.now + timedelta(seconds=ctx.settings.hold_ttl_seconds),
+            write_auth(
+                ctx, auth, auth["amount_fen"], ctx.now + timedelta(seconds=ctx.settings.hold_ttl_seconds)
             )
         body: dict[str, Any] = {
             "auth_id": auth["auth_id"],

@@ -468,7 +468,20 @@ class Gateway:
             return await self._to_cell(int(raw), scope, body)
         content_type = _content_type(scope)
         deadline = asyncio.get_running_loop().time() + self.request_timeout
+        if kind is Kind.REVERSAL_BY_KEY:
+            # first only where the original is known, so a refusal writes nothing anywhere; when
+            # no cell knows it, the reversal is claimed in every cell
+            known = f"{query}&known=only" if query else "known=only"
+            first = await self._ask_every_cell(method, path, known, body, content_type, deadline)
+            decided = self._merge_known(first)
+            if decided is not None:
+                return decided
+        answers = await self._ask_every_cell(method, path, query, body, content_type, deadline)
+        return self._merge(kind, route, body, answers)
 
+    async def _ask_every_cell(
+        self, method: str, path: str, query: str, body: bytes, content_type: bytes | None, deadline: float
+    ) -> dict[int, Response | _Failed]:
         async def one(cell: int) -> Response | _Failed:
             target = f"{path}?{query}&cell={cell}" if query else f"{path}?cell={cell}"
             try:
@@ -485,7 +498,7 @@ class Gateway:
                 return failed
 
         answers = await asyncio.gather(*(one(cell) for cell in self.cells))
-        return self._merge(kind, route, body, dict(zip(self.cells, answers, strict=True)))
+        return dict(zip(self.cells, answers, strict=True))
 
     def _merge(
         self, kind: Kind, route: Route, request_body: bytes, answers: dict[int, Response | _Failed]
@@ -588,6 +601,35 @@ class Gateway:
         }
         merged["failed_cells"] = [str(cell) for cell in sorted(failed)]
         return 503, JSON, _encode(merged), "all", "unavailable"
+
+    @staticmethod
+    def _merge_known(answers: dict[int, Response | _Failed]) -> tuple[int, bytes, bytes, str, str] | None:
+        """The first round of a reversal by key (``known=only``): the answer of the cell that knew
+        the original (a refusal too: nothing was written anywhere); a 503 when a cell could not
+        say; None when no cell knows it (or only recorded this reversal before): second round."""
+        failed: list[int] = []
+        for cell, answer in answers.items():
+            if isinstance(answer, _Failed) or answer.status >= 500:
+                failed.append(cell)
+                continue
+            try:
+                value = _decode_any(answer.body)
+            except msgspec.DecodeError:
+                value = None
+            if not isinstance(value, dict):
+                failed.append(cell)
+                continue
+            error = value.get("error")
+            if answer.status == 404 and isinstance(error, dict) and error.get("code") == "original_unknown":
+                continue
+            if answer.status >= 300 or value.get("original") != "absent":
+                outcome = _outcome(answer.status)
+                return answer.status, answer.header(b"content-type") or JSON, answer.body, str(cell), outcome
+        if failed:
+            cells = ", ".join(str(cell) for cell in sorted(failed))
+            message = f"cell(s) {cells} could not be asked; retry the reversal with the same idempotency_key"
+            return 503, JSON, error_body("cells_unavailable", message), "all", "unavailable"
+        return None
 
     @staticmethod
     def _merge_reversal(

@@ -107,6 +107,9 @@ class Op:
     request: Any
     path_id: str | None
     future: asyncio.Future[Result]
+    # how the handler is to apply it, not part of what the request is (nor of its hash): a
+    # reversal by key asked of every cell first applies only where its original is known
+    mode: str = ""
 
 
 class OpHandler(Protocol):
@@ -509,7 +512,9 @@ class CellEngine:
 
     # ---- group commit -------------------------------------------------------------------------
 
-    async def submit(self, kind: str, key: str, request: Any, path_id: str | None = None) -> Result:
+    async def submit(
+        self, kind: str, key: str, request: Any, path_id: str | None = None, mode: str = ""
+    ) -> Result:
         """Queue a financial request; resolves after its batch commits (or is answered from the
         idempotency record)."""
         self.require_ready()
@@ -518,7 +523,7 @@ class CellEngine:
         ).digest()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future))
+            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future, mode))
         except asyncio.QueueFull:
             raise ApiError(
                 503, "overloaded", f"cell {self.cell} write queue is full; retry later", None
