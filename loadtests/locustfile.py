@@ -12,7 +12,7 @@ cell (``--customers``, or a ``--population`` file from an earlier run):
   acquirer does: at once (in the next slot), and while the core cannot answer, again with the
   same reversal key after a growing wait; reversals take at most every other slot.
 - ``Enquirer`` does the non-financial ones, at ``--rate-nonfinancial`` per second: balance,
-  limits, card, tags, installment quotes and routing lookups.
+  limits, card, tags, the newest transactions, installment quotes and routing lookups.
 
 Each task is one request, and each request waits for a slot of its class's fixed-rate schedule,
 so the rate offered does not depend on the core's latency. Requests are named by route and
@@ -243,6 +243,10 @@ class Enquirer(CardCoreUser):
         customer = self.customer()
         route = "/v1/customers/{customer_id}/limits"
         self.call("GET", route, f"/v1/customers/{customer.customer_id}/limits", customer.cell)
+
+    @task(2)
+    def transactions(self) -> None:
+        self.read_transactions(self.customer())
 
     @task(2)
     def card(self) -> None:

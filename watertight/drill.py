@@ -61,7 +61,8 @@ class Fault:
         """Cells whose service the fault interrupts (judged on RTO); the rest must not notice."""
         if self.cell is not None:
             return [self.cell]
-        if self.kind == "dr-activation":  # both centers lost: every cell
+        if self.kind in ("dr-activation", "app-crash"):
+            # both centers lost; or an app server gone with requests of any cell in flight on it
             return sorted(leaders)
         if self.kind in ("site-loss", "site-freeze", "partition") and self.site is not None:
             return [cell for cell, site in leaders.items() if site == self.site]
@@ -83,10 +84,14 @@ HEALED_ONLY_BY_ROLLBACK = frozenset({"cell-loss"})
 FAULTS = {
     "site-loss-prod": Fault("site-loss", site="prod"),
     "site-loss-samecity": Fault("site-loss", site="samecity"),
+    "site-pids-kill-prod": Fault("site-loss", site="prod"),
     "site-freeze-prod": Fault("site-freeze", site="prod"),
     "partition-prod": Fault("partition", site="prod"),
     "cell-loss": Fault("cell-loss", cell=1),
     "cell-primary-kill": Fault("cell-primary-kill", cell=1),
+    "patroni-crash": Fault("patroni-crash", cell=1),
+    "postgres-crash": Fault("postgres-crash", cell=1),
+    "app-crash-mid-batch": Fault("app-crash", site="prod"),
     "etcd-member-loss": Fault("etcd-member-loss", site="prod"),
     "inter-site-latency": Fault("latency"),
     "dr-activation": Fault("dr-activation"),
@@ -106,6 +111,18 @@ def load_experiment(name: str) -> tuple[Path, Fault]:
             f"{path}: say what it breaks in configuration.watertight_fault (kind, site or cell)"
         )
     return path, FAULTS[path.stem]
+
+
+def failed_actions(journal: dict[str, Any]) -> list[str]:
+    """The method's actions that failed, each with the last line of its error."""
+    failed = []
+    for run in journal.get("run") or []:
+        activity = run.get("activity") or {}
+        if activity.get("type") == "action" and run.get("status") == "failed":
+            error = run.get("exception") or []
+            last = str(error[-1]).strip() if error else "no error recorded"
+            failed.append(f"{activity.get('name')}: {last}")
+    return failed
 
 
 def marks_of(path: Path) -> tuple[float | None, float | None]:
@@ -170,6 +187,7 @@ def start_load(
         "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "5",
         "--rate-financial", f"{rate_financial:g}", "--rate-nonfinancial", f"{rate_nonfinancial:g}",
         "--population", str(population), "--ack-log", str(directory / "ack.jsonl"),
+        "--history", str(directory / "history.jsonl"),
         "--csv", str(directory / "load"), "--csv-full-history", "--html", str(directory / "load.html"),
         "--summary-json", str(directory / "load-summary.json"),
         # the drill judges by its verdicts; the gates only report
@@ -213,11 +231,17 @@ def timeline_of(
     return samples, series
 
 
-async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[str]]) -> set[str]:
-    """The idempotency keys each cell's primary has committed: every acknowledged financial
-    request leaves its key there, in the same transaction as its postings."""
+ID_TABLES = {"auth_id": "authorizations", "transaction_id": "transactions", "plan_id": "installment_plans"}
+
+
+async def _ledger_lookup(
+    runtime: LocalRuntime, keys_by_cell: dict[int, list[str]], with_effects: bool
+) -> dict[str, str]:
+    """For each idempotency key a cell's primary holds: ``applied``, or with ``with_effects``
+    ``partial`` when an id its stored answer names (an auth_id, transaction_id or plan_id) is not
+    in its table. Keys the cells do not hold are not in the result."""
     password = runtime.superuser_password()
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for cell, keys in keys_by_cell.items():
         conn = await asyncpg.connect(
             host=[runtime.topology.address(site) for site in runtime.primary_sites()],
@@ -230,13 +254,36 @@ async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[st
         )
         try:
             for start in range(0, len(keys), 5000):
+                chunk = keys[start : start + 5000]
+                if not with_effects:
+                    rows = await conn.fetch("SELECT key FROM idempotency WHERE key = ANY($1::text[])", chunk)
+                    found.update((row[0], "applied") for row in rows)
+                    continue
                 rows = await conn.fetch(
-                    "SELECT key FROM idempotency WHERE key = ANY($1::text[])", keys[start : start + 5000]
+                    "SELECT key, response FROM idempotency WHERE key = ANY($1::text[])", chunk
                 )
-                found.update(row[0] for row in rows)
+                for key, response in rows:
+                    try:
+                        answer = json.loads(bytes(response))
+                    except ValueError:
+                        answer = {}
+                    outcome = "applied"
+                    for field, table in ID_TABLES.items():
+                        value = answer.get(field) if isinstance(answer, dict) else None
+                        if isinstance(value, str) and not await conn.fetchval(
+                            f"SELECT 1 FROM {table} WHERE {field} = $1", value
+                        ):
+                            outcome = "partial"
+                    found[key] = outcome
         finally:
             await conn.close()
     return found
+
+
+async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[str]]) -> set[str]:
+    """The idempotency keys each cell's primary has committed: every acknowledged financial
+    request leaves its key there, in the same transaction as its postings."""
+    return set(await _ledger_lookup(runtime, keys_by_cell, with_effects=False))
 
 
 def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[str]:
@@ -245,6 +292,17 @@ def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[
     for entry in acked:
         keys_by_cell.setdefault(int(entry["cell"]), []).append(entry["idempotency_key"])
     return asyncio.run(keys_in_ledgers(runtime, keys_by_cell))
+
+
+def resolve_indeterminate(runtime: LocalRuntime, requests: list[dict[str, Any]]) -> dict[str, str]:
+    """Each indeterminate request's outcome in its cell's ledger: ``applied`` (its key committed
+    with everything its answer names), ``partial`` (committed, but something it named is not
+    there) or ``absent`` (nothing committed under its key)."""
+    keys_by_cell: dict[int, list[str]] = {}
+    for request in requests:
+        keys_by_cell.setdefault(int(request["cell"]), []).append(str(request["key"]))
+    found = asyncio.run(_ledger_lookup(runtime, keys_by_cell, with_effects=True))
+    return {key: found.get(key, "absent") for keys in keys_by_cell.values() for key in keys}
 
 
 def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
@@ -299,6 +357,7 @@ def run_one(
     load = start_load(runtime, directory, rate_financial, rate_nonfinancial, WARMUP_S + CHAOS_TIMEOUT_S)
     sampler = Sampler(runtime)
     chaos_status = "not run"
+    journal_doc: dict[str, Any] = {}
     started = time.time()
     fault_at: float | None = None
     rollback_at: float | None = None
@@ -329,9 +388,13 @@ def run_one(
         stop_load(load)
     progress("verifying: ack log against the ledgers, timeline, invariants")
     from watertight_load.ack_log import read_ack_log
+    from watertight_load.history import read_history
 
     acked = [e for e in read_ack_log(directory / "ack.jsonl") if e.get("idempotency_key")]
     found = found_in_ledgers(runtime, acked)
+    history = read_history(directory / "history.jsonl")
+    unknown = [entry for entry in history if entry.get("op") == "indeterminate"]
+    outcomes = resolve_indeterminate(runtime, unknown) if unknown else {}
     samples, series = timeline_of(directory / "load_stats_history.csv")
     balances, lines_views = ledger_checks(runtime)
     summary = (
@@ -363,12 +426,21 @@ def run_one(
         split_brain_seen=verdicts.split_brain(sampler.samples) if sampler.samples else None,
         slo_rto_seconds=runtime.topology.slo.rto_seconds,
         slo_rpo_missing=runtime.topology.slo.rpo_transactions,
+        stale=verdicts.stale_reads(history),
+        indeterminate_result=verdicts.indeterminate(unknown, outcomes),
+        writable_max=verdicts.writable_primaries_max(sampler.samples, runtime.topology.cell_numbers)
+        if sampler.samples
+        else None,
     )
     if chaos_status != "completed":
         judged["passed"] = False
         judged["reasons"].append(
             f"the experiment did not complete: {chaos_status} (see chaos.log and the journal)"
         )
+    for failed in failed_actions(journal_doc):
+        # Chaos Toolkit completes an experiment whose action failed: the fault was never injected
+        judged["passed"] = False
+        judged["reasons"].append(f"the fault was not injected: {failed} (see the journal)")
     result = {
         "experiment": path.stem,
         "status": chaos_status,

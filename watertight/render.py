@@ -685,7 +685,9 @@ def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_he
             # serve only from the member whose Patroni holds the leader lock
             "patroni_urls": {
                 member: endpoints.patroni_api_url(cell, s) for member, s in zip(members, sites, strict=True)
-            },
+            }
+            if topology.fencing.app_leader_lock
+            else {},
         }
     url = endpoints.app_url(site)
     return {
@@ -803,7 +805,7 @@ def render_local(
         name = pg_name(cell, site)
         member_dir = data_dir(run_dir, name)
         own_dir = component_dir(run_dir, name)
-        fifo = own_dir / WATCHDOG_PIPE
+        fifo = own_dir / WATCHDOG_PIPE if topology.fencing.member_guard else None
         config = patroni_config(
             topology,
             endpoints,
@@ -815,6 +817,7 @@ def render_local(
             watchdog_device=fifo,
         )
         postmaster_pid = pgdata(member_dir) / "postmaster.pid"
+        patroni = [python, "-m", "patroni", str(own_dir / "patroni.yml")]
         guard = [
             python,
             "-m",
@@ -831,7 +834,7 @@ def render_local(
             cell=cell,
             # the guard is the component's PID: Patroni runs under it, and PostgreSQL never
             # outlives Patroni (watertight.runtime.guard)
-            argv=[*guard, "--", python, "-m", "patroni", str(own_dir / "patroni.yml")],
+            argv=[*guard, "--", *patroni] if fifo is not None else patroni,
             env=patroni_env(secrets),
             files={"patroni.yml": yaml.safe_dump(config, sort_keys=False)},
             service_user=True,

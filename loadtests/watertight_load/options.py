@@ -26,6 +26,8 @@ class LoadOptions:
     max_p99_ms: float
     min_tps_ratio: float
     summary_json_path: str
+    history_path: str = ""
+    read_back_ratio: float = 1.0
 
     def offered_tps(self) -> dict[str, float]:
         return {"financial": self.rate_financial_tps, "nonfinancial": self.rate_nonfinancial_tps}
@@ -57,6 +59,22 @@ def add_arguments(parser: Any, **_: Any) -> None:
         include_in_web_ui=True,
         help="append every acknowledged financial transaction to this file as a JSON line "
         "(worker processes write PATH.worker-<host>-<pid>); empty: no ack log",
+    )
+    group.add_argument(
+        "--history",
+        default="",
+        include_in_web_ui=True,
+        help="append the client's history to this file as JSON lines: acknowledged writes, reads "
+        "of accounts' transactions and indeterminate requests, for the stale-read and "
+        "indeterminate verdicts of a drill (workers write PATH.worker-<host>-<pid>); empty: none",
+    )
+    group.add_argument(
+        "--read-back-ratio",
+        type=float,
+        default=1.0,
+        include_in_web_ui=True,
+        help="with --history: the share of acknowledged clearings and repayments the cardholder "
+        "reads back at once (its account's newest transactions must show it), 0..1",
     )
     group.add_argument(
         "--customers",
@@ -123,6 +141,8 @@ def read(parsed_options: argparse.Namespace | None) -> LoadOptions:
         max_p99_ms=number("max_p99_ms"),
         min_tps_ratio=number("min_tps_ratio"),
         summary_json_path=str(parsed_options.summary_json or ""),
+        history_path=str(getattr(parsed_options, "history", "") or ""),
+        read_back_ratio=float(getattr(parsed_options, "read_back_ratio", 1.0)),
     )
     for name, rate in options.offered_tps().items():
         if not 0 <= rate <= RATE_TPS_MAX:
@@ -133,6 +153,8 @@ def read(parsed_options: argparse.Namespace | None) -> LoadOptions:
         raise ValueError(f"--max-error-ratio must be within 0..1, got {options.max_error_ratio}")
     if options.max_p99_ms <= 0:
         raise ValueError(f"--max-p99-ms must be positive, got {options.max_p99_ms}")
+    if not 0 <= options.read_back_ratio <= 1:
+        raise ValueError(f"--read-back-ratio must be within 0..1, got {options.read_back_ratio}")
     if not 0 <= options.min_tps_ratio <= 1:
         raise ValueError(f"--min-tps-ratio must be within 0..1, got {options.min_tps_ratio}")
     return options

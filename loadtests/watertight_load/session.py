@@ -29,6 +29,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from watertight_load import gates, options
 from watertight_load.ack_log import AckLog, worker_path
+from watertight_load.history import History
 from watertight_load.outstanding import Outstanding
 from watertight_load.pacing import IDLE_POLL_S, Pacer
 from watertight_load.population import Population, PopulationError, population_for_run
@@ -54,6 +55,7 @@ class Session:
     users_total: dict[str, int] = field(default_factory=dict)  # users per class over all workers
     outstanding: Outstanding = field(default_factory=Outstanding)
     ack_log: AckLog | None = None
+    history: History | None = None
     setup_failures: list[str] = field(default_factory=list)
     environment: Environment | None = None  # spawning_complete does not carry it
 
@@ -152,6 +154,10 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         path = worker_path(load.ack_log_path) if isinstance(runner, WorkerRunner) else Path(load.ack_log_path)
         SESSION.ack_log = AckLog(path)
         logger.info("acknowledged financial transactions are appended to %s", path)
+    if load.history_path and SESSION.history is None:
+        path = worker_path(load.history_path) if isinstance(runner, WorkerRunner) else Path(load.history_path)
+        SESSION.history = History(path, load.read_back_ratio)
+        logger.info("the client's history (writes, reads, indeterminate requests) is appended to %s", path)
     SESSION.outstanding = Outstanding()
     _log_rates()
 
@@ -221,6 +227,9 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
     if SESSION.ack_log is not None:
         SESSION.ack_log.close()
         SESSION.ack_log = None
+    if SESSION.history is not None:
+        SESSION.history.close()
+        SESSION.history = None
     if isinstance(environment.runner, WorkerRunner):
         return
     verdict = judge(environment)

@@ -2,14 +2,17 @@
 answers judged, acknowledged financial transactions written to the ack log.
 
 Owns: ``CardCoreUser`` (abstract) with ``call`` for any request and ``transact`` for a financial
-one (it adds the idempotency key, or sends the one given for a retry, writes the ack log line and
-says whether a failure may hide a commit).
+one (it adds the idempotency key, or sends the one given for a retry, writes the ack log line,
+says whether a failure may hide a commit, and with a history: the write, the read-back of the
+account's newest transactions, or the request as indeterminate when its outcome cannot be known
+from the answer).
 Never: retry a financial request with a new key (a lost answer may have been committed);
 put a PAN into a name, a failure message or the ack log.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,6 +21,7 @@ import gevent
 from locust import FastHttpUser
 
 from watertight_load.ack_log import now_rfc3339
+from watertight_load.history import READ_PAGE_SIZE
 from watertight_load.outstanding import Outstanding
 from watertight_load.population import Customer, Population
 from watertight_load.session import SESSION
@@ -66,12 +70,13 @@ class CardCoreUser(FastHttpUser):
 
     def call(self, method: str, route: str, path: str, cell: int, body: Any = None) -> dict[str, Any] | None:
         """One request named ``<route> [cell N]``; the JSON answer, or None when it failed."""
-        return self._send(method, route, path, cell, body)[0]
+        _, answer, failed = self._request(method, route, path, cell, body)
+        return None if failed else answer
 
-    def _send(
+    def _request(
         self, method: str, route: str, path: str, cell: int, body: Any = None
-    ) -> tuple[dict[str, Any] | None, bool]:
-        """The answer (None when it failed) and whether the failure may hide a commit."""
+    ) -> tuple[int, dict[str, Any], bool]:
+        """(status, JSON answer, failed): status 0 when no answer came."""
         with self.client.request(
             method, path, name=request_name(route, cell), json=body, catch_response=True
         ) as response:
@@ -82,9 +87,13 @@ class CardCoreUser(FastHttpUser):
             reason = failure_reason(route, response.status_code, answer)
             if reason is not None:
                 response.failure(reason)
-                return None, indeterminate(route, response.status_code, answer)
-            response.success()
-            return (answer if isinstance(answer, dict) else {}), False
+            else:
+                response.success()
+            return (
+                int(response.status_code or 0),
+                answer if isinstance(answer, dict) else {},
+                reason is not None,
+            )
 
     def transact(
         self,
@@ -98,8 +107,19 @@ class CardCoreUser(FastHttpUser):
         """A financial request: sent with a fresh idempotency key (or ``key``, for a retry);
         acknowledged answers are appended to the ack log before the task goes on."""
         key = key or idempotency_key()
-        answer, unsure = self._send("POST", route, path, customer.cell, {"idempotency_key": key, **body})
-        if answer is not None and SESSION.ack_log is not None:
+        sent = time.time()
+        status, answer, failed = self._request(
+            "POST", route, path, customer.cell, {"idempotency_key": key, **body}
+        )
+        history = SESSION.history
+        if failed:
+            unsure = indeterminate(route, status, answer)
+            if history is not None and unsure:
+                history.indeterminate(
+                    key, f"POST {route}", customer.account_id, customer.cell, sent, _answer(status, answer)
+                )
+            return Reply(None, key, unsure)
+        if SESSION.ack_log is not None:
             entry: dict[str, Any] = {
                 "idempotency_key": key,
                 "endpoint": f"POST {route}",
@@ -114,7 +134,29 @@ class CardCoreUser(FastHttpUser):
                 entry["response_code"] = answer["response_code"]
             entry["time"] = now_rfc3339()
             SESSION.ack_log.append(entry)
-        return Reply(answer, key, unsure)
+        transaction_id = answer.get("transaction_id")
+        if history is not None and isinstance(transaction_id, str):
+            history.write(customer.account_id, customer.cell, sent, transaction_id, key)
+            if history.wants_read_back():
+                self.read_transactions(customer)  # read-your-writes: it must show this one
+        return Reply(answer, key)
+
+    def read_transactions(self, customer: Customer) -> dict[str, Any] | None:
+        """The account's newest transactions; recorded in the history for the stale-read verdict."""
+        route = "/v1/accounts/{account_id}/transactions"
+        path = f"/v1/accounts/{customer.account_id}/transactions?limit={READ_PAGE_SIZE}"
+        sent = time.time()
+        answer = self.call("GET", route, path, customer.cell)
+        if answer is not None and SESSION.history is not None:
+            SESSION.history.read(customer.account_id, customer.cell, sent, answer, READ_PAGE_SIZE)
+        return answer
+
+
+def _answer(status: int, answer: dict[str, Any]) -> str:
+    if status == 0:
+        return "no answer"
+    code = answer.get("response_code") or (answer.get("error") or {}).get("code") or ""
+    return f"HTTP {status} {code}".rstrip()
 
 
 def _status(route: str, answer: dict[str, Any]) -> str:

@@ -329,14 +329,15 @@ class LocalRuntime:
         described = []
         for pid in self.component_pids(component, tree):
             line = processes.cmdline(pid)
-            if pid == main_pid:
-                role = "guard" if component.kind == "patroni" else component.kind
+            if pid == main_pid and component.kind != "patroni":
+                role = component.kind
             elif pid in postmaster:
                 role = "postgres"
             elif pid in postgres_children:
                 role = "postgres-child"
-            elif "watertight.runtime.guard" in line and "--keeper" in line:
-                role = "keeper"
+            elif "watertight.runtime.guard" in line or "/runtime/guard.py" in line:
+                # the keeper is started by the guard's file path (see watertight.runtime.guard)
+                role = "keeper" if "--keeper" in line else "guard"
             elif " -m patroni " in f" {line} ":
                 role = "patroni"
             else:
@@ -694,6 +695,26 @@ class LocalRuntime:
                     processes.wait_gone(escaped, STOP_TIMEOUT_S)
             hit.append(component.name)
         return hit
+
+    def kill_process(self, component: str, role: str) -> list[int]:
+        """SIGKILL only the processes of ``role`` within a component (``patroni``, ``postgres``,
+        ``keeper``, ``guard``...; see ``processes_of``): a crash of one process of several.
+        Returns the PIDs killed; raises when the component has none of that role."""
+        chosen = self.component(component)
+        self.reload()
+        pids = [p["pid"] for p in self.processes_of(chosen) if p["role"] == role]
+        if not pids:
+            roles = sorted({p["role"] for p in self.processes_of(chosen)}) or ["none: it is not running"]
+            raise RuntimeError_(f"{component} has no {role} process; its processes are {', '.join(roles)}")
+        return processes.signal_pids(pids, signal.SIGKILL)
+
+    def leader_site(self, cell: int) -> str:
+        """The site whose member leads ``cell`` now; raises when none does."""
+        self.select(cell=cell)
+        site = self.cell_view(cell)["leader_site"]
+        if site is None:
+            raise RuntimeError_(f"cell {cell} has no leader now; see `watertight status`")
+        return str(site)
 
     def freeze(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
