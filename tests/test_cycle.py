@@ -518,6 +518,10 @@ def test_a_cash_advance_bears_interest_from_its_day_and_its_fee_is_on_the_statem
     assert statement["fees"] == 1_000
     assert statement["statement_balance"] == 100_000 + 1_000 + interest
     assert statement["minimum_due"] == 1_000 + interest + 10_000  # 10 % of the cash itself
+    lines = {
+        line["kind"]: line["amount"] for line in statement_lines(stack, opened, statement["statement_id"])
+    }
+    assert lines == {"cash": 100_000, "cash_advance_fee": 1_000, "interest": interest}
 
 
 def test_the_floor_is_the_floor_of_the_whole_minimum_not_added_to_the_installment(stack: CoreStack) -> None:

@@ -386,6 +386,19 @@ class Clear:
                 auth_id=auth["auth_id"],
             )
         )
+        if fee:  # a line of its own on the statement, posted by the same entry
+            ctx.writes.transactions.append(
+                TransactionRow(
+                    ctx.new_id(ids.PREFIX_TRANSACTION),
+                    state.account_id,
+                    "cash_advance_fee",
+                    fee,
+                    valued,
+                    entry,
+                    {"transaction_id": transaction_id, "pricing_trace": trace},
+                    auth_id=auth["auth_id"],
+                )
+            )
         body: dict[str, Any] = {
             "transaction_id": transaction_id,
             "amount": request.amount,
