@@ -21,15 +21,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from watertight import report, verdicts
+from watertight import junit, report, trend, verdicts
 from watertight import topology as topology_module
+from watertight.chaos import safeguards
+from watertight.faults import FAULTS, Fault
 from watertight.runtime.local import REPO_ROOT, LocalRuntime, RuntimeError_, http_json
 
 EXPERIMENTS_DIR = REPO_ROOT / "chaos" / "experiments"
@@ -40,62 +42,46 @@ CHAOS_TIMEOUT_S = 600.0
 LOAD_STOP_TIMEOUT_S = 30.0
 SAMPLE_INTERVAL_S = 0.5
 
+HISTORY_DEFAULT = REPO_ROOT / "reports" / trend.HISTORY_FILE
+EXIT_PASSED, EXIT_FAILED, EXIT_ABORTED = 0, 1, 3
+STOP_WAIT_S_MAX = 10.0
+DRILLS_DIR = "drills"
+
 log = logging.getLogger("watertight.drill")
 
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Fault:
-    """What an experiment breaks, read from its ``configuration.watertight_fault``."""
+class Options:
+    """How to drill, beyond which experiments: rates, safeguards, a task to run during the fault."""
 
-    kind: str
-    site: str | None = None
-    cell: int | None = None
-
-    @property
-    def target(self) -> str:
-        return self.site or (f"cell-{self.cell}" if self.cell is not None else "topology")
-
-    def affected_cells(self, leaders: dict[int, str | None]) -> list[int]:
-        """Cells whose service the fault interrupts (judged on RTO); the rest must not notice."""
-        if self.cell is not None:
-            return [self.cell]
-        if self.kind in ("dr-activation", "app-crash"):
-            # both centers lost; or an app server gone with requests of any cell in flight on it
-            return sorted(leaders)
-        if self.kind in ("site-loss", "site-freeze", "partition") and self.site is not None:
-            return [cell for cell, site in leaders.items() if site == self.site]
-        return []
-
-    @property
-    def recovery_from(self) -> str:
-        """What the affected cells' RTO is measured from: the fault, when the topology is meant to
-        heal itself (a standby takes over); the rollback, when nothing can take over until the
-        rollback brings the members back (a whole cell lost: both of its centers' members)."""
-        return "rollback" if self.kind in HEALED_ONLY_BY_ROLLBACK else "fault"
+    rate_financial: float = 100.0
+    rate_nonfinancial: float = 300.0
+    safeguards: dict[str, float] = field(default_factory=dict)
+    during: str | None = None  # "cycle", "cycle=YYYY-MM-DD" or "runbook:NAME[:key=value,...]"
+    history_path: Path | None = HISTORY_DEFAULT
 
 
-# kinds of fault no standby can take over from: the cell serves again only once the rollback heals it
-HEALED_ONLY_BY_ROLLBACK = frozenset({"cell-loss"})
-
-
-# what each experiment breaks; an experiment file may say it itself in configuration.watertight_fault
-FAULTS = {
-    "site-loss-prod": Fault("site-loss", site="prod"),
-    "site-loss-samecity": Fault("site-loss", site="samecity"),
-    "site-pids-kill-prod": Fault("site-loss", site="prod"),
-    "site-freeze-prod": Fault("site-freeze", site="prod"),
-    "partition-prod": Fault("partition", site="prod"),
-    "cell-loss": Fault("cell-loss", cell=1),
-    "cell-primary-kill": Fault("cell-primary-kill", cell=1),
-    "patroni-crash": Fault("patroni-crash", cell=1),
-    "postgres-crash": Fault("postgres-crash", cell=1),
-    "app-crash-mid-batch": Fault("app-crash", site="prod"),
-    "etcd-member-loss": Fault("etcd-member-loss", site="prod"),
-    "inter-site-latency": Fault("latency"),
-    "dr-activation": Fault("dr-activation"),
-}
+def parse_during(text: str | None) -> tuple[str, dict[str, str]] | None:
+    """``cycle[=YYYY-MM-DD]`` or ``runbook:NAME[:key=value,...]``; ValueError naming what is wrong."""
+    if not text:
+        return None
+    if text == "cycle" or text.startswith("cycle="):
+        business_date = text.partition("=")[2] or datetime.now(UTC).date().isoformat()
+        try:
+            datetime.strptime(business_date, "%Y-%m-%d")
+        except ValueError:
+            raise ValueError(f"--during {text}: the business date must be YYYY-MM-DD") from None
+        return "cycle", {"business_date": business_date}
+    if text.startswith("runbook:"):
+        _, name, rest = [*text.split(":", 2), ""][:3]
+        if not name or not (REPO_ROOT / "runbooks" / f"{name}.yml").exists():
+            known = ", ".join(sorted(p.stem for p in (REPO_ROOT / "runbooks").glob("*.yml")))
+            raise ValueError(f"--during {text}: no runbook {name!r}; known: {known}")
+        extras = dict(item.split("=", 1) for item in rest.split(",") if "=" in item)
+        return f"runbook:{name}", extras
+    raise ValueError(f"--during {text}: expected cycle, cycle=YYYY-MM-DD or runbook:NAME[:key=value,...]")
 
 
 def load_experiment(name: str) -> tuple[Path, Fault]:
@@ -105,7 +91,7 @@ def load_experiment(name: str) -> tuple[Path, Fault]:
         raise RuntimeError_(f"no experiment {name!r}; known: {known}")
     raw = json.loads(path.read_text()).get("configuration", {}).get("watertight_fault")
     if isinstance(raw, dict) and "kind" in raw:
-        return path, Fault(raw["kind"], raw.get("site"), raw.get("cell"))
+        return path, Fault.from_configuration(raw)
     if path.stem not in FAULTS:
         raise RuntimeError_(
             f"{path}: say what it breaks in configuration.watertight_fault (kind, site or cell)"
@@ -187,7 +173,7 @@ def start_load(
         "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "5",
         "--rate-financial", f"{rate_financial:g}", "--rate-nonfinancial", f"{rate_nonfinancial:g}",
         "--population", str(population), "--ack-log", str(directory / "ack.jsonl"),
-        "--history", str(directory / "history.jsonl"),
+        "--history", str(directory / "history.jsonl"), "--timeline", str(directory / "timeline.jsonl"),
         "--csv", str(directory / "load"), "--csv-full-history", "--html", str(directory / "load.html"),
         "--summary-json", str(directory / "load-summary.json"),
         # the drill judges by its verdicts; the gates only report
@@ -337,6 +323,93 @@ def stop_load(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=LOAD_STOP_TIMEOUT_S)
 
 
+class During(threading.Thread):
+    """The task of ``--during``: waits (bounded) for the fault's mark, then runs the statement
+    cycle or a runbook while the fault is in force; what it did goes into the report."""
+
+    def __init__(self, runtime: LocalRuntime, task: tuple[str, dict[str, str]], marks: Path) -> None:
+        super().__init__(daemon=True, name="drill-during")
+        self.runtime = runtime
+        self.task = task
+        self.marks = marks
+        self.result: dict[str, Any] = {"task": task[0], **task[1], "started_at": None}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + CHAOS_TIMEOUT_S
+        fault_at = None
+        while fault_at is None and time.monotonic() < deadline and not self.stopping.is_set():
+            fault_at = marks_of(self.marks)[0]
+            if fault_at is None:
+                self.stopping.wait(0.2)
+        if fault_at is None:
+            self.result["error"] = "the fault was never injected: not run"
+            return
+        self.result["started_at"] = datetime.now(UTC).isoformat()
+        self.result["seconds_after_fault"] = round(time.time() - fault_at, 1)
+        name, arguments = self.task
+        try:
+            if name == "cycle":
+                status, body = post_json(
+                    self.runtime,
+                    "/v1/admin/cycle",
+                    {"business_date": arguments["business_date"]},
+                    "operator",
+                    120,
+                )
+                self.result["result"] = {"status": status, "body": body}
+                if status != 200:
+                    self.result["error"] = f"the cycle answered {status}: {body}"
+            else:
+                from watertight.runbooks import runner
+
+                summary = runner.run(name.split(":", 1)[1], arguments, self.runtime.run_dir)
+                self.result["result"] = {"rc": summary["rc"], "failed_step": summary.get("failed_step")}
+                if summary["rc"] != 0:
+                    self.result["error"] = f"failed at {summary.get('failed_step')}: {summary.get('error')}"
+        except Exception as error:  # said in the report; the verdicts judge the topology
+            self.result["error"] = f"{type(error).__name__}: {error}"
+        self.result["seconds"] = round(time.time() - fault_at - self.result["seconds_after_fault"], 1)
+
+
+def api_token(runtime: LocalRuntime, kind: str) -> str | None:
+    """The API token of a client kind from the run's secrets (None before tokens exist)."""
+    try:
+        secrets = json.loads((runtime.run_dir / "secrets.json").read_text())
+    except (OSError, ValueError):
+        return None
+    token = (secrets.get("api_tokens") or {}).get(kind)
+    if isinstance(token, list):
+        token = token[0] if token else None
+    return str(token) if token else None
+
+
+def post_json(
+    runtime: LocalRuntime, path: str, body: dict[str, Any], kind: str, timeout_s: float
+) -> tuple[int, Any]:
+    """POST through the entry as a client of ``kind``; (status, body), status 0 without an answer."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"content-type": "application/json"}
+    token = api_token(runtime, kind)
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        runtime.topology.entry_url + path, data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.loads(error.read() or b"null")
+        except ValueError:
+            return error.code, None
+    except (OSError, ValueError) as error:
+        return 0, str(error)
+
+
 def run_one(
     runtime: LocalRuntime,
     name: str,
@@ -344,7 +417,10 @@ def run_one(
     rate_nonfinancial: float,
     report_dir: Path,
     progress: Progress,
+    options: Options | None = None,
 ) -> dict[str, Any]:
+    options = options or Options(rate_financial, rate_nonfinancial)
+    during = parse_during(options.during)
     path, fault = load_experiment(name)
     directory = report_dir / path.stem if report_dir.name != path.stem else report_dir
     directory.mkdir(parents=True, exist_ok=True)
@@ -358,6 +434,8 @@ def run_one(
     sampler = Sampler(runtime)
     chaos_status = "not run"
     journal_doc: dict[str, Any] = {}
+    aborted: dict[str, Any] | None = None
+    during_task: During | None = None
     started = time.time()
     fault_at: float | None = None
     rollback_at: float | None = None
@@ -372,7 +450,17 @@ def run_one(
         journal = directory / "journal.json"
         progress(f"chaos: running {path.name} (journal {journal})")
         marks = directory / "marks.jsonl"
-        env = {**os.environ, "WATERTIGHT_RUN_DIR": str(runtime.run_dir), "WATERTIGHT_MARKS_PATH": str(marks)}
+        env = {
+            **os.environ,
+            "WATERTIGHT_RUN_DIR": str(runtime.run_dir),
+            "WATERTIGHT_MARKS_PATH": str(marks),
+            "WATERTIGHT_SAFEGUARDS": ",".join(f"{k}={v:g}" for k, v in options.safeguards.items()),
+            "WATERTIGHT_TIMELINE_PATH": str(directory / "timeline.jsonl"),
+            "WATERTIGHT_ACK_LOG_PATH": str(directory / "ack.jsonl"),
+        }
+        if during is not None:
+            during_task = During(runtime, during, marks)
+            during_task.start()
         with (directory / "chaos.log").open("wb") as log:
             chaos = subprocess.run(
                 [sys.executable, "-m", "chaostoolkit", "--no-version-check", "--no-log-file", "run", "--journal-path", str(journal), str(path)],
@@ -381,10 +469,18 @@ def run_one(
         journal_doc = json.loads(journal.read_text()) if journal.exists() else {}
         chaos_status = str(journal_doc.get("status", f"chaos exited {chaos.returncode}"))
         fault_at, rollback_at = marks_of(marks)
+        aborted = safeguards.read_abort(marks)
+        if aborted is not None:
+            progress(f"chaos: ABORTED by a safeguard: {aborted['reason']}")
+        if during_task is not None:
+            during_task.join(timeout=CHAOS_TIMEOUT_S)
+            progress(f"during the fault: {during_task.result}")
         progress(f"chaos: {chaos_status}; load goes on {TAIL_S:g} s")
         time.sleep(TAIL_S)
     finally:
         sampler.stopping.set()
+        if during_task is not None:
+            during_task.stopping.set()
         stop_load(load)
     progress("verifying: ack log against the ledgers, timeline, invariants")
     from watertight_load.ack_log import read_ack_log
@@ -441,6 +537,12 @@ def run_one(
         # Chaos Toolkit completes an experiment whose action failed: the fault was never injected
         judged["passed"] = False
         judged["reasons"].append(f"the fault was not injected: {failed} (see the journal)")
+    if aborted is not None:
+        judged["passed"] = False
+        judged["reasons"].insert(0, f"aborted by a safeguard: {aborted['reason']}")
+    if during_task is not None and during_task.result.get("started_at") is None:
+        judged["passed"] = False
+        judged["reasons"].append(f"--during {options.during}: {during_task.result.get('error')}")
     result = {
         "experiment": path.stem,
         "status": chaos_status,
@@ -452,6 +554,15 @@ def run_one(
         },
         **{key: value for key, value in judged.items() if key != "passed"},
         "load": summary.get("load", {}),
+        "affected_cells": [verdicts.cell_key(cell) for cell in affected],
+        "aborted": None
+        if aborted is None
+        else {
+            "reason": aborted["reason"],
+            "at": datetime.fromtimestamp(float(aborted["at"]), UTC).isoformat(),
+            "seconds_after_fault": round(float(aborted["at"]) - fault_at, 1),
+        },
+        "during": during_task.result if during_task is not None else None,
     }
     result["journal"] = "journal.json"
     result["html"] = "report.html"
@@ -465,12 +576,27 @@ def run_one(
         rto = result["rto_seconds"].get(key)
         if cell in affected and isinstance(rto, (int, float)):
             plot_marks[key].append((origin - start + rto, f"recovered {rto:.1f} s", "#27a"))
+    runs: list[dict[str, Any]] = []
+    if options.history_path is not None:
+        trend.append(options.history_path, trend.entry(result, datetime.now(UTC).isoformat(), _commit()))
+        runs = [r for r in trend.read(options.history_path) if r.get("experiment") == path.stem]
     report.write_json(result, directory)
-    report.write_html(result, series, plot_marks, directory)
+    report.write_html(result, series, plot_marks, directory, runs)
     progress(f"{path.stem}: {'PASSED' if result['passed'] else 'FAILED'}; report {directory / 'report.json'}")
     for reason in result.get("reasons", []):
         progress(f"  {reason}")
     return result
+
+
+def _commit() -> str | None:
+    """The checked-out commit, for the history (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def spread_as_designed(runtime: LocalRuntime, progress: Progress) -> dict[int, str]:
@@ -512,6 +638,20 @@ def heal(runtime: LocalRuntime, progress: Progress) -> None:
     spread_as_designed(runtime, progress)
 
 
+def catalogue() -> list[str]:
+    """Every experiment of chaos/experiments, in name order (``watertight drill --all``)."""
+    return sorted(path.stem for path in EXPERIMENTS_DIR.glob("*.json"))
+
+
+def _drills_dir(run_dir: Path) -> Path:
+    return run_dir / "chaos" / DRILLS_DIR
+
+
+def _stop_requested_since(run_dir: Path, started: float) -> bool:
+    stop = safeguards.stop_path(run_dir)
+    return stop.exists() and stop.stat().st_mtime >= started
+
+
 def run(
     experiments: list[str],
     rate_financial: float,
@@ -519,7 +659,13 @@ def run(
     report_dir: Path,
     run_dir: Path,
     progress: Progress,
+    options: Options | None = None,
+    junit_path: Path | None = None,
 ) -> int:
+    """Drill each experiment in turn; 0 when every one passed, 1 when a verdict failed, 3 when a
+    safeguard or the kill switch aborted one (the remaining ones are not run after a stop)."""
+    options = options or Options(rate_financial, rate_nonfinancial)
+    parse_during(options.during)  # a bad --during fails before anything starts
     for name in experiments:
         load_experiment(name)  # fail before starting anything when a name is wrong
     try:
@@ -527,13 +673,99 @@ def run(
     except RuntimeError_:
         text = topology_module.DEFAULT_PATH.read_text()
         runtime = LocalRuntime(run_dir, topology_module.parse(text, str(topology_module.DEFAULT_PATH)), text)
-    progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
-    runtime.up(progress)
-    spread_as_designed(runtime, progress)
-    outcomes = []
-    for name in experiments:
-        outcomes.append(
-            run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress)["passed"]
+    started = time.time()
+    in_flight = _drills_dir(runtime.run_dir) / f"{os.getpid()}.json"
+    in_flight.parent.mkdir(parents=True, exist_ok=True)
+    in_flight.write_text(json.dumps({"pid": os.getpid(), "started": started, "experiments": experiments}))
+    results: list[dict[str, Any]] = []
+    try:
+        progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
+        runtime.up(progress)
+        spread_as_designed(runtime, progress)
+        for name in experiments:
+            if _stop_requested_since(runtime.run_dir, started):
+                progress(f"stopped by `watertight drill --stop`: {name} and the rest are not run")
+                break
+            results.append(
+                run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress, options)
+            )
+            heal(runtime, progress)
+    finally:
+        in_flight.unlink(missing_ok=True)
+        if junit_path is not None:
+            junit_path.parent.mkdir(parents=True, exist_ok=True)
+            junit_path.write_text(junit.junit_xml(results))
+            progress(f"JUnit: {junit_path}")
+    if any(result.get("aborted") for result in results):
+        return EXIT_ABORTED
+    return EXIT_PASSED if all(result["passed"] for result in results) else EXIT_FAILED
+
+
+def stop(run_dir: Path, progress: Progress) -> int:
+    """The kill switch: every drill in flight on this run directory's topology leaves its method
+    now and runs its rollbacks (the safeguards control watches the stop file); waits, bounded by
+    ``STOP_WAIT_S_MAX``, until each has started its rollbacks or ended. 0 when none was left in
+    its method, 1 otherwise."""
+    stop_file = safeguards.stop_path(run_dir)
+    stop_file.parent.mkdir(parents=True, exist_ok=True)
+    stop_file.write_text(datetime.now(UTC).isoformat() + "\n")
+    drills = []
+    for record in sorted(_drills_dir(run_dir).glob("*.json")):
+        try:
+            pid = int(json.loads(record.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if processes_alive(pid):
+            drills.append(pid)
+        else:
+            record.unlink(missing_ok=True)
+    if not drills:
+        progress(
+            "no drill is in flight on this topology; the stop file stays for any that starts its method later"
         )
-        heal(runtime, progress)
-    return 0 if all(outcomes) else 1
+        return 0
+    progress(
+        f"stopping the drills in flight (PIDs {', '.join(map(str, drills))}): their faults are rolled back"
+    )
+    deadline = time.monotonic() + STOP_WAIT_S_MAX
+    while time.monotonic() < deadline:
+        if not any(_in_method(run_dir, pid) for pid in drills):
+            progress("every drill in flight has left its method and is rolling back")
+            return 0
+        time.sleep(0.2)
+    progress(f"a drill was still in its method after {STOP_WAIT_S_MAX:g} s; see its chaos.log")
+    return 1
+
+
+def processes_alive(pid: int) -> bool:
+    from watertight.runtime import processes
+
+    return processes.state_of(pid) not in (None, "Z", "X")
+
+
+def _in_method(run_dir: Path, pid: int) -> bool:
+    """Whether drill ``pid`` has an experiment in its method (its chaos run marks say so)."""
+    if not processes_alive(pid):
+        return False
+    from watertight.runtime import processes
+
+    for child in processes.descendants(pid):
+        line = processes.cmdline(child)
+        if "chaostoolkit" in line and " run " in f" {line} ":
+            # the marks file is beside the journal the command line names
+            parts = line.split()
+            journal = Path(parts[parts.index("--journal-path") + 1]) if "--journal-path" in parts else None
+            marks = journal.parent / "marks.jsonl" if journal else None
+            if marks is None or not marks.exists():
+                return True
+            events = [json.loads(row)["event"] for row in marks.read_text().splitlines() if row.strip()]
+            return "method-start" in events and "rollback-start" not in events
+    return False
+
+
+def dry_run(experiments: list[str], run_dir: Path) -> str:
+    """What each action of each experiment would hit now, and what its rollback would do."""
+    from watertight.chaos import plan
+
+    runtime = LocalRuntime(run_dir)
+    return "\n\n".join(plan.text(plan.dry_run(load_experiment(name)[0], runtime)) for name in experiments)

@@ -836,7 +836,9 @@ def render_local(
             # outlives Patroni (watertight.runtime.guard)
             argv=[*guard, "--", *patroni] if fifo is not None else patroni,
             env=patroni_env(secrets),
-            files={"patroni.yml": yaml.safe_dump(config, sort_keys=False)},
+            # libyaml's dumper: the same text as safe_dump, five times faster (every LocalRuntime
+            # renders the set; probes and the drill's samplers make one several times a second)
+            files={"patroni.yml": yaml.dump(config, Dumper=yaml.CSafeDumper, sort_keys=False)},
             service_user=True,
             ready_url=endpoints.patroni_api_url(cell, site) + "/readiness",
             stage=stage,

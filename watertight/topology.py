@@ -193,7 +193,7 @@ def _loopback(key: str, value: str) -> None:
 
 def parse(text: str, origin: str = "topology") -> Topology:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=yaml.CSafeLoader)  # libyaml: the runtime parses it on every call
     except yaml.YAMLError as error:
         raise TopologyError(f"{origin}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):

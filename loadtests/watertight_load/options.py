@@ -28,6 +28,7 @@ class LoadOptions:
     summary_json_path: str
     history_path: str = ""
     read_back_ratio: float = 1.0
+    timeline_path: str = ""
 
     def offered_tps(self) -> dict[str, float]:
         return {"financial": self.rate_financial_tps, "nonfinancial": self.rate_nonfinancial_tps}
@@ -67,6 +68,14 @@ def add_arguments(parser: Any, **_: Any) -> None:
         help="append the client's history to this file as JSON lines: acknowledged writes, reads "
         "of accounts' transactions and indeterminate requests, for the stale-read and "
         "indeterminate verdicts of a drill (workers write PATH.worker-<host>-<pid>); empty: none",
+    )
+    group.add_argument(
+        "--timeline",
+        default="",
+        include_in_web_ui=True,
+        help="append every request's outcome to this file as a JSON line {t, cell, ok}, as it "
+        "happens (the drill's safeguards read it mid-run; workers write PATH.worker-<host>-<pid>); "
+        "empty: none",
     )
     group.add_argument(
         "--read-back-ratio",
@@ -143,6 +152,7 @@ def read(parsed_options: argparse.Namespace | None) -> LoadOptions:
         summary_json_path=str(parsed_options.summary_json or ""),
         history_path=str(getattr(parsed_options, "history", "") or ""),
         read_back_ratio=float(getattr(parsed_options, "read_back_ratio", 1.0)),
+        timeline_path=str(getattr(parsed_options, "timeline", "") or ""),
     )
     for name, rate in options.offered_tps().items():
         if not 0 <= rate <= RATE_TPS_MAX:

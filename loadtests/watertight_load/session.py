@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from watertight_load.history import History
 from watertight_load.outstanding import Outstanding
 from watertight_load.pacing import IDLE_POLL_S, Pacer
 from watertight_load.population import Population, PopulationError, population_for_run
-from watertight_load.traffic import FINANCIAL, NONFINANCIAL
+from watertight_load.traffic import FINANCIAL, NONFINANCIAL, parse_request_name
 
 RUN_MESSAGE = "watertight-run"
 USERS_MESSAGE = "watertight-users"
@@ -56,6 +57,7 @@ class Session:
     outstanding: Outstanding = field(default_factory=Outstanding)
     ack_log: AckLog | None = None
     history: History | None = None
+    timeline: AckLog | None = None
     setup_failures: list[str] = field(default_factory=list)
     environment: Environment | None = None  # spawning_complete does not carry it
 
@@ -82,6 +84,7 @@ def attach(events: Any) -> None:
     events.test_start.add_listener(_on_test_start)
     events.spawning_complete.add_listener(_on_spawning_complete)
     events.test_stop.add_listener(_on_test_stop)
+    events.request.add_listener(_on_request)
     events.quitting.add_listener(_on_quitting)
 
 
@@ -154,12 +157,26 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         path = worker_path(load.ack_log_path) if isinstance(runner, WorkerRunner) else Path(load.ack_log_path)
         SESSION.ack_log = AckLog(path)
         logger.info("acknowledged financial transactions are appended to %s", path)
+    if load.timeline_path and SESSION.timeline is None:
+        path = (
+            worker_path(load.timeline_path) if isinstance(runner, WorkerRunner) else Path(load.timeline_path)
+        )
+        SESSION.timeline = AckLog(path)
     if load.history_path and SESSION.history is None:
         path = worker_path(load.history_path) if isinstance(runner, WorkerRunner) else Path(load.history_path)
         SESSION.history = History(path, load.read_back_ratio)
         logger.info("the client's history (writes, reads, indeterminate requests) is appended to %s", path)
     SESSION.outstanding = Outstanding()
     _log_rates()
+
+
+def _on_request(name: str = "", exception: Any = None, **_: Any) -> None:
+    """One line per finished request of a cell, for the timeline (the drill's safeguards)."""
+    if SESSION.timeline is None:
+        return
+    cell = parse_request_name(name)[1]
+    if cell is not None:
+        SESSION.timeline.append({"t": time.time(), "cell": cell, "ok": exception is None})
 
 
 def _on_run_message(environment: Environment, msg: Any, **_: Any) -> None:
@@ -230,6 +247,9 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
     if SESSION.history is not None:
         SESSION.history.close()
         SESSION.history = None
+    if SESSION.timeline is not None:
+        SESSION.timeline.close()
+        SESSION.timeline = None
     if isinstance(environment.runner, WorkerRunner):
         return
     verdict = judge(environment)
