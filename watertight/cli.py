@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument(
         "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
+
     report = commands.add_parser("report", help="read the drill reports: `report history` shows the trend")
     report.add_argument("what", choices=("history",), metavar="history")
     report.add_argument(
