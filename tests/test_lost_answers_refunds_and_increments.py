@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +34,8 @@ from tests.cards import (
 )
 from tests.fixtures_core import CoreStack, new_stack
 from watertight.pg import PostgresServer
+
+GATEWAY_SEES_IT_S = 10.0  # a gateway's health polls to find a restarted app server ready
 
 LIMIT = 9_000_000
 CASH = {"kind": "cash", "channel": "atm", "mcc": "6011"}
@@ -272,7 +275,12 @@ def test_a_reversal_without_a_card_number_needs_every_cell_and_one_with_it_only_
     assert (found["original"], found["status"]) == ("approved", "reversed")
     # cell 2 is back: the same reversal, tried again, is recorded in every cell
     stack.start_app([2], port=port)
-    retried = answer_of(reverse_by_key(stack.client, unknown, idempotency_key=reversal_key))
+    # as the 503 said: retry (the gateway sees cell 2 ready at its next poll, 200 ms apart)
+    deadline = time.monotonic() + GATEWAY_SEES_IT_S
+    while (again := reverse_by_key(stack.client, unknown, idempotency_key=reversal_key)).status_code == 503:
+        assert time.monotonic() < deadline, again.text
+        time.sleep(0.2)
+    retried = answer_of(again)
     assert (retried["original"], retried["status"]) == ("absent", "recorded")
     for cell in (1, 2):
         claimed = stack.psql(cell, "SELECT count(*) FROM idempotency WHERE key = $1", unknown)
