@@ -7,6 +7,7 @@ amount, a malformed PAN or expiry, an unknown field, an id that does not exist.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -937,3 +938,41 @@ def test_a_full_pan_never_appears_in_an_error(core: CoreStack, world: World) -> 
     response = core.client.post("/v1/authorizations", json=body)
     assert response.status_code == 400
     assert body["pan"] not in response.text
+
+
+def test_an_integer_written_with_a_fraction_of_zero_is_that_integer_and_nothing_else_is(
+    core: CoreStack,
+) -> None:
+    """JSON Schema's integer is any number without a fractional part: 1500.0 and 1.5e3 are the
+    amount 1500 (the same request under its idempotency key as 1500), while 1500.5, "1500" and
+    true stay refused."""
+    opened = open_account(core.client)
+    idempotency_key = key()
+    body = {
+        "idempotency_key": idempotency_key,
+        "pan": opened["pan"],
+        "expiry": opened["expiry"],
+        "amount": 1500,
+        "currency": "CNY",
+        "mcc": "5411",
+        "merchant_id": "m-1",
+        "channel": "pos",
+    }
+    raw = json.dumps({**body, "amount": "AMOUNT"}).replace('"AMOUNT"', "1500.0")
+    first = core.client.post("/v1/authorizations", content=raw, headers={"content-type": "application/json"})
+    assert first.status_code == 200, first.text
+    assert first.json()["approved"] is True
+    replayed = core.client.post("/v1/authorizations", json=body)
+    assert replayed.status_code == 200 and replayed.json() == first.json()
+    exponent = json.dumps({**body, "amount": "AMOUNT"}).replace('"AMOUNT"', "1.5e3")
+    again = core.client.post(
+        "/v1/authorizations", content=exponent, headers={"content-type": "application/json"}
+    )
+    assert again.json() == first.json()
+    for wrong in (1500.5, "1500", True):
+        before = database_fingerprint(core)
+        refused = core.client.post(
+            "/v1/authorizations", json={**body, "idempotency_key": key(), "amount": wrong}
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == "amount", refused.text
+        assert database_fingerprint(core) == before

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -85,6 +86,43 @@ def field_of_validation_error(message: str) -> str | None:
     return path or None
 
 
+# msgspec's words for a float where an int (or an optional int: `int | null`) is expected
+_FLOAT_FOR_INT = re.compile(r"Expected `(?:[^`]*\| )?int(?: \|[^`]*)?`, got `float`")
+
+
+def _integral_as_int(text: str) -> int | float:
+    """A JSON number written with a fraction or an exponent (``47.0``, ``4.7e1``): the exact
+    integer when it is one, else the float."""
+    try:
+        exact = Decimal(text)
+    except ArithmeticError:
+        return float(text)
+    if exact.is_finite() and exact == exact.to_integral_value():
+        return int(exact)
+    return float(text)
+
+
+# JSON has one number type and JSON Schema's "integer" is any number without a fractional part,
+# so 47.0 is an integer to every client built on the OpenAPI description: an integer field takes it.
+# msgspec's own lax mode would also take strings ("47") and is not used. The typed decode above
+# stays the fast path; this second pass runs only when it refused a float for an int, and turns
+# exactly the integral number literals into ints (exactly: from the text, never through a float,
+# so 12345678901234567.0 is not rounded) before the same strict validation. A float field still
+# gets a float (msgspec takes an int for a float), and the idempotency digest is of the decoded
+# request, so 47.0 and 47 under one key are the same request.
+_integral_decoder = msgspec.json.Decoder(float_hook=_integral_as_int)
+
+
+def _decode_integral_floats(body: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.convert(_integral_decoder.decode(body), type=kind)
+    except msgspec.ValidationError as error:
+        message = str(error)
+        raise bad_request(field_of_validation_error(message) or "body", message) from None
+    except msgspec.DecodeError as error:
+        raise bad_request("body", f"malformed JSON: {error}") from None
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -101,6 +139,8 @@ class Request:
             return msgspec.json.decode(self.body, type=kind)
         except msgspec.ValidationError as error:
             message = str(error)
+            if _FLOAT_FOR_INT.search(message):
+                return _decode_integral_floats(self.body, kind)
             raise bad_request(field_of_validation_error(message) or "body", message) from None
         except msgspec.DecodeError as error:
             raise bad_request("body", f"malformed JSON: {error}") from None
