@@ -264,7 +264,7 @@ CASES: list[Case] = [
             ("applicant.annual_income", DROP, "applicant.annual_income"),
             ("applicant.annual_income", -1, "applicant.annual_income"),
             ("applicant.annual_income", "20000000", "applicant.annual_income"),
-            ("applicant.annual_income", 2.5e7, "applicant.annual_income"),
+            ("applicant.annual_income", 25_000_000.5, "applicant.annual_income"),  # (2.5e7 is an integer)
             ("applicant.annual_income", HUGE * 1000, "applicant.annual_income"),
             ("applicant.salary", 1, "applicant.salary"),
             ("product_code", 7, "product_code"),
@@ -275,7 +275,7 @@ CASES: list[Case] = [
         "POST",
         "/v1/applications",
         edit(application, "product_code", "PLATINUM"),
-        (400, 404),
+        404,
         "product_code",
     ),
     Case("card-unknown", "GET", "/v1/cards/" + fake("CD"), None, 404, "card_id"),
@@ -450,6 +450,8 @@ CASES: list[Case] = [
             ("account_id", DROP, "account_id"),
             ("conditions", {"min_amount_fen": 1}, "conditions"),
             ("valid_from", "yesterday", "valid_from"),
+            ("valid_from", "2020-01-01T00:00:00", "valid_from"),  # no offset: not comparable with now
+            ("valid_to", "2099-01-01T00:00:00", "valid_to"),
         ],
     ),
     Case(
@@ -583,6 +585,14 @@ CASES: list[Case] = [
             ("pan", "1234", "pan"),
             ("pan", lambda w: w.pan[:-1] + str((int(w.pan[-1]) + 1) % 10), "pan"),  # Luhn fails
         ],
+    ),
+    Case(
+        "reversal-by-key-card-of-another-issuer",
+        "POST",
+        "/v1/authorizations/reversal",
+        edit(reversal_by_key, "pan", "4111111111111111"),
+        404,
+        "pan",
     ),
     Case(
         "reversal-by-key-more-than-the-hold",

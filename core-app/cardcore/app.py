@@ -16,6 +16,8 @@ from cardcore.accounting import api as accounting_api
 from cardcore.accounting import ops as _accounting_ops  # noqa: F401  (registers the repayment op)
 from cardcore.authorization import api as authorization_api
 from cardcore.common import api as common_api
+from cardcore.common.pricing import TERMS_ALLOWED
+from cardcore.common.types import SUPPORTED_CURRENCIES
 from cardcore.installments import api as installments_api
 from cardcore.issuing import api as issuing_api
 from cardcore.issuing import keys as issuing_keys
@@ -275,11 +277,98 @@ _ERRORS = {
 }
 
 
+def _when(field: str, values: list[str], then: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema's "if ``field`` is one of ``values`` then ``then``"."""
+    condition = {"const": values[0]} if len(values) == 1 else {"enum": values}
+    return {"if": {"properties": {field: condition}, "required": [field]}, "then": then}
+
+
+def _number_branch(schema: dict[str, Any]) -> dict[str, Any]:
+    """The non-null branch of an optional property's schema (``anyOf: [X, null]``), or itself."""
+    for branch in schema.get("anyOf", ()):
+        if branch.get("type") != "null":
+            return dict(branch)
+    return schema
+
+
+def _constrain(components: dict[str, Any]) -> None:
+    """What the server checks beyond its request types, said in the schemas where JSON Schema can
+    say it (the rest is in the fields' descriptions: a Luhn check digit, a time relative to now,
+    one field compared with another). Each line here mirrors a check in the code it names."""
+    # check_currency (authorization/ops.py), Repay: the only currency this issuer books
+    for schema in components.values():
+        properties = schema.get("properties", {})
+        if "currency" in properties:
+            properties["currency"] = {
+                **properties["currency"],
+                "enum": sorted(SUPPORTED_CURRENCIES),
+                "description": "ISO 4217; this issuer books CNY only",
+            }
+    # check_authorization_format: card not present, so the CVV2 printed on the card
+    components["AuthorizationRequest"]["allOf"] = [
+        _when("channel", ["online"], {"required": ["cvv2"], "properties": {"cvv2": {"type": "string"}}})
+    ]
+    # Clear: an authorization id of this core (anything else is refused before it is looked up)
+    components["ClearingRequest"]["properties"]["auth_id"] = {
+        "type": "string",
+        "pattern": _ID_PATTERN["auth_id"],
+    }
+    # validate_rule (common/pricing.py)
+    price = components["PriceSpec"]
+    price_properties = price["properties"]
+    for name in ("value", "multiplier"):
+        price_properties[name] = {
+            "anyOf": [
+                {**_number_branch(price_properties[name]), "minimum": 0, "maximum": 10},
+                {"type": "null"},
+            ],
+            "default": None,
+        }
+    price["allOf"] = [
+        {
+            "description": "exactly one of value (a price) and multiplier (of the price below)",
+            "oneOf": [
+                {
+                    "required": ["value"],
+                    "properties": {"value": {"type": "number"}, "multiplier": {"type": "null"}},
+                },
+                {
+                    "required": ["multiplier"],
+                    "properties": {"multiplier": {"type": "number"}, "value": {"type": "null"}},
+                },
+            ],
+        },
+        _when(
+            "item",
+            ["installment_fee_rate"],
+            {"properties": {"terms": {"enum": [*sorted(TERMS_ALLOWED), None]}}},
+        ),
+    ]
+    components["PricingRule"]["allOf"] = [
+        _when(
+            "layer",
+            ["product"],
+            {
+                "required": ["product_code"],
+                "properties": {"product_code": {"type": "string", "minLength": 1}},
+            },
+        ),
+        _when(
+            "layer",
+            ["account"],
+            {"required": ["account_id"], "properties": {"account_id": {"type": "string", "minLength": 1}}},
+        ),
+        # only transaction-layer campaigns take conditions
+        _when("layer", ["product", "account"], {"properties": {"conditions": {"type": "null"}}}),
+    ]
+
+
 def openapi_document(routes: list[Route], cell_count: int = 99) -> dict[str, Any]:
     request_types = [r.request_type for r in routes if r.request_type is not None]
     refs, components = msgspec.json.schema_components(
         request_types, ref_template="#/components/schemas/{name}"
     )
+    _constrain(components)
     ref_of = dict(zip(request_types, refs, strict=True))
     error_ref = {"$ref": "#/components/schemas/Error"}
     components["Error"] = {
