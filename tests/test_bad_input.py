@@ -418,6 +418,7 @@ CASES: list[Case] = [
             ("tag", 5, "tag"),
             ("description", DROP, "description"),
             ("description", "", "description"),
+            ("description", "nul \u0000 inside", "description"),  # PostgreSQL stores no U+0000
             ("rule", "total_spend_fen >= 1", "rule"),
             ("rule", {"any": []}, "rule.any"),
             ("rule", {"all": [{"metric": "salary", "op": ">=", "value": 1}]}, "rule.all[0].metric"),
@@ -508,6 +509,8 @@ CASES: list[Case] = [
         ],
     ),
     Case("rules-unknown-layer", "GET", "/v1/pricing/rules?layer=global", None, 400, "layer"),
+    Case("rules-blank-layer", "GET", "/v1/pricing/rules?layer=", None, 400, "layer"),
+    Case("tag-customers-blank-cell", "GET", "/v1/tags/vip/customers?cell=", None, 400, "cell"),
     # -- authorization, reversal, clearing
     *body_cases(
         "authorization",
@@ -541,6 +544,7 @@ CASES: list[Case] = [
             ("merchant_id", DROP, "merchant_id"),
             ("merchant_id", "", "merchant_id"),
             ("merchant_id", "m" * 65, "merchant_id"),
+            ("merchant_id", "m\u0000", "merchant_id"),
             ("channel", DROP, "channel"),
             ("channel", "phone", "channel"),
             ("kind", "refund", "kind"),
@@ -811,6 +815,22 @@ CASES: list[Case] = [
         None,
         400,
         "limit",
+    ),
+    Case(
+        "transactions-cursor-not-a-transaction-id",
+        "GET",
+        "/v1/accounts/{account_id}/transactions?cursor=%00",
+        None,
+        400,
+        "cursor",
+    ),
+    Case(
+        "transactions-cursor-of-no-transaction-here",
+        "GET",
+        "/v1/accounts/{account_id}/transactions?cursor=" + fake("TX"),
+        None,
+        404,
+        "cursor",
     ),
     Case(
         "transactions-page-not-a-number",

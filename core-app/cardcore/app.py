@@ -238,7 +238,13 @@ _QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
             "required": False,
             "schema": {"type": "integer", "minimum": 1, "maximum": accounting_api.PAGE_SIZE_MAX},
         },
-        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+        {
+            "name": "cursor",
+            "in": "query",
+            "required": False,
+            "description": "the next_cursor of the page before",
+            "schema": {"type": "string", "pattern": "^TX[0-9]{2}[A-Z2-7]{16}$"},
+        },
     ],
 }
 # ids carry their kind and cell: anything else is not one of ours (the core answers 404)
@@ -291,10 +297,36 @@ def _number_branch(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+_NO_NUL = "^[^\\u0000]*$"
+
+
+def _no_nul(schema: Any) -> None:
+    """Every free-text string of ``schema`` (no pattern, format or enum of its own) says it holds
+    no U+0000; so does every property name."""
+    if isinstance(schema, list):
+        for item in schema:
+            _no_nul(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    if schema.get("type") == "string" and not {"pattern", "format", "enum", "const"} & set(schema):
+        schema["pattern"] = _NO_NUL
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        schema["propertyNames"] = {"pattern": _NO_NUL}
+    for key, value in schema.items():
+        if key == "properties" and isinstance(value, dict):
+            for item in value.values():
+                _no_nul(item)
+        elif isinstance(value, dict | list):
+            _no_nul(value)
+
+
 def _constrain(components: dict[str, Any]) -> None:
     """What the server checks beyond its request types, said in the schemas where JSON Schema can
     say it (the rest is in the fields' descriptions: a Luhn check digit, a time relative to now,
     one field compared with another). Each line here mirrors a check in the code it names."""
+    # Request.decode (platform/http.py): no text holds U+0000, which PostgreSQL cannot store
+    _no_nul(components)
     # check_currency (authorization/ops.py), Repay: the only currency this issuer books
     for schema in components.values():
         properties = schema.get("properties", {})

@@ -114,6 +114,8 @@ def routes(service: CoreService) -> list[Route]:
             raise bad_request("limit", f"limit must be 1..{PAGE_SIZE_MAX}")
         limit = int(raw_limit)
         cursor = request.query.get("cursor")
+        if cursor is not None and not ids.is_id(cursor, ids.PREFIX_TRANSACTION):
+            raise bad_request("cursor", "cursor must be a transaction_id (the last of the page before)")
         async with account_pool(account_id).acquire() as conn:
             if not await conn.fetchval("SELECT 1 FROM accounts WHERE account_id = $1", account_id):
                 raise not_found("account_id", f"account {account_id} not found")
@@ -125,7 +127,7 @@ def routes(service: CoreService) -> list[Route]:
                     account_id,
                 )
                 if row is None:
-                    raise bad_request("cursor", "cursor is not a transaction of this account")
+                    raise not_found("cursor", "cursor names no transaction of this account")
                 after = (row[0], row[1])
             rows = await conn.fetch(
                 f"SELECT {_LINE_COLUMNS} FROM transactions"

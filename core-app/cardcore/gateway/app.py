@@ -409,7 +409,7 @@ class Gateway:
         ):
             return await self._fanout(kind, route, scope, body)
         if kind is Kind.CELL_QUERY:
-            values = parse_qs(_query_of(scope)).get("cell")
+            values = parse_qs(_query_of(scope), keep_blank_values=True).get("cell")
             raw = values[-1].strip() if values else ""
             if not raw.isdigit() or int(raw) not in self.cells:
                 message = f"query parameter cell must be a cell number in 1..{len(self.cells)}"
@@ -531,7 +531,7 @@ class Gateway:
         method = scope["method"]
         path = _path_target(scope)
         query = _query_of(scope)
-        chosen = parse_qs(query).get("cell")
+        chosen = parse_qs(query, keep_blank_values=True).get("cell")
         if chosen:
             # one cell asked for (e.g. by a gateway in front of this one): no fan-out
             raw = chosen[-1].strip()

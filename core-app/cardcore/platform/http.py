@@ -123,6 +123,26 @@ def _decode_integral_floats(body: bytes, kind: type[Any]) -> Any:
         raise bad_request("body", f"malformed JSON: {error}") from None
 
 
+_NUL_ESCAPE = b"\\u0000"  # the only way JSON text can carry U+0000
+
+
+def refuse_nul(value: Any, path: str = "") -> None:
+    """400 naming the first string (or key) of ``value`` that holds U+0000: PostgreSQL stores no
+    such text (neither text nor jsonb), and no name, key or description needs it."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise bad_request(path or "body", "text must not contain U+0000 (NUL)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in key:
+                raise bad_request(where, "text must not contain U+0000 (NUL)")
+            refuse_nul(item, where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            refuse_nul(item, f"{path}[{index}]")
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -136,14 +156,17 @@ class Request:
         if not self.body:
             raise bad_request("body", "a JSON body is required")
         try:
-            return msgspec.json.decode(self.body, type=kind)
+            decoded = msgspec.json.decode(self.body, type=kind)
         except msgspec.ValidationError as error:
             message = str(error)
-            if _FLOAT_FOR_INT.search(message):
-                return _decode_integral_floats(self.body, kind)
-            raise bad_request(field_of_validation_error(message) or "body", message) from None
+            if not _FLOAT_FOR_INT.search(message):
+                raise bad_request(field_of_validation_error(message) or "body", message) from None
+            decoded = _decode_integral_floats(self.body, kind)
         except msgspec.DecodeError as error:
             raise bad_request("body", f"malformed JSON: {error}") from None
+        if _NUL_ESCAPE in self.body:  # rare: a byte search keeps the common case free
+            refuse_nul(msgspec.json.decode(self.body))
+        return decoded
 
     def expect_no_fields(self) -> None:
         """For endpoints without a body: none, or an empty object; any field is unknown."""
@@ -258,7 +281,10 @@ def encode(value: Any) -> bytes:
 def parse_query(raw: bytes) -> dict[str, str]:
     if not raw:
         return {}
-    return {key: values[-1] for key, values in parse_qs(raw.decode("latin-1")).items()}
+    # a blank value is a value (``?layer=`` is not an absent layer): the handler refuses it
+    return {
+        key: values[-1] for key, values in parse_qs(raw.decode("latin-1"), keep_blank_values=True).items()
+    }
 
 
 async def lifespan(
