@@ -243,7 +243,7 @@ _QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
             "in": "query",
             "required": False,
             "description": "the next_cursor of the page before",
-            "schema": {"type": "string", "pattern": "^TX[0-9]{2}[A-Z2-7]{16}$"},
+            "schema": {"type": "string", "pattern": accounting_api.CURSOR_PATTERN},
         },
     ],
 }
