@@ -352,6 +352,11 @@ def test_declines_are_answers_but_91_and_http_errors_are_failures() -> None:
     )
     assert failure_reason("/v1/clearing", 0, None)
     assert failure_reason("/v1/cards/{card_id}", 200, {"card_id": "CD01"}) is None
+    # a purchase the load's own repayments paid off is not converted: the customer is told so
+    repaid = {"error": {"code": "already_repaid"}}
+    assert failure_reason("/v1/installments", 422, repaid) is None
+    assert failure_reason("/v1/installments", 422, {"error": {"code": "invalid"}}) == "HTTP 422 invalid"
+    assert failure_reason("/v1/repayments", 422, repaid) == "HTTP 422 already_repaid"
 
 
 def test_a_failure_that_may_hide_a_commit_is_indeterminate_and_a_refusal_is_not() -> None:
