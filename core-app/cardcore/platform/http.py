@@ -90,6 +90,9 @@ def field_of_validation_error(message: str) -> str | None:
 _FLOAT_FOR_INT = re.compile(r"Expected `(?:[^`]*\| )?int(?: \|[^`]*)?`, got `float`")
 
 
+_INTEGRAL_DIGITS_MAX = 19  # below 10**19: every int64
+
+
 def _integral_as_int(text: str) -> int | float:
     """A JSON number written with a fraction or an exponent (``47.0``, ``4.7e1``): the exact
     integer when it is one, else the float."""
@@ -97,7 +100,9 @@ def _integral_as_int(text: str) -> int | float:
         exact = Decimal(text)
     except ArithmeticError:
         return float(text)
-    if exact.is_finite() and exact == exact.to_integral_value():
+    # bounded before it becomes an int: 1e100000000 would be a hundred million digits (and is no
+    # int64 anyway: left a float, it is refused as before)
+    if exact.is_finite() and exact.adjusted() < _INTEGRAL_DIGITS_MAX and exact == exact.to_integral_value():
         return int(exact)
     return float(text)
 
