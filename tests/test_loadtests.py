@@ -346,6 +346,12 @@ def test_the_schedule_offers_a_fixed_rate_and_serves_late_slots_as_a_bounded_bur
 def test_declines_are_answers_but_91_and_http_errors_are_failures() -> None:
     assert failure_reason("/v1/authorizations", 200, {"approved": False, "response_code": "51"}) is None
     assert failure_reason("/v1/authorizations", 200, {"approved": False, "response_code": "91"})
+    # an increment the gateway declined 91 (its cell unreachable) was never decided: a drill
+    # counted two such as acknowledged and then "missing from the ledgers"
+    increment = "/v1/authorizations/{auth_id}/increment"
+    assert failure_reason(increment, 200, {"approved": False, "response_code": "91"})
+    assert indeterminate(increment, 200, {"approved": False, "response_code": "91"})
+    assert failure_reason(increment, 200, {"approved": False, "response_code": "51"}) is None
     assert (
         failure_reason("/v1/clearing", 503, {"error": {"code": "cell_unavailable"}})
         == "HTTP 503 cell_unavailable"

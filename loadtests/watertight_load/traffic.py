@@ -110,9 +110,10 @@ def failure_reason(route: str, status_code: int | None, body: Any) -> str | None
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             code = body["error"].get("code")
         return f"HTTP {status_code} {code or ''}".rstrip()
-    if route == "/v1/authorizations":
-        if not isinstance(body, dict) or "response_code" not in body:
-            return f"HTTP {status_code} without a response_code"
-        if body["response_code"] == ISSUER_UNAVAILABLE:
-            return "declined 91: issuer (cell) unavailable"
+    if route == "/v1/authorizations" and (not isinstance(body, dict) or "response_code" not in body):
+        return f"HTTP {status_code} without a response_code"
+    # an authorization, or an increment of one (the gateway answers both 91 when the cell cannot
+    # be reached): the issuer did not decide, nothing is acknowledged
+    if isinstance(body, dict) and body.get("response_code") == ISSUER_UNAVAILABLE:
+        return "declined 91: issuer (cell) unavailable"
     return None

@@ -71,6 +71,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     db.CommitNotConfirmedError,
     # fenced: no member holds the leader lock, or the connection is not to the one that does
     NoLeaderError,
+    # the pool a request was using was terminated under it by that fencing ("release() called on
+    # a free connection holder"): the request's fate is unknown to it, as after a reset
+    asyncpg.exceptions.InternalClientError,
 )
 RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 # the request hash of an idempotency key a reversal claimed before its request arrived: the late
