@@ -1,5 +1,9 @@
-"""Run an ASGI app in this process with granian's embedded server on uvloop: one process per
-server, so the runtime's PID is the server (kill -9 of that PID is the loss of that server).
+"""Run an ASGI app in this process on uvloop: one process per server, so the runtime's PID is the
+server (kill -9 of that PID is the loss of that server).
+
+The server is ``cardcore.platform.httpserver`` (socket, parsing and app on one thread); setting
+``WATERTIGHT_HTTP_SERVER=granian`` serves with granian's embedded server instead, the server used
+before, kept to compare the two on one machine (README, performance).
 
 Never: fork workers (the topology counts and signals processes by PID).
 """
@@ -8,9 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
+
+SERVER_ENV = "WATERTIGHT_HTTP_SERVER"
+SERVERS = ("lean", "granian")
 
 
 def load_factory(target: str) -> Callable[[], Any]:
@@ -19,12 +27,25 @@ def load_factory(target: str) -> Callable[[], Any]:
     return factory
 
 
+def server_choice() -> str:
+    choice = os.environ.get(SERVER_ENV, "lean") or "lean"
+    if choice not in SERVERS:
+        raise SystemExit(f"{SERVER_ENV}={choice!r}: must be one of {', '.join(SERVERS)}")
+    return choice
+
+
 def serve(target: str, host: str, port: int) -> None:
     """Serve ``module:factory`` on host:port until SIGTERM or SIGINT."""
+    choice = server_choice()
+    app = load_factory(target)()
+    if choice == "lean":
+        from cardcore.platform import httpserver
+
+        httpserver.run(app, host, port)
+        return
+
     from granian.constants import HTTPModes, Interfaces
     from granian.server.embed import Server
-
-    app = load_factory(target)()
 
     async def main() -> None:
         server = Server(
