@@ -44,6 +44,7 @@ REQUEST_TIMEOUT_S = 5.0
 WARMUP_S = 2.0
 TICK_S = 0.001
 AUTHS_KEPT_MAX = 20_000
+OPEN_TRIES_MAX = 3
 # the saturation search: the highest rate a class sustains with p99 <= P99_MS_MAX and no error
 P99_MS_MAX = 50.0
 ACHIEVED_RATIO_MIN = 0.98
@@ -110,6 +111,21 @@ class Traffic:
         return response.status, msgspec.json.decode(response.body) if response.body else None
 
     async def open_population(self, size: int, progress: Progress) -> None:
+        """Open and activate ``size`` customers through the API; a request the core could not
+        serve at that moment (5xx, no answer) is tried again, at most OPEN_TRIES_MAX times."""
+
+        async def attempt(method: str, target: str, body: Any) -> tuple[int, Any]:
+            for tries in range(1, OPEN_TRIES_MAX + 1):
+                try:
+                    status, answer = await self.call(method, target, body)
+                except UpstreamError:
+                    status, answer = 0, None
+                if status and status < 500:
+                    return status, answer
+                if tries < OPEN_TRIES_MAX:
+                    await asyncio.sleep(0.2 * tries)
+            return status, answer
+
         async def one(index: int) -> None:
             applicant = {
                 "name": "测试客户",
@@ -118,10 +134,11 @@ class Traffic:
                 "birth_date": "1988-08-08",
                 "annual_income": 50_000_000,
             }
-            status, opened = await self.call("POST", "/v1/applications", {"applicant": applicant})
+            # a retried application is a new applicant: the first may have been committed
+            status, opened = await attempt("POST", "/v1/applications", {"applicant": applicant})
             if status != 201 or opened["decision"] != "approved":
                 raise RuntimeError(f"opening a bench customer failed: {status} {opened}")
-            status, _ = await self.call("POST", f"/v1/cards/{opened['card_id']}/activate", {})
+            status, _ = await attempt("POST", f"/v1/cards/{opened['card_id']}/activate", {})
             if status != 200:
                 raise RuntimeError(f"activating a bench card failed: {status}")
             self.customers.append(
