@@ -51,22 +51,20 @@ class Cardholder(CardCoreUser):
         customer = self.customer()
         amount_fen = purchase_amount_fen()
         mcc, merchant_id = random.choice(MERCHANTS)
-        answer = self.transact(
-            "/v1/authorizations",
-            "/v1/authorizations",
-            customer,
-            amount_fen,
-            {
-                "pan": customer.pan,
-                "expiry": customer.expiry,
-                "amount": amount_fen,
-                "currency": "CNY",
-                "mcc": mcc,
-                "merchant_id": merchant_id,
-                "channel": random.choice(["pos", "pos", "online"]),
-                "kind": "purchase",
-            },
-        )
+        channel = random.choice(["pos", "pos", "online"])
+        body = {
+            "pan": customer.pan,
+            "expiry": customer.expiry,
+            "amount": amount_fen,
+            "currency": "CNY",
+            "mcc": mcc,
+            "merchant_id": merchant_id,
+            "channel": channel,
+            "kind": "purchase",
+        }
+        if channel == "online":
+            body["cvv2"] = customer.cvv2  # card not present: the code printed on the card
+        answer = self.transact("/v1/authorizations", "/v1/authorizations", customer, amount_fen, body)
         if answer is not None and answer.get("approved"):
             self.outstanding.held(Hold(answer["auth_id"], customer, amount_fen))
 

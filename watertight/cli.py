@@ -242,6 +242,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"entry: {result['entry']}")
     for site in ("prod", "samecity"):
         print(f"gateway {site}: {topology.gateway_url(site)}")
+    print(f"API tokens (Authorization: Bearer, one per client kind): {runtime.secrets_path} (api_tokens)")
     return 0
 
 

@@ -173,6 +173,7 @@ def start_load(
         "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "5",
         "--rate-financial", f"{rate_financial:g}", "--rate-nonfinancial", f"{rate_nonfinancial:g}",
         "--population", str(population), "--ack-log", str(directory / "ack.jsonl"),
+        "--api-tokens", str(runtime.secrets_path),
         "--history", str(directory / "history.jsonl"), "--timeline", str(directory / "timeline.jsonl"),
         "--csv", str(directory / "load"), "--csv-full-history", "--html", str(directory / "load.html"),
         "--summary-json", str(directory / "load-summary.json"),
@@ -294,9 +295,11 @@ def resolve_indeterminate(runtime: LocalRuntime, requests: list[dict[str, Any]])
 def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
     """Trial balance of every cell through the entry, and the limits of a sample of customers."""
     entry = runtime.topology.entry_url
+    tokens = runtime.client_tokens()
     balances = []
     for cell in runtime.topology.cell_numbers:
-        status, body = http_json(f"{entry}/v1/admin/trial-balance?cell={cell}", timeout_s=30)
+        path = f"/v1/admin/trial-balance?cell={cell}"
+        status, body = http_json(entry + path, timeout_s=30, headers=tokens.headers("GET", path))
         balances.append(
             body
             if status == 200 and isinstance(body, dict)
@@ -307,7 +310,8 @@ def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[lis
     if population.exists():
         customers = json.loads(population.read_text()).get("customers", [])[:50]
         for customer in customers:
-            status, body = http_json(f"{entry}/v1/customers/{customer['customer_id']}/limits", timeout_s=10)
+            path = f"/v1/customers/{customer['customer_id']}/limits"
+            status, body = http_json(entry + path, timeout_s=10, headers=tokens.headers("GET", path))
             if status == 200 and isinstance(body, dict):
                 lines_views.append(body["lines"])
     return balances, lines_views
@@ -372,18 +376,6 @@ class During(threading.Thread):
         self.result["seconds"] = round(time.time() - fault_at - self.result["seconds_after_fault"], 1)
 
 
-def api_token(runtime: LocalRuntime, kind: str) -> str | None:
-    """The API token of a client kind from the run's secrets (None before tokens exist)."""
-    try:
-        secrets = json.loads((runtime.run_dir / "secrets.json").read_text())
-    except (OSError, ValueError):
-        return None
-    token = (secrets.get("api_tokens") or {}).get(kind)
-    if isinstance(token, list):
-        token = token[0] if token else None
-    return str(token) if token else None
-
-
 def post_json(
     runtime: LocalRuntime, path: str, body: dict[str, Any], kind: str, timeout_s: float
 ) -> tuple[int, Any]:
@@ -391,10 +383,7 @@ def post_json(
     import urllib.error
     import urllib.request
 
-    headers = {"content-type": "application/json"}
-    token = api_token(runtime, kind)
-    if token:
-        headers["authorization"] = f"Bearer {token}"
+    headers = {"content-type": "application/json", "authorization": f"Bearer {runtime.api_tokens()[kind]}"}
     request = urllib.request.Request(
         runtime.topology.entry_url + path, data=json.dumps(body).encode(), headers=headers, method="POST"
     )

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import yaml
+from cardcore.platform import auth
 
 from watertight import pg
 from watertight.topology import CENTERS, Topology
@@ -42,7 +43,27 @@ ENTRY = "entry"
 SECRET_PAN_KEY = "pan_key_hex"
 SECRET_SUPERUSER_PASSWORD = "superuser_password"
 SECRET_REPLICATION_PASSWORD = "replication_password"
-REQUIRED_SECRETS = (SECRET_PAN_KEY, SECRET_SUPERUSER_PASSWORD, SECRET_REPLICATION_PASSWORD)
+# {"acquirer": token, "channel": token, "operator": token}: what clients send (CONTRACT)
+SECRET_API_TOKENS = "api_tokens"
+# the same shape, while a rotation is under way: still accepted, no longer handed out
+SECRET_API_TOKENS_PREVIOUS = "api_tokens_previous"
+# the same shape, at the start of a rotation: accepted already, not handed out yet (the servers
+# must accept a token before any client is given it)
+SECRET_API_TOKENS_NEXT = "api_tokens_next"
+# {"current": N, "keys": {"N": "<64 hex>", ...}}: the master keys of card and identity data by
+# version (cardcore.common.crypto); version 1 is the first pan_key_hex
+SECRET_KEY_RING = "key_ring"
+REQUIRED_SECRETS = (
+    SECRET_PAN_KEY,
+    SECRET_SUPERUSER_PASSWORD,
+    SECRET_REPLICATION_PASSWORD,
+    SECRET_API_TOKENS,
+    SECRET_KEY_RING,
+)
+# beside each app server's and gateway's settings: the digests of the tokens it accepts
+API_TOKENS_FILE = "api-tokens.json"
+# beside each app server's settings: its key ring, read again when it changes (a key rotation)
+KEY_RING_FILE = "keys.json"
 
 # start order; components of one stage may start together
 STAGE_ETCD = 1
@@ -97,13 +118,50 @@ def gateway_name(site: str) -> str:
     return f"gateway-{site}"
 
 
-def generate_secrets() -> dict[str, str]:
+def generate_secrets() -> dict[str, Any]:
     """Fresh random values for every key of REQUIRED_SECRETS (the runtime keeps them per run)."""
-    return {
-        SECRET_PAN_KEY: secrets_module.token_hex(32),
-        SECRET_SUPERUSER_PASSWORD: secrets_module.token_urlsafe(24),
-        SECRET_REPLICATION_PASSWORD: secrets_module.token_urlsafe(24),
-    }
+    return complete_secrets({})
+
+
+def complete_secrets(secrets: Mapping[str, Any]) -> dict[str, Any]:
+    """``secrets`` with every missing key of REQUIRED_SECRETS made: random, except the key ring of
+    a run that has a PAN key already, which starts from it (version 1), so its data stays readable."""
+    done = dict(secrets)
+    done.setdefault(SECRET_PAN_KEY, secrets_module.token_hex(32))
+    done.setdefault(SECRET_SUPERUSER_PASSWORD, secrets_module.token_urlsafe(24))
+    done.setdefault(SECRET_REPLICATION_PASSWORD, secrets_module.token_urlsafe(24))
+    done.setdefault(SECRET_API_TOKENS, {kind: auth.new_token() for kind in auth.KINDS})
+    done.setdefault(SECRET_KEY_RING, {"current": 1, "keys": {"1": done[SECRET_PAN_KEY]}})
+    return done
+
+
+def key_ring_document(secrets: Mapping[str, Any]) -> str:
+    """An app server's key ring file (cardcore.platform.settings.read_key_ring)."""
+    ring = secrets[SECRET_KEY_RING]
+    current = int(ring["current"])
+    keys = {str(k): str(v) for k, v in ring["keys"].items()}
+    if str(current) not in keys:
+        raise ValueError(f"secrets: {SECRET_KEY_RING}: current version {current} has no key")
+    return _json({"current": current, "keys": keys})
+
+
+def accepted_api_tokens(secrets: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Every token each client kind may use: the current one, and while a rotation is under way
+    the next one (before it is handed out) or the previous one (until it is retired)."""
+    current = secrets[SECRET_API_TOKENS]
+    extra = [secrets.get(SECRET_API_TOKENS_NEXT) or {}, secrets.get(SECRET_API_TOKENS_PREVIOUS) or {}]
+    accepted: dict[str, list[str]] = {}
+    for kind in auth.KINDS:
+        if not current.get(kind):
+            raise ValueError(f"secrets: {SECRET_API_TOKENS}.{kind} is missing")
+        accepted[kind] = [current[kind]] + [more[kind] for more in extra if more.get(kind)]
+    return accepted
+
+
+def api_tokens_document(secrets: Mapping[str, Any]) -> str:
+    """The tokens file of every app server, gateway and the entry: SHA-256 digests only, so a
+    server's files do not hold a token a client could use."""
+    return _json(auth.digests_document(accepted_api_tokens(secrets)))
 
 
 # ---- endpoints ------------------------------------------------------------------------------------
@@ -649,7 +707,7 @@ def _centers_leader_first(topology: Topology, cell: int) -> list[str]:
     return [topology.leader_site(cell), topology.standby_site(cell)]
 
 
-def patroni_env(secrets: Mapping[str, str]) -> dict[str, str]:
+def patroni_env(secrets: Mapping[str, Any]) -> dict[str, str]:
     """The environment that carries Patroni's passwords (never its YAML or its command line)."""
     return {
         "PATRONI_SUPERUSER_PASSWORD": secrets[SECRET_SUPERUSER_PASSWORD],
@@ -664,13 +722,22 @@ def _dsn(members: list[str]) -> str:
     return f"postgresql://{SUPERUSER}@{','.join(members)}/{DATABASE}?target_session_attrs=read-write"
 
 
-def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_hex: str) -> dict[str, Any]:
+def app_settings(
+    topology: Topology,
+    endpoints: Endpoints,
+    site: str,
+    pan_key_hex: str,
+    api_tokens_file: str = API_TOKENS_FILE,
+    keys_file: str | None = None,
+) -> dict[str, Any]:
     """cardcore AppSettings of ``site``'s app server, as a dict.
 
     Every cell's dsn is libpq multi-host over the cell's members in both centers (the cell's
     leader-to-be first) with target_session_attrs=read-write, so the app follows the primary. At dr
     (idle until the activate-dr runbook) it names the dr members. The password is not in it: the
-    app server reads PGPASSWORD.
+    app server reads PGPASSWORD. ``api_tokens_file``: where it finds the digests of the accepted
+    API tokens (``api_tokens_document``; relative to the settings file, or absolute). ``keys_file``:
+    its key ring (``key_ring_document``), instead of the one key ``pan_key_hex``.
     """
     if site not in topology.sites:
         raise ValueError(f"app_settings: unknown site {site!r}")
@@ -694,7 +761,8 @@ def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_he
         "site": site,
         "cells": cells,
         "cell_count": topology.cells,
-        "pan_key_hex": pan_key_hex,
+        **({"keys_file": keys_file} if keys_file is not None else {"pan_key_hex": pan_key_hex}),
+        "api_tokens_file": api_tokens_file,
         "host": endpoints.listen_address(site),
         "port": _port(url),
         "hold_ttl_seconds": topology.app.hold_ttl_seconds,
@@ -704,7 +772,11 @@ def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_he
 
 
 def gateway_settings(
-    topology: Topology, endpoints: Endpoints, site: str, drain_file: str | None = None
+    topology: Topology,
+    endpoints: Endpoints,
+    site: str,
+    drain_file: str | None = None,
+    api_tokens_file: str = API_TOKENS_FILE,
 ) -> dict[str, Any]:
     """cardcore GatewaySettings of ``site``'s gateway: every cell -> its own site's app server, then
     the other center's (the gateway spreads over the healthy ones). ``drain_file``: where the
@@ -719,6 +791,7 @@ def gateway_settings(
         "site": site,
         "cell_count": topology.cells,
         "upstreams": {str(cell): list(apps) for cell in topology.cell_numbers},
+        "api_tokens_file": api_tokens_file,
         "host": endpoints.listen_address(site),
         "port": _port(url),
         **({"drain_file": drain_file} if drain_file else {}),
@@ -738,6 +811,7 @@ def entry_settings(topology: Topology, endpoints: Endpoints, drain_file: str | N
             + [endpoints.gateway_url(DR_SITE)]
             for cell in topology.cell_numbers
         },
+        "api_tokens_file": API_TOKENS_FILE,
         "host": endpoints.entry_listen_address(),
         "port": _port(endpoints.entry_url()),
         **({"drain_file": drain_file} if drain_file else {}),
@@ -755,7 +829,7 @@ def render_local(
     topology: Topology,
     run_dir: Path,
     python: str,
-    secrets: Mapping[str, str],
+    secrets: Mapping[str, Any],
     centers_follow_dr: bool = False,
 ) -> list[Component]:
     """Every component of the local runtime, in start order.
@@ -858,6 +932,7 @@ def render_local(
         components.append(member(cell, DR_SITE, STAGE_DR_STANDBY))
 
     drain = str(drain_file(run_dir))
+    tokens = api_tokens_document(secrets)
     for site in (*CENTERS, DR_SITE):
         name = app_name(site)
         components.append(
@@ -868,7 +943,11 @@ def render_local(
                 cell=None,
                 argv=[python, "-m", "cardcore", "--config", str(component_dir(run_dir, name) / "app.json")],
                 env={"PGPASSWORD": secrets[SECRET_SUPERUSER_PASSWORD]},
-                files={"app.json": _json(app_settings(topology, endpoints, site, secrets[SECRET_PAN_KEY]))},
+                files={
+                    "app.json": _json(app_settings(topology, endpoints, site, "", keys_file=KEY_RING_FILE)),
+                    KEY_RING_FILE: key_ring_document(secrets),
+                    API_TOKENS_FILE: tokens,
+                },
                 ready_url=endpoints.app_url(site) + "/readyz",
                 stage=STAGE_APP,
                 on_dr_activation=site == DR_SITE,
@@ -890,7 +969,10 @@ def render_local(
                     "--config",
                     str(component_dir(run_dir, name) / "gateway.json"),
                 ],
-                files={"gateway.json": _json(gateway_settings(topology, endpoints, site, drain))},
+                files={
+                    "gateway.json": _json(gateway_settings(topology, endpoints, site, drain)),
+                    API_TOKENS_FILE: tokens,
+                },
                 ready_url=endpoints.gateway_url(site) + "/readyz",
                 stage=STAGE_GATEWAY,
                 on_dr_activation=site == DR_SITE,
@@ -910,7 +992,7 @@ def render_local(
                 "--config",
                 str(component_dir(run_dir, ENTRY) / "entry.json"),
             ],
-            files={"entry.json": _json(entry_settings(topology, endpoints, drain))},
+            files={"entry.json": _json(entry_settings(topology, endpoints, drain)), API_TOKENS_FILE: tokens},
             ready_url=endpoints.entry_url() + "/readyz",
             stage=STAGE_ENTRY,
             listens=(_address(endpoints.entry_url()),),

@@ -19,6 +19,7 @@ import msgspec
 import pulumi
 import pulumi_kubernetes as k8s
 import yaml
+from cardcore.platform import auth
 from pulumi_kubernetes.apps import v1 as apps
 from pulumi_kubernetes.autoscaling import v2 as autoscaling
 from pulumi_kubernetes.core import v1 as core
@@ -46,6 +47,15 @@ from watertight_infra.sizing import Plan
 
 TYPE_PREFIX = "watertight:infra"
 CREDENTIALS_SECRET = "watertight-credentials"
+# the digests of the accepted API tokens, mounted (as a directory: the kubelet refreshes it, and
+# the servers read it again, so a rotation needs no restart) into every app server and gateway
+API_TOKENS_SECRET = "watertight-api-tokens"
+API_TOKENS_DIR = "/etc/cardcore-tokens"
+# the clients' side: {"api_tokens": {...}} as `secrets.json` (Locust) and the operator's token
+# alone as `operator` (Prometheus scraping /metrics)
+API_CLIENTS_SECRET = monitoring.API_CLIENTS_SECRET
+API_CLIENTS_DIR = "/etc/watertight-clients"
+API_CLIENTS_FILE = "secrets.json"
 DEFAULT_DENY_POLICY = "default-deny-ingress"
 
 # paths inside the images (core-app/Containerfile)
@@ -124,6 +134,32 @@ class Secrets:
     superuser_password: pulumi.Output[str]
     replication_password: pulumi.Output[str]
     pan_key_hex: pulumi.Output[str]
+    api_tokens: pulumi.Output[str]  # JSON {"acquirer": ..., "channel": ..., "operator": ...}
+    api_tokens_previous: pulumi.Output[str] | None = None  # the same, while a rotation is under way
+
+
+def api_tokens_of(text: str, key: str = "apiTokens") -> dict[str, str]:
+    """The token of each client kind in a ``watertight:apiTokens`` value; ValueError names what is wrong."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError(
+            f'watertight:{key} must be JSON: {{"acquirer": ..., "channel": ..., "operator": ...}}'
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"watertight:{key} must be a JSON object of the three client kinds")
+    missing = [kind for kind in auth.KINDS if not isinstance(value.get(kind), str) or not value[kind]]
+    if missing:
+        raise ValueError(f"watertight:{key}: no token for {', '.join(missing)}")
+    return {kind: value[kind] for kind in auth.KINDS}
+
+
+def _accepted_tokens(current: str, previous: str | None) -> str:
+    """The servers' tokens file: digests of the current tokens and, during a rotation, the previous."""
+    tokens = {render.SECRET_API_TOKENS: api_tokens_of(current)}
+    if previous:
+        tokens[render.SECRET_API_TOKENS_PREVIOUS] = api_tokens_of(previous, "apiTokensPrevious")
+    return render.api_tokens_document(tokens)
 
 
 @dataclass(frozen=True)
@@ -199,6 +235,32 @@ class Site(pulumi.ComponentResource):
             string_data={
                 render.SECRET_SUPERUSER_PASSWORD: context.secrets.superuser_password,
                 render.SECRET_REPLICATION_PASSWORD: context.secrets.replication_password,
+            },
+            opts=_opts(self, self.provider),
+        )
+        tokens = context.secrets.api_tokens
+        previous = context.secrets.api_tokens_previous
+        accepted = (
+            pulumi.Output.all(tokens, previous).apply(lambda both: _accepted_tokens(both[0], both[1]))
+            if previous is not None
+            else tokens.apply(lambda current: _accepted_tokens(current, None))
+        )
+        self.api_tokens = core.Secret(
+            f"{name}-api-tokens",
+            metadata=kube.metadata(API_TOKENS_SECRET, self.namespace_name, kube.labels(name, "credentials")),
+            type="Opaque",
+            string_data={render.API_TOKENS_FILE: accepted},
+            opts=_opts(self, self.provider),
+        )
+        self.api_clients = core.Secret(
+            f"{name}-api-clients",
+            metadata=kube.metadata(API_CLIENTS_SECRET, self.namespace_name, kube.labels(name, "credentials")),
+            type="Opaque",
+            string_data={
+                API_CLIENTS_FILE: tokens.apply(
+                    lambda current: json.dumps({render.SECRET_API_TOKENS: api_tokens_of(current)})
+                ),
+                auth.OPERATOR: tokens.apply(lambda current: api_tokens_of(current)[auth.OPERATOR]),
             },
             opts=_opts(self, self.provider),
         )
@@ -391,9 +453,12 @@ class AppTier(pulumi.ComponentResource):
             file_name = "app.json"
             listen_port = topology.ports.app
             # the settings hold the PAN key: a Secret, never a ConfigMap
-            public = render.app_settings(topology, endpoints, site, "")
+            tokens_file = f"{API_TOKENS_DIR}/{render.API_TOKENS_FILE}"
+            public = render.app_settings(topology, endpoints, site, "", tokens_file)
             config_text = context.secrets.pan_key_hex.apply(
-                lambda key: settings_json(render.app_settings(topology, endpoints, site, _pan_key(key)))
+                lambda key: settings_json(
+                    render.app_settings(topology, endpoints, site, _pan_key(key), tokens_file)
+                )
             )
             settings_object: pulumi.Resource = core.Secret(
                 f"{component}-settings",
@@ -424,7 +489,13 @@ class AppTier(pulumi.ComponentResource):
             file_name = "gateway.json"
             listen_port = topology.ports.gateway
             text = settings_json(
-                render.gateway_settings(topology, endpoints, site, drain_file=f"{DRAIN_DIR}/{DRAIN_FILE}")
+                render.gateway_settings(
+                    topology,
+                    endpoints,
+                    site,
+                    drain_file=f"{DRAIN_DIR}/{DRAIN_FILE}",
+                    api_tokens_file=f"{API_TOKENS_DIR}/{render.API_TOKENS_FILE}",
+                )
             )
             settings_object = core.ConfigMap(
                 f"{component}-settings",
@@ -441,10 +512,18 @@ class AppTier(pulumi.ComponentResource):
             service_type = settings.gateway_service_type
             annotations = {}
             checksum = kube.checksum(text)
-        volumes = [settings_volume, kube.tmp_volume()]
+        volumes = [
+            settings_volume,
+            kube.tmp_volume(),
+            core.VolumeArgs(
+                name="api-tokens",
+                secret=core.SecretVolumeSourceArgs(secret_name=API_TOKENS_SECRET, default_mode=0o440),
+            ),
+        ]
         mounts = [
             core.VolumeMountArgs(name="settings", mount_path=CORE_CONFIG_DIR, read_only=True),
             kube.tmp_mount(),
+            core.VolumeMountArgs(name="api-tokens", mount_path=API_TOKENS_DIR, read_only=True),
         ]
         if kind == "gateway":
             volumes.append(
@@ -499,7 +578,7 @@ class AppTier(pulumi.ComponentResource):
             opts=_opts(
                 self,
                 parent.provider,
-                depends_on=[settings_object, parent.credentials, parent.drain],
+                depends_on=[settings_object, parent.credentials, parent.drain, parent.api_tokens],
                 ignore_changes=["spec.replicas"] if idle else None,
             ),
         )
@@ -805,13 +884,22 @@ class LoadGenerator(pulumi.ComponentResource):
                 image=settings.images.locust,
                 image_pull_policy=settings.images.pull_policy,
                 command=command,
-                env=[core.EnvVarArgs(name="HOME", value="/tmp")],
+                env=[
+                    core.EnvVarArgs(name="HOME", value="/tmp"),
+                    # every process reads the tokens itself: they never cross the master-worker wire
+                    core.EnvVarArgs(
+                        name="WATERTIGHT_API_TOKENS", value=f"{API_CLIENTS_DIR}/{API_CLIENTS_FILE}"
+                    ),
+                ],
                 ports=[kube.port(name, number) for name, number in ports.items()] or None,
                 readiness_probe=kube.tcp_probe("master", 5, 3) if ports else None,
                 liveness_probe=kube.http_probe("/", "web", 10, 6, 10) if ports else None,
                 resources=kube.resources(settings.resources.locust_worker),
                 security_context=kube.container_security(),
-                volume_mounts=[kube.tmp_mount()],
+                volume_mounts=[
+                    kube.tmp_mount(),
+                    core.VolumeMountArgs(name="api-clients", mount_path=API_CLIENTS_DIR, read_only=True),
+                ],
             )
             apps.Deployment(
                 f"{component}-deployment",
@@ -829,7 +917,19 @@ class LoadGenerator(pulumi.ComponentResource):
                             topology_spread_constraints=kube.spread(site.name, component),
                             automount_service_account_token=False,
                             containers=[container],
-                            volumes=[kube.tmp_volume()],
+                            volumes=[
+                                kube.tmp_volume(),
+                                core.VolumeArgs(
+                                    name="api-clients",
+                                    secret=core.SecretVolumeSourceArgs(
+                                        secret_name=API_CLIENTS_SECRET,
+                                        default_mode=0o440,
+                                        items=[
+                                            core.KeyToPathArgs(key=API_CLIENTS_FILE, path=API_CLIENTS_FILE)
+                                        ],
+                                    ),
+                                ),
+                            ],
                         ),
                     ),
                 ),

@@ -34,6 +34,8 @@ MOCK_SECRETS = {
     "superuserPassword": "mock-superuser-password-7Qx",
     "replicationPassword": "mock-replication-password-9Kz",
     "panKeyHex": "0f" * 32,
+    "apiTokens": '{"acquirer": "mock-acquirer-token-4Rw", "channel": "mock-channel-token-8Tn",'
+    ' "operator": "mock-operator-token-2Gd"}',
 }
 
 

@@ -29,8 +29,13 @@ DASHBOARD_FILE = "watertight.json"
 ERROR_RATIO_MAX = 0.01
 
 
-def service_monitor_spec(namespace: str) -> dict[str, Any]:
-    """App servers and gateways on their ``http`` port, Patroni on its ``patroni`` port."""
+# the clients' API tokens (components.Site makes it): Prometheus scrapes /metrics with the operator's
+API_CLIENTS_SECRET = "watertight-api-clients"
+
+
+def service_monitor_spec(namespace: str, token_secret: str = API_CLIENTS_SECRET) -> dict[str, Any]:
+    """App servers and gateways on their ``http`` port (their /metrics needs the operator's API
+    token: ``token_secret``, key ``operator``), Patroni on its ``patroni`` port."""
     return {
         "namespaceSelector": {"matchNames": [namespace]},
         "selector": {
@@ -40,7 +45,12 @@ def service_monitor_spec(namespace: str) -> dict[str, Any]:
             ],
         },
         "endpoints": [
-            {"port": "http", "path": "/metrics", "interval": SCRAPE_INTERVAL},
+            {
+                "port": "http",
+                "path": "/metrics",
+                "interval": SCRAPE_INTERVAL,
+                "authorization": {"type": "Bearer", "credentials": {"name": token_secret, "key": "operator"}},
+            },
             {"port": "patroni", "path": "/metrics", "interval": SCRAPE_INTERVAL},
         ],
     }

@@ -29,7 +29,18 @@ INFRA_DIR = Path(__file__).resolve().parent.parent
 SECRET_SUPERUSER_PASSWORD = "superuserPassword"
 SECRET_REPLICATION_PASSWORD = "replicationPassword"
 SECRET_PAN_KEY = "panKeyHex"
-SECRET_KEYS = (SECRET_SUPERUSER_PASSWORD, SECRET_REPLICATION_PASSWORD, SECRET_PAN_KEY)
+# the API tokens clients send, one per client kind, as JSON: {"acquirer": ..., "channel": ...,
+# "operator": ...}; the servers get their SHA-256 digests only
+SECRET_API_TOKENS = "apiTokens"
+# optional, the same shape: the tokens of before a rotation, still accepted until it is removed
+SECRET_API_TOKENS_PREVIOUS = "apiTokensPrevious"
+SECRET_KEYS = (
+    SECRET_SUPERUSER_PASSWORD,
+    SECRET_REPLICATION_PASSWORD,
+    SECRET_PAN_KEY,
+    SECRET_API_TOKENS,
+    SECRET_API_TOKENS_PREVIOUS,
+)
 
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]

@@ -7,6 +7,7 @@ Never: default to a value the web UI cannot round-trip (every default is typed, 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class LoadOptions:
     max_p99_ms: float
     min_tps_ratio: float
     summary_json_path: str
+    api_tokens_path: str
     history_path: str = ""
     read_back_ratio: float = 1.0
     timeline_path: str = ""
@@ -124,6 +126,13 @@ def add_arguments(parser: Any, **_: Any) -> None:
         "class (successful requests only); 0 disables",
     )
     group.add_argument(
+        "--api-tokens",
+        default=os.environ.get("WATERTIGHT_API_TOKENS", ""),
+        include_in_web_ui=True,
+        help="the API tokens: a JSON file whose api_tokens holds one token per client kind (the "
+        "secrets file `watertight status --json` names; default $WATERTIGHT_API_TOKENS)",
+    )
+    group.add_argument(
         "--summary-json",
         default="",
         include_in_web_ui=True,
@@ -150,6 +159,7 @@ def read(parsed_options: argparse.Namespace | None) -> LoadOptions:
         max_p99_ms=number("max_p99_ms"),
         min_tps_ratio=number("min_tps_ratio"),
         summary_json_path=str(parsed_options.summary_json or ""),
+        api_tokens_path=str(getattr(parsed_options, "api_tokens", "") or ""),
         history_path=str(getattr(parsed_options, "history", "") or ""),
         read_back_ratio=float(getattr(parsed_options, "read_back_ratio", 1.0)),
         timeline_path=str(getattr(parsed_options, "timeline", "") or ""),
@@ -167,4 +177,9 @@ def read(parsed_options: argparse.Namespace | None) -> LoadOptions:
         raise ValueError(f"--read-back-ratio must be within 0..1, got {options.read_back_ratio}")
     if not 0 <= options.min_tps_ratio <= 1:
         raise ValueError(f"--min-tps-ratio must be within 0..1, got {options.min_tps_ratio}")
+    if not options.api_tokens_path:
+        raise ValueError(
+            "--api-tokens is required (or $WATERTIGHT_API_TOKENS): the core refuses requests without "
+            "a token; `watertight status --json` names the local topology's file under secrets"
+        )
     return options

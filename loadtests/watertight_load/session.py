@@ -34,6 +34,7 @@ from watertight_load.history import History
 from watertight_load.outstanding import Outstanding
 from watertight_load.pacing import IDLE_POLL_S, Pacer
 from watertight_load.population import Population, PopulationError, population_for_run
+from watertight_load.tokens import Tokens, TokensError
 from watertight_load.traffic import FINANCIAL, NONFINANCIAL, parse_request_name
 
 RUN_MESSAGE = "watertight-run"
@@ -56,10 +57,16 @@ class Session:
     users_total: dict[str, int] = field(default_factory=dict)  # users per class over all workers
     outstanding: Outstanding = field(default_factory=Outstanding)
     ack_log: AckLog | None = None
+    tokens: Tokens | None = None  # every process reads the file itself: tokens never cross the wire
     history: History | None = None
     timeline: AckLog | None = None
     setup_failures: list[str] = field(default_factory=list)
     environment: Environment | None = None  # spawning_complete does not carry it
+
+    def require_tokens(self) -> Tokens:
+        if self.tokens is None:
+            raise TokensError("no API tokens loaded (--api-tokens)")
+        return self.tokens
 
     def wait_for_population(self) -> Population:
         if not self.population_ready.wait(timeout=POPULATION_WAIT_S_MAX) or self.population is None:
@@ -86,6 +93,17 @@ def attach(events: Any) -> None:
     events.test_stop.add_listener(_on_test_stop)
     events.request.add_listener(_on_request)
     events.quitting.add_listener(_on_quitting)
+
+
+def _load_tokens(environment: Environment) -> bool:
+    if SESSION.tokens is not None:
+        return True
+    try:
+        SESSION.tokens = Tokens.load(options.read(environment.parsed_options).api_tokens_path)
+    except (ValueError, TokensError) as error:
+        _fail_setup(environment, str(error))
+        return False
+    return True
 
 
 def _on_init(environment: Environment, **_: Any) -> None:
@@ -120,9 +138,13 @@ def _ensure_population(environment: Environment) -> bool:
     if not host:
         _fail_setup(environment, "no --host: give the gateway URL, e.g. http://127.0.0.1:18080")
         return False
+    if not _load_tokens(environment):
+        return False
     if SESSION.population is None or SESSION.population.host.rstrip("/") != host.rstrip("/"):
         try:
-            SESSION.population = population_for_run(host, load.customers, load.population_path)
+            SESSION.population = population_for_run(
+                host, load.customers, SESSION.require_tokens(), load.population_path
+            )
         except (PopulationError, OSError) as error:
             _fail_setup(environment, f"population: {error} (is the core up and answering at {host}?)")
             return False
@@ -149,6 +171,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         load = options.read(environment.parsed_options)
     except ValueError as error:
         _fail_setup(environment, str(error))
+        return
+    if not _load_tokens(environment):
         return
     SESSION.users_total = {}
     for traffic, rate_tps in _rates_of_this_process(environment).items():

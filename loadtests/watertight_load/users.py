@@ -66,7 +66,12 @@ class CardCoreUser(FastHttpUser):
     ) -> tuple[int, dict[str, Any], bool]:
         """(status, JSON answer, failed): status 0 when no answer came."""
         with self.client.request(
-            method, path, name=request_name(route, cell), json=body, catch_response=True
+            method,
+            path,
+            name=request_name(route, cell),
+            json=body,
+            headers=SESSION.require_tokens().headers(route),
+            catch_response=True,
         ) as response:
             try:
                 answer = response.json() if response.content else None

@@ -24,7 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from watertight import pg, render
+from cardcore.platform import auth
+
+from watertight import pg, private_files, render
 from watertight.chaos import network
 from watertight.runtime import processes
 from watertight.runtime.processes import ProcessRecord
@@ -49,10 +51,14 @@ def _quiet(_: str) -> None:
     pass
 
 
-def http_json(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, Any]:
-    """GET a JSON document; (status, body) with status 0 when nothing answered."""
+def http_json(
+    url: str, timeout_s: float = HTTP_TIMEOUT_S, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """GET a JSON document; (status, body) with status 0 when nothing answered. ``headers``: e.g.
+    the core's ``Authorization`` (``LocalRuntime.client_tokens().headers(...)``)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         try:
@@ -168,15 +174,63 @@ class LocalRuntime:
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_path)
 
-    def _secrets(self) -> dict[str, str]:
-        path = self.run_dir / "secrets.json"
-        if path.exists():
-            loaded: dict[str, str] = json.loads(path.read_text())
-            return loaded
-        values = render.generate_secrets()
-        path.touch(mode=0o600)
-        path.write_text(json.dumps(values))
-        return values
+    @property
+    def secrets_path(self) -> Path:
+        """The run's secrets (mode 0600): the PAN key, PostgreSQL's passwords and the API tokens
+        clients use (``api_tokens``, CONTRACT); ``status --json`` names it as ``secrets``."""
+        return self.run_dir / "secrets.json"
+
+    def _secrets(self) -> dict[str, Any]:
+        """The run's secrets; made on first use, and completed with any key a run directory of an
+        older version lacks (kept 0600 throughout)."""
+        path = self.secrets_path
+        loaded: dict[str, Any] = private_files.read_json(path) if path.exists() else {}
+        completed = render.complete_secrets(loaded)
+        missing = sorted(set(completed) - set(loaded))
+        if missing:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            private_files.write_private_json(path, completed)
+            log.info("secrets: made %s in %s (mode 0600)", ", ".join(missing), path)
+        return completed
+
+    def read_secrets(self) -> dict[str, Any]:
+        """The run's secrets, to change and give back to ``write_secrets`` (a rotation)."""
+        return dict(self._secrets())
+
+    def write_secrets(self, secrets: dict[str, Any]) -> None:
+        """Replace the run's secrets (a rotation); components read them again through
+        ``rewrite_files``."""
+        private_files.write_private_json(self.secrets_path, secrets)
+        self._components = None
+
+    def api_tokens(self) -> dict[str, str]:
+        """The token of each client kind, as clients send it (``Authorization: Bearer``)."""
+        return dict(self._secrets()[render.SECRET_API_TOKENS])
+
+    def client_tokens(self) -> auth.ClientTokens:
+        """The header each request to the core needs (the token of its route's client kind)."""
+        return auth.ClientTokens(self.api_tokens())
+
+    def rewrite_files(self, names: Iterable[str], kinds: Iterable[str] | None = None) -> list[str]:
+        """Write again, from the current secrets, the files ``names`` of every component of
+        ``kinds`` (all when None) without restarting anything: the servers read a changed file by
+        themselves (their API tokens file). Returns the components whose files were rewritten."""
+        self._components = None
+        wanted = set(names)
+        chosen = set(kinds) if kinds is not None else None
+        done = []
+        for component in self.components:
+            if chosen is not None and component.kind not in chosen:
+                continue
+            files = {name: text for name, text in component.files.items() if name in wanted}
+            if not files:
+                continue
+            directory = self.component_dir(component)
+            directory.mkdir(parents=True, exist_ok=True)
+            for relative, content in files.items():
+                private_files.write_private(directory / relative, content)
+            done.append(component.name)
+        return done
 
     @property
     def components(self) -> list[render.Component]:
@@ -390,8 +444,7 @@ class LocalRuntime:
         for relative, content in component.files.items():
             path = directory / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-            path.chmod(0o600)
+            private_files.write_private(path, content)  # 0600 from its creation: some hold keys
             written.append(path)
         if component.data_dir is not None:
             component.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -534,8 +587,7 @@ class LocalRuntime:
 
     def superuser_password(self) -> str:
         """The PostgreSQL superuser's password of this run (secrets.json, made by ``up``)."""
-        secrets = json.loads((self.run_dir / "secrets.json").read_text())
-        return str(secrets[render.SECRET_SUPERUSER_PASSWORD])
+        return str(self._secrets()[render.SECRET_SUPERUSER_PASSWORD])
 
     def cluster_members(self, cell: int, dr: bool = False) -> list[dict[str, Any]]:
         """Patroni's view of a cell's cluster (main, or the dr standby cluster), from every member
@@ -651,6 +703,7 @@ class LocalRuntime:
             "run_dir": str(self.run_dir),
             "logs": str(self.run_dir / "logs"),
             "entry": self.topology.entry_url,
+            "secrets": str(self.secrets_path),
             "sites": sites,
             "cells": cells,
             "components": components,

@@ -19,7 +19,6 @@ write through a member that does not hold the leader lock when Patroni runs the 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import asyncpg
 import msgspec
 
 from cardcore.common import catalogue, ids
-from cardcore.common.crypto import PanVault
+from cardcore.common.crypto import PanVault, version_of
 from cardcore.common.pricing import PricingRule, rule_id_of
 from cardcore.common.tags import BUILTIN_TAGS, TagRule
 from cardcore.limits.lines import AccountState
@@ -99,10 +98,18 @@ class Needs:
 class Op:
     kind: str
     key: str
-    request_hash: bytes
+    request_hash: bytes  # the keyed digest of ``canonical`` under the current key version
     request: Any
     path_id: str | None
     future: asyncio.Future[Result]
+    canonical: bytes = b""  # kind, path id and the encoded request: digested again under an older key
+
+
+class VaultSource(Protocol):
+    """Where an engine finds the keys as they are now (``service.KeyRing``: a rotation changes them)."""
+
+    @property
+    def vault(self) -> PanVault: ...
 
 
 class OpHandler(Protocol):
@@ -142,7 +149,7 @@ class BatchContext:
         self.catalogue = engine.catalogue
         self.vault = engine.vault
         self.settings = engine.settings
-        self.cards: dict[bytes, dict[str, Any]] = {}
+        self.cards: dict[bytes, dict[str, Any]] = {}  # by PAN token (of any key version)
         self.auths: dict[str, dict[str, Any]] = {}
         self.plans: dict[str, dict[str, Any]] = {}
         self.transactions: dict[str, dict[str, Any]] = {}
@@ -152,6 +159,14 @@ class BatchContext:
 
     def new_id(self, prefix: str) -> str:
         return ids.new_id(prefix, self.cell)
+
+    def card_for_pan(self, pan: str) -> dict[str, Any] | None:
+        """The card of a PAN among those loaded, found by its token under any key version."""
+        for token in self.vault.tokens(pan):
+            card = self.cards.get(token)
+            if card is not None:
+                return card
+        return None
 
     def account(self, account_id: str) -> AccountState | None:
         return self.accounts.get(account_id)
@@ -170,12 +185,15 @@ class BatchContext:
             self.now,
         )
         loaded = _decode_loaded(raw)
-        for token, card_id, account_id, status, expiry in loaded.cards or ():
+        for token, card_id, account_id, status, expiry, cvv_version, failures, locked in loaded.cards or ():
             self.cards[bytes.fromhex(token)] = {
                 "card_id": card_id,
                 "account_id": account_id,
                 "status": status,
                 "expiry": expiry,
+                "cvv_key_version": cvv_version,
+                "cnp_failures": failures,
+                "cnp_locked": bool(locked),
             }
         for auth_id, auth_account, auth_card, line, amount, hold, status, expired in loaded.auths or ():
             self.auths[auth_id] = {
@@ -220,7 +238,7 @@ class BatchContext:
 
 class _Loaded(msgspec.Struct):
     idem: list[tuple[str, str, int, str]] | None = None
-    cards: list[tuple[str, str, str, str, str]] | None = None
+    cards: list[tuple[str, str, str, str, str, int | None, int, bool | None]] | None = None
     auths: list[tuple[str, str | None, str | None, str, int, int, str, bool]] | None = None
     plans: list[tuple[str, str, int, int, list[dict[str, int]], int, str]] | None = None
     txns: list[tuple[str, str, str, int, str | None, str | None]] | None = None
@@ -232,12 +250,12 @@ _decode_loaded = msgspec.json.Decoder(_Loaded).decode
 
 class CellEngine:
     def __init__(
-        self, cell: int, cell_settings: CellSettings, settings: AppSettings, vault: PanVault
+        self, cell: int, cell_settings: CellSettings, settings: AppSettings, keys: VaultSource
     ) -> None:
         self.cell = cell
         self.cell_settings = cell_settings
         self.settings = settings
-        self.vault = vault
+        self.keys = keys
         self.catalogue = Catalogue()
         self.pool: asyncpg.Pool | None = None
         self.ready = False
@@ -257,6 +275,11 @@ class CellEngine:
         self.batches_committed = 0
         self.ops_committed = 0
         self.on_batch: Callable[[int, float], None] | None = None
+
+    @property
+    def vault(self) -> PanVault:
+        """The keys as they are now; a batch takes them once (``BatchContext.vault``)."""
+        return self.keys.vault
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -479,12 +502,13 @@ class CellEngine:
         """Queue a financial request; resolves after its batch commits (or is answered from the
         idempotency record)."""
         self.require_ready()
-        digest = hashlib.sha256(
-            kind.encode() + b"\0" + (path_id or "").encode() + b"\0" + encode(request)
-        ).digest()
+        # keyed: the body may hold a PAN, and an unkeyed digest of it would give the PAN back to
+        # anyone who tries the few candidates its masked form leaves
+        canonical = kind.encode() + b"\0" + (path_id or "").encode() + b"\0" + encode(request)
+        digest = self.vault.request_digest(canonical)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future))
+            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future, canonical))
         except asyncio.QueueFull:
             raise ApiError(
                 503, "overloaded", f"cell {self.cell} write queue is full; retry later", None
@@ -592,14 +616,14 @@ class CellEngine:
             ctx = BatchContext(self, conn, datetime.now(UTC))
             needs = Needs()
             for op in batch:
-                HANDLERS[op.kind].needs(op, needs, self.vault)
+                HANDLERS[op.kind].needs(op, needs, ctx.vault)
             stored = await ctx.load(needs, [op.key for op in batch])
             first_of_key: dict[str, int] = {}
             live: list[int] = []
             for index, op in enumerate(batch):
                 previous = stored.get(op.key)
                 if previous is not None:
-                    results[index] = replay(op, previous[0], previous[1], previous[2])
+                    results[index] = replay(op, previous[0], previous[1], previous[2], ctx.vault)
                 elif op.key in first_of_key:
                     continue  # answered after the first request with this key
                 else:
@@ -637,8 +661,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     is a round trip per request. (asyncpg still rolls back an open transaction.)"""
 
 
-def replay(op: Op, request_hash: bytes, status: int, response: bytes) -> Result:
-    if request_hash != op.request_hash:
+def replay(
+    op: Op, request_hash: bytes, status: int, response: bytes, vault: PanVault | None = None
+) -> Result:
+    """The stored answer of ``op``'s key, or 409 when the key came with another request. A record
+    made under an older key version is compared under that version; one of version 0 (written
+    before digests were keyed, see migration 003) is answered without the body check."""
+    same = request_hash == op.request_hash
+    if not same and vault is not None and request_hash:
+        same = version_of(request_hash) == 0 or vault.same_request(request_hash, op.canonical)
+    if not same:
         error = ApiError(
             409,
             "idempotency_key_reused",
