@@ -1,10 +1,16 @@
 """A lean HTTP/1.1 server for ASGI apps on the event loop (uvloop) of this one process and thread.
 
-Owns: accepting connections, parsing request heads (bounded by ``HEAD_BYTES_MAX``) and bodies
-(Content-Length or chunked, bounded by ``BODY_BYTES_MAX``), keep-alive, calling the ASGI app with
-an ``http`` scope and running its lifespan, writing each answer with a Content-Length, closing
-connections idle for ``IDLE_SECONDS_MAX``, and a graceful stop (requests in flight finish, at
-most ``STOP_SECONDS_MAX``).
+Owns: accepting connections (at most ``connections_max`` open: beyond it the server stops
+accepting and new ones wait in the kernel's backlog until one closes, as granian's permits do),
+parsing request heads (bounded by ``HEAD_BYTES_MAX``) and bodies (Content-Length or chunked,
+bounded by ``BODY_BYTES_MAX``), keep-alive, calling the ASGI app with an ``http`` scope as soon
+as a head has arrived (the body follows through ``receive``; the app bounds that wait: its body
+deadline and its admission see a request whose body is slow) and running its lifespan, writing
+each answer with a Content-Length, closing a connection whose next request's head has not all
+arrived within the header read time after the last answer (or after it connected): this bounds
+a client that never finishes its headers and is also the idle keep-alive timeout, as granian's
+``header_read_timeout`` is; and a graceful stop (requests in flight finish, at most
+``STOP_SECONDS_MAX``).
 
 Why not granian (used before): granian serves from Rust threads and hands every request to the
 Python event loop across threads (a wake-up and a context switch each way). At the rates of a
@@ -20,8 +26,10 @@ request's failure close other connections.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,8 +39,14 @@ log = logging.getLogger("cardcore.httpserver")
 
 HEAD_BYTES_MAX = 64 * 1024
 BODY_BYTES_MAX = 1024 * 1024
-IDLE_SECONDS_MAX = 60.0
-SWEEP_SECONDS = 5.0
+CONNECTIONS_MAX = 8192
+# a connection whose next request's head has not all arrived this long after the last answer (or
+# after it connected) is closed: a client that never finishes its headers, or an idle one
+# (ServeLimits.header_read_timeout_ms in the servers, granian's header_read_timeout)
+HEADER_READ_TIMEOUT_S = 15.0
+SWEEP_SECONDS = 1.0
+ACCEPTS_PER_WAKE_MAX = 64  # connections accepted per readiness of the listener (others wait)
+ACCEPT_RETRY_S = 0.5  # out of file descriptors: accepting pauses this long
 STOP_SECONDS_MAX = 10.0
 LIFESPAN_SECONDS_MAX = 120.0
 BACKLOG = 2048
@@ -94,7 +108,21 @@ def _error_bytes(status: int, message: str) -> bytes:
 
 
 class _Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "query", "raw_path", "version")
+    """One request: its head, and its body once all of it arrived (``body`` None until then)."""
+
+    __slots__ = (
+        "body",
+        "body_waiter",
+        "chunks",
+        "gone",
+        "headers",
+        "keep_alive",
+        "length",
+        "method",
+        "query",
+        "raw_path",
+        "version",
+    )
 
     def __init__(
         self,
@@ -104,7 +132,7 @@ class _Request:
         version: str,
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
-        body: bytes,
+        length: int,
     ) -> None:
         self.method = method
         self.raw_path = raw_path
@@ -112,7 +140,18 @@ class _Request:
         self.version = version
         self.headers = headers
         self.keep_alive = keep_alive
-        self.body = body
+        self.length = length  # -1: chunked
+        self.body: bytes | None = b"" if length == 0 else None
+        self.body_waiter: asyncio.Future[bytes | None] | None = None
+        self.chunks = _Chunks() if length < 0 else None
+        self.gone = False  # the client closed before all of the body arrived: it never will
+
+    def end_body(self) -> None:
+        """No more of the body can come: ``receive`` answers a disconnect."""
+        if self.body is None:
+            self.gone = True
+            if self.body_waiter is not None and not self.body_waiter.done():
+                self.body_waiter.set_result(None)
 
 
 class _Response:
@@ -138,9 +177,12 @@ class _Response:
                 self.chunks.append(chunk)
 
 
-def _parse(buffer: bytearray) -> _Request | None:
-    """The first complete request in ``buffer`` (removed from it), or None while incomplete."""
-    end = buffer.find(b"\r\n\r\n")
+def _parse_head(buffer: bytearray, scanned: int = 0) -> _Request | None:
+    """The head of the first request in ``buffer`` (removed from it), or None while incomplete
+    (``scanned``: bytes already searched for its end, so a head that trickles in is not searched
+    again from its start on every read). Its body stays in the buffer: ``_Request.length``
+    bytes, or chunked (``length`` -1)."""
+    end = buffer.find(b"\r\n\r\n", max(0, scanned - 3))
     if end < 0:
         if len(buffer) > HEAD_BYTES_MAX:
             raise _BadRequest(431, "request head too large")
@@ -184,21 +226,9 @@ def _parse(buffer: bytearray) -> _Request | None:
         headers.append((name, value))
     if chunked and length >= 0:
         raise _BadRequest(400, "both content-length and transfer-encoding")
-    start = end + 4
-    if chunked:
-        parsed = _dechunk(buffer, start)
-        if parsed is None:
-            return None
-        body, consumed = parsed
-    else:
-        length = max(length, 0)
-        if length > BODY_BYTES_MAX:
-            raise _BadRequest(413, "request body too large")
-        if len(buffer) - start < length:
-            return None
-        body = bytes(buffer[start : start + length])
-        consumed = start + length
-    del buffer[:consumed]
+    if length > BODY_BYTES_MAX:
+        raise _BadRequest(413, "request body too large")
+    del buffer[: end + 4]
     raw_path, _, query = target.partition(b"?")
     return _Request(
         method.decode("ascii", "replace"),
@@ -207,101 +237,156 @@ def _parse(buffer: bytearray) -> _Request | None:
         "1.1" if version == b"HTTP/1.1" else "1.0",
         headers,
         keep_alive,
-        body,
+        -1 if chunked else max(length, 0),
     )
 
 
-def _dechunk(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
-    """The body of a chunked request from ``start`` and the bytes it took (trailers included);
-    None while incomplete."""
-    parts: list[bytes] = []
-    size_total = 0
-    at = start
-    while True:
-        line_end = buffer.find(b"\r\n", at)
-        if line_end < 0:
-            if len(buffer) - at > 1024:
+class _Chunks:
+    """A chunked body being received: the chunks whole so far (taken out of the buffer as each
+    completes, so a body that trickles in is parsed once, not again on every read)."""
+
+    __slots__ = ("parts", "size_total")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size_total = 0
+
+    def take(self, buffer: bytearray) -> bytes | None:
+        """Consume the complete chunks at the start of ``buffer``; the whole body once the last
+        chunk and the trailers arrived, else None."""
+        while True:
+            line_end = buffer.find(b"\r\n")
+            if line_end < 0:
+                if len(buffer) > 1024:
+                    raise _BadRequest(400, "malformed chunk size")
+                return None
+            try:
+                size = int(bytes(buffer[:line_end]).split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _BadRequest(400, "malformed chunk size") from None
+            if size < 0:
                 raise _BadRequest(400, "malformed chunk size")
-            return None
-        try:
-            size = int(bytes(buffer[at:line_end]).split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise _BadRequest(400, "malformed chunk size") from None
-        if size < 0:
-            raise _BadRequest(400, "malformed chunk size")
-        at = line_end + 2
-        if size == 0:
-            while True:  # trailers, ignored, up to the empty line
-                trailer_end = buffer.find(b"\r\n", at)
-                if trailer_end < 0:
-                    if len(buffer) - at > HEAD_BYTES_MAX:
-                        raise _BadRequest(431, "trailers too large")
-                    return None
-                if trailer_end == at:
-                    return b"".join(parts), trailer_end + 2
-                at = trailer_end + 2
-        size_total += size
-        if size_total > BODY_BYTES_MAX:
-            raise _BadRequest(413, "request body too large")
-        if len(buffer) < at + size + 2:
-            return None
-        if buffer[at + size : at + size + 2] != b"\r\n":
-            raise _BadRequest(400, "chunk not terminated by CRLF")
-        parts.append(bytes(buffer[at : at + size]))
-        at += size + 2
+            at = line_end + 2
+            if size == 0:
+                while True:  # trailers, ignored, up to the empty line
+                    trailer_end = buffer.find(b"\r\n", at)
+                    if trailer_end < 0:
+                        if len(buffer) - at > HEAD_BYTES_MAX:
+                            raise _BadRequest(431, "trailers too large")
+                        return None
+                    if trailer_end == at:
+                        del buffer[: trailer_end + 2]
+                        return b"".join(self.parts)
+                    at = trailer_end + 2
+            if self.size_total + size > BODY_BYTES_MAX:
+                raise _BadRequest(413, "request body too large")
+            if len(buffer) < at + size + 2:
+                return None
+            if buffer[at + size : at + size + 2] != b"\r\n":
+                raise _BadRequest(400, "chunk not terminated by CRLF")
+            self.parts.append(bytes(buffer[at : at + size]))
+            self.size_total += size
+            del buffer[: at + size + 2]
 
 
 class HttpProtocol(asyncio.Protocol):
-    """One client connection: requests are answered one at a time, in order (pipelined ones
-    wait in the buffer; reading pauses while it holds more than a request's bound)."""
+    """One client connection. The app is called as soon as a request's head has arrived (so its
+    admission and its body deadline see a request whose body is slow); the body is handed over
+    by ``receive`` once all of it arrived. Requests are answered one at a time, in order."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.client: tuple[str, int] | None = None
         self.buffer = bytearray()
-        self.busy = False
+        self.scanned = 0  # bytes at the start of the buffer searched for a head's end
+        self.current: _Request | None = None
         self.closing = False
         self.paused = False
+        # connected, or the last answer written: the next head must have arrived within the
+        # header read time after it
         self.last_active = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+        peer = transport.get_extra_info("peername")
+        self.client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
+        self.last_active = time.monotonic()
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        self.server.released()
         self.transport = None
+        if self.current is not None:
+            self.current.end_body()  # the app hears a disconnect
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        self.last_active = time.monotonic()
         if len(self.buffer) > HEAD_BYTES_MAX + BODY_BYTES_MAX and self.transport is not None:
             self.transport.pause_reading()
             self.paused = True
-        if not self.busy:
+        if self.current is None:
             self._next()
+        elif self.current.body is None:
+            self._take_body(self.current)
 
     def eof_received(self) -> bool | None:
-        if not self.busy and self.transport is not None:
-            self.transport.close()
+        if self.current is None:
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self.current.end_body()  # a body still incomplete will never be: the app hears so
         return True  # half-closed: an answer in progress is still written
 
     def _next(self) -> None:
+        """Start the next request whose head is complete in the buffer."""
         if self.closing or self.transport is None:
             return
         try:
-            request = _parse(self.buffer)
+            request = _parse_head(self.buffer, self.scanned)
         except _BadRequest as error:
             self._fail(error.status, str(error))
             return
         if request is None:
-            if self.paused:
-                self.transport.resume_reading()
-                self.paused = False
+            self.scanned = len(self.buffer)
+            self._resume()
             return
-        self.busy = True
+        self.scanned = 0
+        self.current = request
+        if request.body is None:
+            self._take_body(request)
         self.server.loop.create_task(self._answer(request))
+
+    def _take_body(self, request: _Request) -> None:
+        """Move the body out of the buffer once all of it arrived; wake ``receive``."""
+        buffer = self.buffer
+        try:
+            if request.chunks is None:
+                if len(buffer) < request.length:
+                    self._resume()
+                    return
+                body: bytes | None = bytes(buffer[: request.length])
+                del buffer[: request.length]
+            else:
+                body = request.chunks.take(buffer)
+                if body is None:
+                    self._resume()
+                    return
+        except _BadRequest as error:
+            self._fail(error.status, str(error))
+            request.end_body()
+            return
+        request.body = body
+        request.chunks = None
+        if request.body_waiter is not None and not request.body_waiter.done():
+            request.body_waiter.set_result(body)
+
+    def _resume(self) -> None:
+        if self.paused and self.transport is not None:
+            self.transport.resume_reading()
+            self.paused = False
 
     async def _answer(self, request: _Request) -> None:
         server = self.server
@@ -311,8 +396,15 @@ class HttpProtocol(asyncio.Protocol):
         async def receive() -> Message:
             nonlocal delivered
             if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": request.body, "more_body": False}
+                body = request.body
+                if body is None and not request.gone:
+                    if request.body_waiter is None:
+                        request.body_waiter = server.loop.create_future()
+                    body = await request.body_waiter  # the app bounds this wait (its body deadline)
+                if body is not None:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return {"type": "http.disconnect"}
             await server.stopped.wait()  # nothing more comes for this request
             return {"type": "http.disconnect"}
 
@@ -328,7 +420,7 @@ class HttpProtocol(asyncio.Protocol):
             "root_path": "",
             "headers": request.headers,
             "server": server.address,
-            "client": None,
+            "client": self.client,
         }
         server.in_flight += 1
         try:
@@ -336,6 +428,7 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("the app failed on a %s request", request.method)
             response = _Response()
+            response.started = True
             response.headers = [(b"content-type", b"application/json")]
             response.chunks = [_INTERNAL]
         finally:
@@ -346,21 +439,24 @@ class HttpProtocol(asyncio.Protocol):
             response.status = 500
             response.headers = [(b"content-type", b"application/json")]
             response.chunks = [_INTERNAL]
-        keep_alive = request.keep_alive and not server.stopping
+        # a body the app answered without (a timeout, a rejection) may still be on its way: the
+        # connection cannot be read past it safely, so it closes after this answer
+        keep_alive = request.keep_alive and request.body is not None and not server.stopping
         self._write(response, keep_alive, request.method == "HEAD")
-        self.busy = False
+        self.current = None
         if not keep_alive:
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
-        elif self.buffer:
+            return
+        if self.buffer:
             self._next()
-        elif self.paused and self.transport is not None:
-            self.transport.resume_reading()
-            self.paused = False
+        else:
+            self._resume()
 
     def _write(self, response: _Response, keep_alive: bool, head_only: bool) -> None:
         transport = self.transport
+        self.last_active = time.monotonic()
         if transport is None or transport.is_closing():
             return
         chunks = response.chunks
@@ -369,15 +465,13 @@ class HttpProtocol(asyncio.Protocol):
         for name, value in response.headers:
             if name.lower() not in _SKIPPED_HEADERS:
                 parts.append(b"%s: %s\r\n" % (name, value))
-        parts.append(
-            b"content-length: %d\r\n\r\n" % len(body)
-            if keep_alive
-            else b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-        )
+        if keep_alive:
+            parts.append(b"content-length: %d\r\n\r\n" % len(body))
+        else:
+            parts.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         if not head_only:
             parts.append(body)
         transport.write(b"".join(parts))
-        self.last_active = time.monotonic()
 
     def _fail(self, status: int, message: str) -> None:
         self.closing = True
@@ -386,19 +480,43 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(_error_bytes(status, message))
             self.transport.close()
 
+    def expired(self, now: float, header_read_timeout_s: float) -> bool:
+        """No request in progress, and the next one's head not all there within the header read
+        time after the last answer (or the connection): a head never finished, or idle."""
+        if self.current is not None:
+            return False  # the app bounds its own waits (its body deadline)
+        return now - self.last_active > header_read_timeout_s
+
 
 class Server:
     """Serves one ASGI app on host:port until ``stop``."""
 
-    def __init__(self, app: App, host: str, port: int) -> None:
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        connections_max: int = CONNECTIONS_MAX,
+        header_read_timeout_s: float = HEADER_READ_TIMEOUT_S,
+    ) -> None:
+        if connections_max < 1 or header_read_timeout_s <= 0:
+            raise ValueError(
+                f"connections_max {connections_max} must be >= 1 and header_read_timeout_s "
+                f"{header_read_timeout_s} > 0"
+            )
         self.app = app
         self.address = (host, port)
+        self.connections_max = connections_max
+        self.header_read_timeout_s = header_read_timeout_s
         self.connections: set[HttpProtocol] = set()
+        self.open = 0  # connections accepted and not yet closed (adopted by a protocol or not)
+        self.accepting = False
         self.in_flight = 0
         self.stopping = False
         self.stopped = asyncio.Event()
         self.drained = asyncio.Event()
         self.loop = asyncio.get_running_loop()
+        self._listener: socket.socket | None = None
         self._to_app: asyncio.Queue[Message] = asyncio.Queue(maxsize=4)
         self._from_app: asyncio.Queue[Message] = asyncio.Queue(maxsize=4)
 
@@ -425,21 +543,95 @@ class Server:
         self.stopping = True
         self.stopped.set()
 
+    # -- accepting, at most connections_max open ------------------------------------------------
+
+    def _listen(self) -> socket.socket:
+        host, port = self.address
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        return listener
+
+    def _start_accepting(self) -> None:
+        if not self.accepting and not self.stopping and self._listener is not None:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+            self.accepting = True
+
+    def _stop_accepting(self) -> None:
+        if self.accepting and self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+        self.accepting = False
+
+    def _accept(self) -> None:
+        """Accept what waits, up to the bound; at the bound, stop listening for more (they wait
+        in the kernel's backlog, then are refused by it) until a connection closes."""
+        listener = self._listener
+        if listener is None:
+            return
+        for _ in range(ACCEPTS_PER_WAKE_MAX):
+            if self.open >= self.connections_max:
+                self._stop_accepting()
+                return
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as error:
+                if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                log.warning("cannot accept a connection (%s): pausing %.1f s", error.strerror, ACCEPT_RETRY_S)
+                self._stop_accepting()
+                self.loop.call_later(ACCEPT_RETRY_S, self._start_accepting)
+                return
+            self.open += 1
+            try:
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                conn.close()
+                self.released()
+                continue
+            self.loop.create_task(self._adopt(conn))
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: HttpProtocol(self), conn)
+        except OSError:  # the client went away before it was adopted
+            conn.close()
+            self.released()
+
+    def released(self) -> None:
+        """A connection closed: accept again if the bound had stopped it."""
+        self.open -= 1
+        if not self.accepting and self.open < self.connections_max:
+            self._start_accepting()
+
     async def serve(self) -> None:
         lifespan = self.loop.create_task(self._run_lifespan())
         await self._lifespan_step("lifespan.startup")
-        listener = await self.loop.create_server(
-            lambda: HttpProtocol(self), self.address[0], self.address[1], backlog=BACKLOG, reuse_address=True
-        )
+        self._listener = self._listen()
+        self._start_accepting()
         log.info("listening on http://%s:%d", self.address[0], self.address[1])
         sweeper = self.loop.create_task(self._sweep())
         try:
             await self.stopped.wait()
         finally:
-            listener.close()
+            self._stop_accepting()
+            self._listener.close()
             sweeper.cancel()
             for conn in list(self.connections):
-                if not conn.busy and conn.transport is not None:
+                if conn.current is None and conn.transport is not None:
                     conn.transport.close()
             if self.in_flight:
                 self.drained.clear()
@@ -457,19 +649,29 @@ class Server:
             lifespan.cancel()
 
     async def _sweep(self) -> None:
+        """Close connections whose next request's head has not all arrived within the header read
+        time (a client that never finishes its headers, or an idle one)."""
+        interval_s = min(SWEEP_SECONDS, self.header_read_timeout_s / 4)
         while True:
-            await asyncio.sleep(SWEEP_SECONDS)
+            await asyncio.sleep(interval_s)
             now = time.monotonic()
             for conn in list(self.connections):
-                if not conn.busy and now - conn.last_active > IDLE_SECONDS_MAX and conn.transport is not None:
+                if conn.transport is not None and conn.expired(now, self.header_read_timeout_s):
+                    conn.closing = True
                     conn.transport.close()
 
 
-def run(app: App, host: str, port: int) -> None:
+def run(
+    app: App,
+    host: str,
+    port: int,
+    connections_max: int = CONNECTIONS_MAX,
+    header_read_timeout_s: float = HEADER_READ_TIMEOUT_S,
+) -> None:
     """Serve ``app`` on host:port on uvloop until SIGTERM or SIGINT."""
 
     async def main() -> None:
-        server = Server(app, host, port)
+        server = Server(app, host, port, connections_max, header_read_timeout_s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
