@@ -102,7 +102,12 @@ class _BadRequest(Exception):
 
 
 def _error_bytes(status: int, message: str) -> bytes:
-    body = b'{"error":{"code":"bad_http","message":"%s","field":null}}' % message.encode("ascii", "replace")
+    """The contract's error body; a body over the bound is named as the apps name it."""
+    text = message.encode("ascii", "replace")
+    if status == 413:
+        body = b'{"error":{"code":"body_too_large","message":"%s","field":"body"}}' % text
+    else:
+        body = b'{"error":{"code":"bad_http","message":"%s","field":null}}' % text
     head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
     return _status_line(status) + head + body
 
