@@ -34,6 +34,7 @@ import msgspec
 from cardcore.platform.auth import ClientTokens
 from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
+from watertight.monitoring.config import MONITORING_KINDS
 from watertight.runtime import processes
 from watertight.runtime.local import LocalRuntime
 
@@ -286,10 +287,13 @@ def process_kind(component_kind: str, pid: int) -> str:
 
 
 def sample(runtime: LocalRuntime) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of every process of the topology, with the kind it is counted under."""
+    """CPU seconds so far of every process of the topology but monitoring's, with the kind it is
+    counted under."""
     tree = processes.children_map()
     found: dict[int, tuple[str, float]] = {}
     for component in runtime.components:
+        if component.kind in MONITORING_KINDS:
+            continue  # the observer, not the core: its cost is no transaction's
         for pid in runtime.component_pids(component, tree):
             seconds = cpu_seconds(pid)
             if seconds is not None:
