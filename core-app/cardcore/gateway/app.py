@@ -9,8 +9,8 @@ whose bytes may have reached an app server (unless it is a GET), let a down or f
 others, or answer 500 to bad input (a request it cannot route goes to any app server, which
 answers the proper 4xx).
 
-Serve it with granian: ``python -m cardcore.gateway --config FILE.json``, or
-``granian --interface asgi --factory cardcore.gateway.app:create_app`` with
+Serve it with ``python -m cardcore.gateway --config FILE.json`` (cardcore.platform.serve), or any
+ASGI server, e.g. ``granian --interface asgi --factory cardcore.gateway.app:create_app`` with
 ``WATERTIGHT_GATEWAY_CONFIG=FILE.json``.
 """
 
