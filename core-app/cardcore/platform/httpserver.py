@@ -31,7 +31,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -362,7 +362,7 @@ class HttpProtocol(asyncio.Protocol):
         self.current = request
         if request.body is None:
             self._take_body(request)
-        self.server.loop.create_task(self._answer(request))
+        self.server.spawn(self._answer(request))
 
     def _take_body(self, request: _Request) -> None:
         """Move the body out of the buffer once all of it arrived; wake ``receive``."""
@@ -522,6 +522,8 @@ class Server:
         self.drained = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self._listener: socket.socket | None = None
+        # the tasks running (the loop keeps only weak references to tasks)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._to_app: asyncio.Queue[Message] = asyncio.Queue(maxsize=4)
         self._from_app: asyncio.Queue[Message] = asyncio.Queue(maxsize=4)
 
@@ -547,6 +549,12 @@ class Server:
     def stop(self) -> None:
         self.stopping = True
         self.stopped.set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task held until it ends."""
+        task = self.loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- accepting, at most connections_max open ------------------------------------------------
 
@@ -607,7 +615,7 @@ class Server:
                 conn.close()
                 self.released()
                 continue
-            self.loop.create_task(self._adopt(conn))
+            self.spawn(self._adopt(conn))
 
     async def _adopt(self, conn: socket.socket) -> None:
         try:
