@@ -85,6 +85,8 @@ class Window:
     errors: int = 0
     dropped: int = 0
     latencies_s: list[float] = field(default_factory=list)
+    # what the errors were: the HTTP status, or the client's exception when there was no answer
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     def percentile_ms(self, fraction: float) -> float | None:
         if not self.latencies_s:
@@ -234,16 +236,19 @@ async def offer(
 
     async def one() -> None:
         begun = time.perf_counter()
+        failure = ""
         try:
             status = await send()
-        except (UpstreamError, OSError, ValueError):
-            status = 0
+        except (UpstreamError, OSError, ValueError) as error:
+            status, failure = 0, type(error).__name__
         if window is not None:
             if 200 <= status < 300:
                 window.completed += 1
                 window.latencies_s.append(time.perf_counter() - begun)
             else:
                 window.errors += 1
+                kind = failure or str(status)
+                window.error_kinds[kind] = window.error_kinds.get(kind, 0) + 1
 
     while sent < total:
         due = min(total, int((loop.time() - started) * rate_tps) + 1)
@@ -404,6 +409,7 @@ class Bench:
             "achieved_tps": round(done / elapsed, 1),
             "completed": done,
             "errors": window.errors,
+            "errors_by_kind": dict(sorted(window.error_kinds.items())),
             "dropped": window.dropped,
             "p50_ms": window.percentile_ms(0.50),
             "p99_ms": window.percentile_ms(0.99),
@@ -538,7 +544,8 @@ async def measure(
             row = measured.row
             progress(
                 f"{name}: {row['achieved_tps']} TPS, {row['us_per_txn']} us CPU per transaction, "
-                f"p99 {row['p99_ms']} ms, {row['errors']} errors (load generator {row['loadgen_cores']} cores)"
+                f"p99 {row['p99_ms']} ms, {row['errors']} errors {row['errors_by_kind'] or ''}"
+                f"(load generator {row['loadgen_cores']} cores)"
             )
             if saturation:
                 saturated[name] = await bench.saturation(name, rate, step_s, progress)
