@@ -9,11 +9,12 @@ PYTEST_ARGS ?=
 DRILL_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help system-packages venv lint typecheck test drill format clean distclean
+.PHONY: help system-packages venv lint typecheck test drill mixed-run format clean distclean
 
 help:
 	@echo "make drill      install what is missing, start the local topology, run the default drill"
 	@echo "make test       install what is missing, then lint, typecheck and run the test suite"
+	@echo "make mixed-run  the headline's local rehearsal: 500 + 2,500 TPS for 60 s through the entry, Locust's gates"
 	@echo "make venv       install missing Debian packages and the project into $(VENV)"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make typecheck  mypy"
@@ -58,6 +59,9 @@ test: venv lint typecheck
 drill: venv
 	@echo "==> watertight drill $(DRILL_ARGS)"
 	@$(BIN)/watertight drill $(DRILL_ARGS)
+
+mixed-run: venv
+	@./scripts/mixed-run
 
 format: venv
 	@$(BIN)/ruff format .

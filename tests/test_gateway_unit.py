@@ -3,7 +3,7 @@
 The fake app servers are raw asyncio HTTP/1.1 servers written here: they answer ``/readyz`` like
 the app server does and echo every other request (method, path, query, body, content type), with
 a few answers shaped like the fan-out endpoints. The gateway runs in-process through a small ASGI
-call harness, and once for real under granian (``python -m cardcore.gateway``).
+call harness, and for real as its own process (``python -m cardcore.gateway``) on each HTTP server.
 """
 
 from __future__ import annotations
@@ -1002,7 +1002,8 @@ def _get(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], byte
         return error.code, dict(error.headers), error.read()
 
 
-def test_serves_under_granian(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["lean", "granian"])
+def test_serves_as_one_process_on_either_http_server(tmp_path: Path, server: str) -> None:
     with fake_in_thread(FakeApp("a", {1: (True, "prod"), 2: (True, "dr")})) as app:
         port = _free_port()
         config = tmp_path / "gateway.json"
@@ -1022,6 +1023,7 @@ def test_serves_under_granian(tmp_path: Path) -> None:
         env = {
             **os.environ,
             "PYTHONPATH": f"{REPO / 'core-app'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "WATERTIGHT_HTTP_SERVER": server,
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "cardcore.gateway", "--config", str(config)],

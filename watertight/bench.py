@@ -2,14 +2,18 @@
 
 On the running topology, each class of traffic is offered alone at a fixed rate (open loop: the
 schedule does not wait for answers) to the site gateways, and the CPU time (user + system) of
-every process of the topology is sampled before and after the window: etcd, Patroni, every
-PostgreSQL process (backends, WAL senders and receivers), app servers and gateways. CPU per
-transaction = CPU consumed / transactions completed in the window; the cores needed for the
-headline load (10,000 financial + 50,000 non-financial TPS) follow from it.
+every process of the topology is sampled before and after the window: etcd, Patroni and its
+member guard, every PostgreSQL process (backends, WAL senders and receivers, recovery), app
+servers and gateways, each kind apart. CPU per transaction = CPU consumed / transactions completed
+in the window; the cores needed for the headline load (10,000 financial + 50,000 non-financial
+TPS) follow from it. Then, per class, the saturation search: the highest rate it sustains with
+p99 <= 50 ms, no error and the offered rate achieved, and the cost there.
 
-The entry stands for the bank's global load balancer (not a Python process in production): the
-load goes to the site gateways, and the entry's CPU is not part of the figures.
-Never: send traffic anywhere but the topology's own loopback addresses; run without a bound.
+The entry stands for the bank's global load balancer: by default the load goes to the site
+gateways and the entry's CPU is reported apart, not counted (``via="entry"`` sends it through the
+entry and counts it). The load generator's own CPU (this process) is reported apart too.
+Never: send traffic anywhere but the topology's own loopback addresses; run without a bound (every
+window has a duration, the saturation search a number of steps).
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ REQUEST_TIMEOUT_S = 5.0
 WARMUP_S = 2.0
 TICK_S = 0.001
 AUTHS_KEPT_MAX = 20_000
+OPEN_TRIES_MAX = 3
+# the saturation search: the highest rate a class sustains with p99 <= P99_MS_MAX and no error
+P99_MS_MAX = 50.0
+ACHIEVED_RATIO_MIN = 0.98
+GROWTH = 1.5
+BISECTIONS = 2
+SATURATION_STEPS_MAX = 9
+SATURATION_WARMUP_S = 1.0
+SATURATION_RATE_MIN_TPS = 20.0
+# what the figures count: every process of the topology but the entry (unless the load goes
+# through it) and the load generator
+COUNTED_KINDS = ("app", "gateway", "postgres", "patroni", "etcd")
+VIA_CHOICES = ("gateways", "entry")
 JSON = [(b"content-type", b"application/json")]
 
 Progress = Callable[[str], None]
@@ -68,6 +85,8 @@ class Window:
     errors: int = 0
     dropped: int = 0
     latencies_s: list[float] = field(default_factory=list)
+    # what the errors were: the HTTP status, or the client's exception when there was no answer
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     def percentile_ms(self, fraction: float) -> float | None:
         if not self.latencies_s:
@@ -96,6 +115,21 @@ class Traffic:
         return response.status, msgspec.json.decode(response.body) if response.body else None
 
     async def open_population(self, size: int, progress: Progress) -> None:
+        """Open and activate ``size`` customers through the API; a request the core could not
+        serve at that moment (5xx, no answer) is tried again, at most OPEN_TRIES_MAX times."""
+
+        async def attempt(method: str, target: str, body: Any) -> tuple[int, Any]:
+            for tries in range(1, OPEN_TRIES_MAX + 1):
+                try:
+                    status, answer = await self.call(method, target, body)
+                except UpstreamError:
+                    status, answer = 0, None
+                if status and status < 500:
+                    return status, answer
+                if tries < OPEN_TRIES_MAX:
+                    await asyncio.sleep(0.2 * tries)
+            return status, answer
+
         async def one(index: int) -> None:
             applicant = {
                 "name": "测试客户",
@@ -104,10 +138,11 @@ class Traffic:
                 "birth_date": "1988-08-08",
                 "annual_income": 50_000_000,
             }
-            status, opened = await self.call("POST", "/v1/applications", {"applicant": applicant})
+            # a retried application is a new applicant: the first may have been committed
+            status, opened = await attempt("POST", "/v1/applications", {"applicant": applicant})
             if status != 201 or opened["decision"] != "approved":
                 raise RuntimeError(f"opening a bench customer failed: {status} {opened}")
-            status, _ = await self.call("POST", f"/v1/cards/{opened['card_id']}/activate", {})
+            status, _ = await attempt("POST", f"/v1/cards/{opened['card_id']}/activate", {})
             if status != 200:
                 raise RuntimeError(f"activating a bench card failed: {status}")
             self.customers.append(
@@ -201,16 +236,19 @@ async def offer(
 
     async def one() -> None:
         begun = time.perf_counter()
+        failure = ""
         try:
             status = await send()
-        except (UpstreamError, OSError, ValueError):
-            status = 0
+        except (UpstreamError, OSError, ValueError) as error:
+            status, failure = 0, type(error).__name__
         if window is not None:
             if 200 <= status < 300:
                 window.completed += 1
                 window.latencies_s.append(time.perf_counter() - begun)
             else:
                 window.errors += 1
+                kind = failure or str(status)
+                window.error_kinds[kind] = window.error_kinds.get(kind, 0) + 1
 
     while sent < total:
         due = min(total, int((loop.time() - started) * rate_tps) + 1)
@@ -238,18 +276,33 @@ def cpu_seconds(pid: int) -> float | None:
     return sum(int(value) for value in fields[11:15]) / processes.CLOCK_TICKS
 
 
+def process_kind(component_kind: str, pid: int) -> str:
+    """The kind a process is counted under: PostgreSQL apart from Patroni and its member guard
+    (both live in the ``patroni`` component), both etcd clusters as etcd."""
+    if component_kind == "patroni":
+        try:
+            with open(f"/proc/{pid}/comm", encoding="ascii", errors="replace") as handle:
+                name = handle.read().strip()
+        except OSError:
+            return "patroni"
+        return "postgres" if name.startswith(("postgres", "postmaster")) else "patroni"
+    if component_kind == "etcd-dr":
+        return "etcd"
+    return component_kind
+
+
 def sample(runtime: LocalRuntime) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of every process of the topology, with its component kind."""
+    """CPU seconds so far of every process of the topology but monitoring's, with the kind it is
+    counted under."""
     tree = processes.children_map()
     found: dict[int, tuple[str, float]] = {}
     for component in runtime.components:
         if component.kind in MONITORING_KINDS:
             continue  # the observer, not the core: its cost is no transaction's
-        kind = "postgres+patroni" if component.kind == "patroni" else component.kind
         for pid in runtime.component_pids(component, tree):
             seconds = cpu_seconds(pid)
             if seconds is not None:
-                found[pid] = (kind, seconds)
+                found[pid] = (process_kind(component.kind, pid), seconds)
     return found
 
 
@@ -259,6 +312,13 @@ def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
         start = before.get(pid, (kind, 0.0))[1]
         by_kind[kind] = by_kind.get(kind, 0.0) + max(0.0, seconds - start)
     return by_kind
+
+
+def process_counts(found: dict[int, tuple[str, float]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind, _ in found.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def machine() -> dict[str, Any]:
@@ -287,6 +347,163 @@ def machine() -> dict[str, Any]:
     }
 
 
+@dataclass
+class Measured:
+    """One class at one rate: what was achieved and what it cost, per kind of process."""
+
+    name: str
+    rate_tps: float
+    row: dict[str, Any]
+
+    @property
+    def sustained(self) -> bool:
+        """p99 <= P99_MS_MAX, no error, nothing dropped, and the offered rate achieved."""
+        row = self.row
+        return (
+            row["completed"] > 0
+            and row["errors"] == 0
+            and row["dropped"] == 0
+            and row["p99_ms"] is not None
+            and row["p99_ms"] <= P99_MS_MAX
+            and row["achieved_tps"] >= ACHIEVED_RATIO_MIN * row["offered_tps"]
+        )
+
+
+class Bench:
+    """The measuring loop: offers one class at one rate, samples the CPU of every process."""
+
+    def __init__(
+        self, runtime: LocalRuntime, traffic: Traffic, idle_per_second: dict[str, float], counted: set[str]
+    ) -> None:
+        self.runtime = runtime
+        self.traffic = traffic
+        self.idle_per_second = idle_per_second
+        self.counted = counted
+
+    async def at(self, name: str, rate: float, seconds: float, warmup_s: float) -> Measured:
+        send = self.traffic.financial if name == "financial" else self.traffic.nonfinancial
+        if warmup_s > 0:
+            await offer(rate, warmup_s, send, None)
+        window = Window()
+        before = sample(self.runtime)
+        loadgen_before = time.process_time()
+        started = time.monotonic()
+        await offer(rate, seconds, send, window)
+        elapsed = time.monotonic() - started
+        loadgen_s = time.process_time() - loadgen_before
+        gross_all = cpu_delta(before, sample(self.runtime))
+        # what the load added: the background the topology burns idle is not per transaction
+        net_all = {
+            kind: max(0.0, value - self.idle_per_second.get(kind, 0.0) * elapsed)
+            for kind, value in gross_all.items()
+        }
+        net = {kind: value for kind, value in net_all.items() if kind in self.counted}
+        gross = {kind: value for kind, value in gross_all.items() if kind in self.counted}
+        done = window.completed
+
+        def per_txn(seconds_cpu: float) -> float | None:
+            return round(seconds_cpu / done * 1e6, 1) if done else None
+
+        row: dict[str, Any] = {
+            "offered_tps": rate,
+            "achieved_tps": round(done / elapsed, 1),
+            "completed": done,
+            "errors": window.errors,
+            "errors_by_kind": dict(sorted(window.error_kinds.items())),
+            "dropped": window.dropped,
+            "p50_ms": window.percentile_ms(0.50),
+            "p99_ms": window.percentile_ms(0.99),
+            "cpu_seconds": round(sum(net.values()), 3),
+            "us_per_txn": per_txn(sum(net.values())),
+            "us_per_txn_gross": per_txn(sum(gross.values())),
+            "us_per_txn_by_kind": {kind: per_txn(value) for kind, value in sorted(net.items())}
+            if done
+            else {},
+            # processes the figure leaves out: the load generator (this process) and, when the
+            # load goes to the site gateways, the entry
+            "us_per_txn_not_counted": (
+                {kind: per_txn(value) for kind, value in sorted(net_all.items()) if kind not in self.counted}
+                | {"loadgen": per_txn(loadgen_s)}
+            )
+            if done
+            else {},
+            "loadgen_us_per_txn": per_txn(loadgen_s),
+            "loadgen_cores": round(loadgen_s / elapsed, 2),
+        }
+        return Measured(name, rate, row)
+
+    async def saturation(
+        self, name: str, start_tps: float, seconds: float, progress: Progress
+    ) -> dict[str, Any]:
+        """The highest rate ``name`` sustains (see ``Measured.sustained``): up by GROWTH from
+        ``start_tps`` until a step fails (or down until one holds), then BISECTIONS halvings of
+        the gap; at most SATURATION_STEPS_MAX windows."""
+        steps: list[Measured] = []
+
+        async def step(rate: float) -> Measured:
+            rate = round(rate)
+            measured = await self.at(name, rate, seconds, SATURATION_WARMUP_S)
+            steps.append(measured)
+            row = measured.row
+            progress(
+                f"{name} saturation: {rate} TPS offered -> {row['achieved_tps']} achieved, p99 {row['p99_ms']} ms, "
+                f"{row['errors']} errors, {row['us_per_txn']} us/txn: {'held' if measured.sustained else 'not held'}"
+            )
+            return measured
+
+        best: Measured | None = None
+        failed: Measured | None = None
+        rate = start_tps
+        while len(steps) < SATURATION_STEPS_MAX - BISECTIONS:
+            measured = await step(rate)
+            if measured.sustained:
+                best = measured
+                if failed is not None:
+                    break
+                rate *= GROWTH
+            else:
+                failed = measured
+                if best is not None:
+                    break
+                rate /= GROWTH
+                if rate < SATURATION_RATE_MIN_TPS:
+                    break
+        if best is not None and failed is not None:
+            low, high = best.rate_tps, failed.rate_tps
+            for _ in range(BISECTIONS):
+                if high - low < max(10.0, 0.05 * low):
+                    break
+                measured = await step((low + high) / 2)
+                if measured.sustained:
+                    best, low = measured, measured.rate_tps
+                else:
+                    high = measured.rate_tps
+        result: dict[str, Any] = {
+            "rate_tps": best.rate_tps if best is not None else None,
+            "us_per_txn": best.row["us_per_txn"] if best is not None else None,
+            "row": best.row if best is not None else None,
+            "bounded_by": None if failed is not None or best is None else "search ended before a step failed",
+            "steps": [
+                {
+                    "offered_tps": m.rate_tps,
+                    "sustained": m.sustained,
+                    **{k: m.row[k] for k in ("achieved_tps", "errors", "dropped", "p99_ms", "us_per_txn")},
+                    "loadgen_cores": m.row["loadgen_cores"],
+                }
+                for m in steps
+            ],
+        }
+        return result
+
+
+def cores_for_headline(financial_us: float | None, nonfinancial_us: float | None) -> float | None:
+    if financial_us is None or nonfinancial_us is None:
+        return None
+    return round(
+        (HEADLINE_FINANCIAL_TPS * financial_us + HEADLINE_NONFINANCIAL_TPS * nonfinancial_us) / 1e6, 1
+    )
+
+
 async def measure(
     runtime: LocalRuntime,
     seconds: float,
@@ -294,87 +511,87 @@ async def measure(
     rate_nonfinancial: float,
     customers: int,
     progress: Progress,
+    saturation: bool = True,
+    saturation_seconds: float | None = None,
+    via: str = "gateways",
 ) -> dict[str, Any]:
-    gateways = [runtime.topology.gateway_url(site) for site in ("prod", "samecity")]
-    traffic = Traffic(gateways, runtime.client_tokens())
+    if via not in VIA_CHOICES:
+        raise ValueError(f"via: {via!r} is not one of {', '.join(VIA_CHOICES)}")
+    if via == "entry":
+        targets = [runtime.topology.entry_url]
+        counted = set(COUNTED_KINDS) | {"entry"}
+    else:
+        targets = [runtime.topology.gateway_url(site) for site in ("prod", "samecity")]
+        counted = set(COUNTED_KINDS)
+    traffic = Traffic(targets, runtime.client_tokens())
+    step_s = saturation_seconds if saturation_seconds is not None else max(3.0, seconds / 3)
     try:
         await traffic.open_population(customers, progress)
         progress(f"idle: sampling the background CPU (Patroni loops, etcd, health checks) for {IDLE_S:g} s")
         before = sample(runtime)
         await asyncio.sleep(IDLE_S)
-        idle_per_second = {kind: value / IDLE_S for kind, value in cpu_delta(before, sample(runtime)).items()}
-        idle_per_second.pop("entry", None)
+        after = sample(runtime)
+        idle_per_second = {kind: value / IDLE_S for kind, value in cpu_delta(before, after).items()}
+        bench = Bench(runtime, traffic, idle_per_second, counted)
         results: dict[str, Any] = {}
-        for name, rate, send in (
-            ("financial", rate_financial, traffic.financial),
-            ("nonfinancial", rate_nonfinancial, traffic.nonfinancial),
-        ):
-            progress(f"{name}: warming up at {rate:g} TPS for {WARMUP_S:g} s")
-            await offer(rate, WARMUP_S, send, None)
-            progress(f"{name}: measuring at {rate:g} TPS for {seconds:g} s")
-            window = Window()
-            before = sample(runtime)
-            started = time.monotonic()
-            await offer(rate, seconds, send, window)
-            elapsed = time.monotonic() - started
-            gross = cpu_delta(before, sample(runtime))
-            gross.pop("entry", None)
-            # what the load added: the background the topology burns idle is not per transaction
-            by_kind = {
-                kind: max(0.0, value - idle_per_second.get(kind, 0.0) * elapsed)
-                for kind, value in gross.items()
-            }
-            total = sum(by_kind.values())
-            per_txn = total / window.completed * 1e6 if window.completed else None
-            gross_per_txn = sum(gross.values()) / window.completed * 1e6 if window.completed else None
-            results[name] = {
-                "offered_tps": rate,
-                "achieved_tps": round(window.completed / elapsed, 1),
-                "completed": window.completed,
-                "errors": window.errors,
-                "dropped": window.dropped,
-                "p50_ms": window.percentile_ms(0.50),
-                "p99_ms": window.percentile_ms(0.99),
-                "cpu_seconds": round(total, 3),
-                "us_per_txn": round(per_txn, 1) if per_txn is not None else None,
-                "us_per_txn_gross": round(gross_per_txn, 1) if gross_per_txn is not None else None,
-                "us_per_txn_by_kind": {
-                    kind: round(value / window.completed * 1e6, 1) for kind, value in sorted(by_kind.items())
-                }
-                if window.completed
-                else {},
-            }
+        saturated: dict[str, Any] = {}
+        for name, rate in (("financial", rate_financial), ("nonfinancial", rate_nonfinancial)):
             progress(
-                f"{name}: {results[name]['achieved_tps']} TPS, {results[name]['us_per_txn']} us CPU per transaction, "
-                f"p99 {results[name]['p99_ms']} ms, {window.errors} errors"
+                f"{name}: warming up at {rate:g} TPS for {WARMUP_S:g} s, then measuring for {seconds:g} s"
             )
+            measured = await bench.at(name, rate, seconds, WARMUP_S)
+            results[name] = measured.row
+            row = measured.row
+            progress(
+                f"{name}: {row['achieved_tps']} TPS, {row['us_per_txn']} us CPU per transaction, "
+                f"p99 {row['p99_ms']} ms, {row['errors']} errors {row['errors_by_kind'] or ''}"
+                f"(load generator {row['loadgen_cores']} cores)"
+            )
+            if saturation:
+                saturated[name] = await bench.saturation(name, rate, step_s, progress)
     finally:
         await traffic.close()
     financial_us = results["financial"]["us_per_txn"]
     nonfinancial_us = results["nonfinancial"]["us_per_txn"]
-    cores = None
-    if financial_us is not None and nonfinancial_us is not None:
-        cores = round(
-            (HEADLINE_FINANCIAL_TPS * financial_us + HEADLINE_NONFINANCIAL_TPS * nonfinancial_us) / 1e6, 1
-        )
-    return {
+    result: dict[str, Any] = {
         "financial_us": financial_us,
         "nonfinancial_us": nonfinancial_us,
-        "cores_for_headline": cores,
+        "cores_for_headline": cores_for_headline(financial_us, nonfinancial_us),
         "headline": {"financial_tps": HEADLINE_FINANCIAL_TPS, "nonfinancial_tps": HEADLINE_NONFINANCIAL_TPS},
         "p50_ms": {name: results[name]["p50_ms"] for name in results},
         "p99_ms": {name: results[name]["p99_ms"] for name in results},
         "financial": results["financial"],
         "nonfinancial": results["nonfinancial"],
+        "via": via,
+        "kinds_counted": sorted(counted),
+        "kinds_not_counted": sorted({k for k in idle_per_second if k not in counted} | {"loadgen"}),
+        "processes_by_kind": process_counts(after),
         "machine": machine(),
         "window_seconds": seconds,
-        "idle_cpu_cores": round(sum(idle_per_second.values()), 3),
+        "idle_cpu_cores": round(sum(v for k, v in idle_per_second.items() if k in counted), 3),
         "note": (
-            "us per transaction = CPU the load added to etcd, Patroni, PostgreSQL, app servers and gateways"
-            " (their idle background subtracted; gross figures beside it); the entry, a stand-in for the"
-            " global load balancer, is left out"
+            f"us per transaction = CPU the load added to {', '.join(sorted(counted))} (their idle background"
+            " subtracted; gross figures beside it); the load generator (and, unless --via entry, the entry, a"
+            " stand-in for the global load balancer) are reported apart and not counted"
         ),
     }
+    if saturation:
+        sat_financial = saturated["financial"]["us_per_txn"]
+        sat_nonfinancial = saturated["nonfinancial"]["us_per_txn"]
+        result["saturation"] = {
+            "criteria": {
+                "p99_ms_max": P99_MS_MAX,
+                "errors": 0,
+                "achieved_ratio_min": ACHIEVED_RATIO_MIN,
+                "step_seconds": step_s,
+            },
+            "financial_us": sat_financial,
+            "nonfinancial_us": sat_nonfinancial,
+            "cores_for_headline": cores_for_headline(sat_financial, sat_nonfinancial),
+            "financial": saturated["financial"],
+            "nonfinancial": saturated["nonfinancial"],
+        }
+    return result
 
 
 def run(
@@ -384,31 +601,75 @@ def run(
     rate_nonfinancial: float = 2_500.0,
     customers: int = 100,
     progress: Progress = _quiet,
+    saturation: bool = True,
+    saturation_seconds: float | None = None,
+    via: str = "gateways",
 ) -> dict[str, Any]:
-    return asyncio.run(measure(runtime, seconds, rate_financial, rate_nonfinancial, customers, progress))
+    return asyncio.run(
+        measure(
+            runtime,
+            seconds,
+            rate_financial,
+            rate_nonfinancial,
+            customers,
+            progress,
+            saturation,
+            saturation_seconds,
+            via,
+        )
+    )
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['memory_gib']} GiB"
     ]
+    lines.append(f"load sent to the {result['via']}; counted: {', '.join(result['kinds_counted'])}")
     lines.append(
         f"{'class':<14}{'offered':>9}{'achieved':>10}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}{'us CPU/txn':>12}"
     )
     for name in ("financial", "nonfinancial"):
         row = result[name]
         lines.append(
-            f"{name:<14}{row['offered_tps']:>9g}{row['achieved_tps']:>10}{row['errors']:>8}{row['p50_ms'] or '-':>9}"
-            f"{row['p99_ms'] or '-':>9}{row['us_per_txn'] or '-':>12}"
+            f"{name:<14}{row['offered_tps']:>9g}{row['achieved_tps']:>10}{row['errors']:>8}{_cell(row['p50_ms']):>9}"
+            f"{_cell(row['p99_ms']):>9}{_cell(row['us_per_txn']):>12}"
         )
         breakdown = ", ".join(f"{kind} {value}" for kind, value in row["us_per_txn_by_kind"].items())
+        apart = ", ".join(f"{kind} {value}" for kind, value in row["us_per_txn_not_counted"].items())
         lines.append(
             f"{'':<14}by process kind (us): {breakdown}; gross with the idle background {row['us_per_txn_gross']}"
         )
+        lines.append(f"{'':<14}not counted (us): {apart}")
     lines.append(
         f"idle background of the topology: {result['idle_cpu_cores']} cores (not counted per transaction)"
     )
     lines.append(
-        f"cores for {HEADLINE_FINANCIAL_TPS:,} financial + {HEADLINE_NONFINANCIAL_TPS:,} non-financial TPS: {result['cores_for_headline']}"
+        f"cores for {HEADLINE_FINANCIAL_TPS:,} financial + {HEADLINE_NONFINANCIAL_TPS:,} non-financial TPS"
+        f" at the offered rates: {_cell(result['cores_for_headline'])}"
     )
+    saturation = result.get("saturation")
+    if saturation:
+        criteria = saturation["criteria"]
+        lines.append(
+            f"saturation (highest rate with p99 <= {criteria['p99_ms_max']:g} ms, no error, "
+            f">= {criteria['achieved_ratio_min']:.0%} achieved; {criteria['step_seconds']:g} s steps):"
+        )
+        for name in ("financial", "nonfinancial"):
+            found = saturation[name]
+            row = found["row"]
+            if row is None:
+                lines.append(f"  {name:<12} no step held")
+                continue
+            breakdown = ", ".join(f"{kind} {value}" for kind, value in row["us_per_txn_by_kind"].items())
+            lines.append(
+                f"  {name:<12} {found['rate_tps']:g} TPS, p99 {row['p99_ms']} ms: {found['us_per_txn']} us/txn"
+                f" ({breakdown}); load generator {row['loadgen_us_per_txn']} us/txn"
+            )
+        lines.append(
+            f"cores for the headline at the saturation costs: {_cell(saturation['cores_for_headline'])}"
+        )
     return "\n".join(lines)

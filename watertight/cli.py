@@ -146,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--customers", type=_positive_int, default=100, metavar="N", help="customers opened for the run (100)"
     )
     bench.add_argument(
+        "--no-saturation",
+        action="store_true",
+        help="skip the search for the highest rate each class sustains (p99 <= 50 ms, no error)",
+    )
+    bench.add_argument(
+        "--saturation-seconds",
+        type=_positive_float,
+        metavar="S",
+        help="window of each step of the saturation search (default: a third of --seconds, at least 3)",
+    )
+    bench.add_argument(
+        "--via",
+        choices=("gateways", "entry"),
+        default="gateways",
+        help="send the load to the site gateways (default; the entry is not counted) or through the entry (counted)",
+    )
+    bench.add_argument(
         "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
 
@@ -383,7 +400,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runtime = LocalRuntime(_run_dir(args))
     say = (lambda line: print(f"==> {line}", file=sys.stderr, flush=True)) if args.json else _say
     result = bench.run(
-        runtime, args.seconds, args.rate_financial, args.rate_nonfinancial, args.customers, say
+        runtime,
+        args.seconds,
+        args.rate_financial,
+        args.rate_nonfinancial,
+        args.customers,
+        say,
+        saturation=not args.no_saturation,
+        saturation_seconds=args.saturation_seconds,
+        via=args.via,
     )
     print(json.dumps(result, indent=2) if args.json else bench.table(result))
     return 0

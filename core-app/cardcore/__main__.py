@@ -1,4 +1,4 @@
-"""``python -m cardcore --config FILE``: one app server process (granian, one worker)."""
+"""``python -m cardcore --config FILE``: one app server process (cardcore.platform.serve, no worker)."""
 
 from __future__ import annotations
 

@@ -527,7 +527,7 @@ def openapi_document(routes: list[Route], cell_count: int = 99) -> dict[str, Any
 
 
 def create_app() -> JsonApp:
-    """Factory for granian: settings from the file named by $WATERTIGHT_APP_CONFIG."""
+    """Factory for the HTTP server: settings from the file named by $WATERTIGHT_APP_CONFIG."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise SystemExit(f"set {CONFIG_ENV} to the app server's settings file")

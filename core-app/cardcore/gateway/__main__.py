@@ -1,7 +1,7 @@
-"""``python -m cardcore.gateway --config FILE.json``: serve the gateway with granian.
+"""``python -m cardcore.gateway --config FILE.json``: serve the gateway (cardcore.platform.serve).
 
-One process (granian embedded, no forked worker), HTTP/1.1 only, uvloop where available. The settings are checked here first so a bad
-file fails with a message naming the key instead of a crashed worker.
+One process (no forked worker), HTTP/1.1 only, uvloop where available. The settings are checked
+here first so a bad file fails with a message naming the key instead of a crashed worker.
 """
 
 from __future__ import annotations

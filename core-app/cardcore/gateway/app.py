@@ -9,8 +9,8 @@ whose bytes may have reached an app server (unless it is a GET), let a down or f
 others, or answer 500 to bad input (a request it cannot route goes to any app server, which
 answers the proper 4xx).
 
-Serve it with granian: ``python -m cardcore.gateway --config FILE.json``, or
-``granian --interface asgi --factory cardcore.gateway.app:create_app`` with
+Serve it with ``python -m cardcore.gateway --config FILE.json`` (cardcore.platform.serve), or any
+ASGI server, e.g. ``granian --interface asgi --factory cardcore.gateway.app:create_app`` with
 ``WATERTIGHT_GATEWAY_CONFIG=FILE.json``.
 """
 
@@ -34,7 +34,7 @@ from cardcore.gateway.health import HealthMonitor, Upstream
 from cardcore.gateway.routes import Kind, Route, classify
 from cardcore.gateway.settings import GatewaySettings, load_from_env
 from cardcore.platform import metrics
-from cardcore.platform.admission import BODY_TIMEOUT_CODE, SHED_BODY, Admission
+from cardcore.platform.admission import BODY_INCOMPLETE_CODE, BODY_TIMEOUT_CODE, SHED_BODY, Admission
 from cardcore.platform.auth import AccessControl
 from cardcore.platform.http import lifespan
 from cardcore.platform.upstream import (
@@ -129,6 +129,10 @@ class _BodyTimeout(Exception):
     """The client did not send the whole body in time."""
 
 
+class _ClientGone(Exception):
+    """The client closed its connection before it sent the whole body: nothing is forwarded."""
+
+
 def error_body(code: str, message: str, field: str | None = None) -> bytes:
     return _encode({"error": {"code": code, "message": message, "field": field}})
 
@@ -139,6 +143,8 @@ def _outcome(status: int) -> str:
 
 async def _read_body(receive: Receive) -> bytes:
     message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > BODY_BYTES_MAX:
@@ -148,8 +154,8 @@ async def _read_body(receive: Receive) -> bytes:
     size = len(body)
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
-            break
+        if message["type"] == "http.disconnect":  # part of a body: never forwarded
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > BODY_BYTES_MAX:
@@ -337,6 +343,10 @@ class Gateway:
             status, content_type, outcome = 408, JSON, "4xx"
             message = f"the body did not arrive within {self.body_timeout_s:g} s"
             data = error_body(BODY_TIMEOUT_CODE, message, "body")
+        except _ClientGone:
+            # no one reads this answer; it is counted as what it is: the client's doing
+            status, content_type, outcome = 400, JSON, "4xx"
+            data = error_body(BODY_INCOMPLETE_CODE, "the client closed before sending the whole body", "body")
         except _TooLarge:
             status, content_type, outcome = 413, JSON, "4xx"
             data = error_body("body_too_large", f"the body exceeds {BODY_BYTES_MAX} bytes", "body")

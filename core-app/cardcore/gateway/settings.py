@@ -52,7 +52,7 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     drain_file: str | None = None
     drain_poll_ms: Millis = 250
     # hostile clients (cardcore.platform.admission): connections in total and the time to read a
-    # request's headers (granian), the time to read its body, requests in flight per client
+    # request's headers (the HTTP server), the time to read its body, requests in flight per client
     # address and in total (above them: 503 overloaded at once)
     connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 16384
     header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = HEADER_READ_TIMEOUT_MS

@@ -1,17 +1,19 @@
 """Hostile and careless clients: what a server lets in, and for how long it waits on a client.
 
 Owns: the serving limits (``ServeLimits``: connections in total, the time to read a request's
-headers, both enforced by granian; the time to read its body; requests in flight per client
+headers, both enforced by the HTTP server, cardcore.platform.httpserver or granian, see
+cardcore.platform.serve; the time to read its body; requests in flight per client
 address and in total) and ``Admission``, which sheds the requests above the in-flight bounds at
 once (503 ``overloaded`` with Retry-After) instead of queueing them, so a client that opens many
 requests and never finishes them cannot starve the others. The probes (``/healthz``,
 ``/readyz``) are never shed: an orchestrator must see the process alive while it sheds.
 
-What is not here, and why: granian takes a connection permit before it accepts, so connections
-cannot be counted per client address before their headers arrive; a client that holds many
-connections without finishing its headers is bounded by the header read time (each such
-connection is closed after it) and by the total (``connections_max``, far above what it takes
-to hold the normal load).
+What is not here, and why: granian takes a connection permit before it accepts (and the lean
+server stops accepting at the same bound), so connections are not counted per client address
+before their headers arrive; a client that
+holds many connections without finishing its headers is bounded by the header read time (each
+such connection is closed after it) and by the total (``connections_max``, far above what it
+takes to hold the normal load).
 Never: read a body without a deadline; let the in-flight count of a client leak (``leave`` in a
 ``finally``).
 """
@@ -28,8 +30,9 @@ import msgspec
 PROBES = frozenset({"/healthz", "/readyz"})
 
 
-# granian closes a connection whose next request's headers have not all arrived this long after
-# the last answer: it bounds a slow client, and it is also the idle keep-alive timeout. Clients
+# the servers close a connection whose next request's headers have not all arrived this long after
+# the last answer (or the connection): it bounds a slow client, and it is also the idle keep-alive
+# timeout. Clients
 # must not reuse a connection idle that long (the gateways' pools drop theirs after 10 s, httpx
 # after 5 s): at 5 s, a client's 5 s expiry met the server's close in flight ("server
 # disconnected without sending a response" in the tests on a loaded machine)
@@ -55,6 +58,8 @@ SHED_BODY = msgspec.json.encode(
     }
 )
 BODY_TIMEOUT_CODE = "body_timeout"
+# the client closed before its whole body arrived: part of a body is never handled as all of it
+BODY_INCOMPLETE_CODE = "body_incomplete"
 
 
 class Admission:

@@ -17,7 +17,13 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from cardcore.platform.admission import BODY_TIMEOUT_CODE, SHED_BODY, Admission, ServeLimits
+from cardcore.platform.admission import (
+    BODY_INCOMPLETE_CODE,
+    BODY_TIMEOUT_CODE,
+    SHED_BODY,
+    Admission,
+    ServeLimits,
+)
 from cardcore.platform.auth import AccessControl
 
 BODY_BYTES_MAX = 64 * 1024
@@ -249,8 +255,10 @@ async def read_body(receive: Receive) -> bytes:
     size = 0
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
-            break
+        if message["type"] == "http.disconnect":  # part of a body is never handled as all of it
+            raise ApiError(
+                400, BODY_INCOMPLETE_CODE, "the client closed before sending the whole body", "body"
+            )
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > BODY_BYTES_MAX:

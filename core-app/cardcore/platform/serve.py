@@ -1,8 +1,12 @@
-"""Run an ASGI app in this process with granian's embedded server on uvloop: one process per
-server, so the runtime's PID is the server (kill -9 of that PID is the loss of that server).
+"""Run an ASGI app in this process on uvloop: one process per server, so the runtime's PID is the
+server (kill -9 of that PID is the loss of that server).
 
-Owns: the connection bounds granian enforces (``ServeLimits``: connections in total, the time to
-read a request's headers, after which a client that never finishes them is disconnected) and
+The server is ``cardcore.platform.httpserver`` (socket, parsing and app on one thread); setting
+``WATERTIGHT_HTTP_SERVER=granian`` serves with granian's embedded server instead, the server used
+before, kept to compare the two on one machine (README, performance).
+
+Owns: the connection bounds both servers enforce (``ServeLimits``: connections in total, the time
+to read a request's headers, after which a client that never finishes them is disconnected) and
 the open-files limit they need.
 Never: fork workers (the topology counts and signals processes by PID).
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import resource
 import signal
 from collections.abc import Callable
@@ -21,6 +26,8 @@ from cardcore.platform.admission import ServeLimits
 
 log = logging.getLogger("cardcore.serve")
 FILES_SPARE = 512  # open files beyond the client connections: upstreams, databases, logs
+SERVER_ENV = "WATERTIGHT_HTTP_SERVER"
+SERVERS = ("lean", "granian")
 
 
 def _connections_allowed(wanted: int) -> int:
@@ -42,15 +49,34 @@ def load_factory(target: str) -> Callable[[], Any]:
     return factory
 
 
+def server_choice() -> str:
+    choice = os.environ.get(SERVER_ENV, "lean") or "lean"
+    if choice not in SERVERS:
+        raise SystemExit(f"{SERVER_ENV}={choice!r}: must be one of {', '.join(SERVERS)}")
+    return choice
+
+
 def serve(target: str, host: str, port: int, limits: ServeLimits | None = None) -> None:
     """Serve ``module:factory`` on host:port until SIGTERM or SIGINT."""
-    from granian.constants import HTTPModes, Interfaces
-    from granian.http import HTTP1Settings
-    from granian.server.embed import Server
-
+    choice = server_choice()
     limits = limits or ServeLimits()
     connections_max = _connections_allowed(limits.connections_max)
     app = load_factory(target)()
+    if choice == "lean":
+        from cardcore.platform import httpserver
+
+        httpserver.run(
+            app,
+            host,
+            port,
+            connections_max=connections_max,
+            header_read_timeout_s=limits.header_read_timeout_ms / 1000,
+        )
+        return
+
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.server.embed import Server
 
     async def main() -> None:
         server = Server(

@@ -56,7 +56,7 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
     cnp_failures_max: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     cnp_lock_seconds: Annotated[int, msgspec.Meta(ge=1, le=30 * 24 * 3600)] = 1800
     # hostile clients (cardcore.platform.admission): connections in total and the time to read a
-    # request's headers (granian), the time to read its body, requests in flight per client
+    # request's headers (the HTTP server), the time to read its body, requests in flight per client
     # address and in total (above them: 503 overloaded at once)
     connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4096
     header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = HEADER_READ_TIMEOUT_MS

@@ -3,6 +3,8 @@
 Owns: connecting (bounded by a connect timeout), writing one request, reading the status line,
 headers (at most ``HEADER_BYTES_MAX``) and a Content-Length, chunked or read-to-close body, and
 keeping the connection when HTTP/1.1 allows it. Every wait is bounded by the request deadline.
+Each connection is an ``asyncio.Protocol`` that parses the answer as its bytes arrive: a request
+is one write and one wake-up (no stream reader, no timeout context per request).
 Never: resend anything itself (the caller decides, knowing what was sent), log bodies, or use more
 than ``size_max`` connections per upstream.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import Any
 from urllib.parse import urlsplit
 
 HEADER_BYTES_MAX = 64 * 1024
@@ -66,34 +69,240 @@ class Response:
         return None
 
 
-class _Connection:
-    __slots__ = ("idle_since", "reader", "writer")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.idle_since = 0.0
-
-    def usable(self, now: float) -> bool:
-        return (
-            not self.writer.is_closing()
-            and not self.reader.at_eof()
-            and now - self.idle_since < IDLE_SECONDS_MAX
-        )
-
-    def close(self) -> None:
-        try:
-            self.writer.close()
-        except Exception:  # already broken: nothing left to release
-            pass
-
-
 class _Broken(Exception):
     """Internal: the response could not be read; the message says why."""
 
     def __init__(self, message: str, responded: bool) -> None:
         super().__init__(message)
         self.responded = responded
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: bytes arrive in ``data_received`` and the answer is parsed there,
+    so a request costs one write and one wake-up of the waiting coroutine (no stream reader)."""
+
+    __slots__ = (
+        "body_at",
+        "buffer",
+        "chunked",
+        "closed",
+        "headers",
+        "idle_since",
+        "keep",
+        "length",
+        "no_body",
+        "status",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[Response, bool]] | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body_at = -1  # where the body starts in the buffer once the head is parsed
+        self.length: int | None = None
+        self.chunked = False
+        self.keep = False
+        self.no_body = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is not None:
+            self._advance()
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        if self.waiter is not None:
+            self._advance(eof=True)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self._advance(eof=True)
+
+    # -- one exchange -------------------------------------------------------------------------
+
+    def usable(self, now: float) -> bool:
+        transport = self.transport
+        return (
+            not self.closed
+            and transport is not None
+            and not transport.is_closing()
+            and not self.buffer  # nothing unasked for arrived while idle
+            and now - self.idle_since < IDLE_SECONDS_MAX
+        )
+
+    def send(self, data: bytes, head_only: bool, waiter: asyncio.Future[tuple[Response, bool]]) -> None:
+        self._reset()
+        self.no_body = head_only
+        self.waiter = waiter
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def _finish(self, response: Response | None, error: BaseException | None = None) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is None or waiter.done():
+            return
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            assert response is not None
+            waiter.set_result((response, self.keep))
+
+    def _advance(self, eof: bool = False) -> None:
+        """Parse what arrived; resolve the waiter once the answer is complete or broken."""
+        try:
+            response = self._parse(eof)
+        except _Broken as error:
+            self.closed = True
+            self._finish(None, error)
+            return
+        if response is not None:
+            self._finish(response)
+        elif eof:
+            self._finish(
+                None, _Broken("connection closed before a complete response head", bool(self.buffer))
+            )
+
+    def _parse(self, eof: bool) -> Response | None:
+        buffer = self.buffer
+        if self.body_at < 0:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > HEADER_BYTES_MAX:
+                    raise _Broken(f"response head exceeds {HEADER_BYTES_MAX} bytes", True)
+                return None
+            self._parse_head(bytes(buffer[:end]))
+            self.body_at = end + 4
+        start = self.body_at
+        if self.no_body:
+            body = b""
+            consumed = start
+        elif self.chunked:
+            parsed = _dechunk(buffer, start)
+            if parsed is None:
+                if eof:
+                    raise _Broken("connection closed in the middle of the body", True)
+                return None
+            body, consumed = parsed
+        elif self.length is not None:
+            if len(buffer) - start < self.length:
+                if eof:
+                    raise _Broken("connection closed in the middle of the body", True)
+                return None
+            consumed = start + self.length
+            body = bytes(buffer[start:consumed])
+        else:  # read to close
+            if len(buffer) - start > BODY_BYTES_MAX:
+                raise _Broken("malformed chunked body", True)
+            if not eof:
+                return None
+            consumed = len(buffer)
+            body = bytes(buffer[start:])
+            self.keep = False
+        del buffer[:consumed]
+        self.body_at = -1
+        return Response(self.status, self.headers, body)
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        status_line = lines[0].split(b" ", 2)
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
+            raise _Broken("not an HTTP/1.x status line", True)
+        try:
+            status = int(status_line[1])
+        except ValueError:
+            raise _Broken("invalid status code", True) from None
+        keep = status_line[0] == b"HTTP/1.1"
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise _Broken("malformed header line", True)
+            name = name.strip().lower()
+            value = value.strip()
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise _Broken("invalid content-length", True) from None
+                if length < 0 or length > BODY_BYTES_MAX:
+                    raise _Broken("content-length out of bounds", True)
+                self.length = length
+            elif name == b"transfer-encoding":
+                self.chunked = value.lower().endswith(b"chunked")
+            elif name == b"connection":
+                token = value.lower()
+                if b"close" in token:
+                    keep = False
+                elif b"keep-alive" in token:
+                    keep = True
+            headers.append((name, value))
+        if status in (204, 304) or 100 <= status < 200:
+            self.no_body = True
+        self.status = status
+        self.headers = headers
+        self.keep = keep
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            try:
+                self.transport.close()
+            except Exception:  # already broken: nothing left to release
+                pass
+
+
+def _dechunk(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
+    """A chunked body from ``start`` and the bytes it took (trailers included); None while
+    incomplete; raises _Broken when malformed or larger than BODY_BYTES_MAX."""
+    parts: list[bytes] = []
+    total = 0
+    at = start
+    while True:
+        line_end = buffer.find(b"\r\n", at)
+        if line_end < 0:
+            if len(buffer) - at > 1024:
+                raise _Broken("malformed chunked body", True)
+            return None
+        try:
+            size = int(bytes(buffer[at:line_end]).split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise _Broken("malformed chunked body", True) from None
+        at = line_end + 2
+        if size == 0:
+            while True:  # trailers, ignored
+                trailer_end = buffer.find(b"\r\n", at)
+                if trailer_end < 0:
+                    if len(buffer) - at > HEADER_BYTES_MAX:
+                        raise _Broken("malformed chunked body", True)
+                    return None
+                if trailer_end == at:
+                    return b"".join(parts), trailer_end + 2
+                at = trailer_end + 2
+        total += size
+        if size < 0 or total > BODY_BYTES_MAX:
+            raise _Broken("malformed chunked body", True)
+        if len(buffer) < at + size + 2:
+            return None
+        if buffer[at + size : at + size + 2] != b"\r\n":
+            raise _Broken("malformed chunked body", True)
+        parts.append(bytes(buffer[at : at + size]))
+        at += size + 2
 
 
 def parse_base_url(base_url: str) -> tuple[str, int]:
@@ -124,8 +333,9 @@ class UpstreamPool:
         self._host_header = host_header.encode("ascii")
         self.size_max = size_max
         self.connect_timeout = connect_timeout
-        self._slots = asyncio.Semaphore(size_max)
         self._idle: deque[_Connection] = deque()
+        # a slot is taken for each request; when all are, callers queue here (FIFO)
+        self._queued: deque[asyncio.Future[None]] = deque()
         self.in_use = 0
         self.opened = 0
 
@@ -150,56 +360,90 @@ class UpstreamPool:
         deadline: float,
     ) -> Response:
         """As ``request``, with an absolute ``loop.time()`` deadline."""
-        head = [
-            b"%s %s HTTP/1.1\r\nhost: %s\r\n"
-            % (method.encode("ascii"), target.encode("latin-1"), self._host_header)
-        ]
+        head = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (
+            method.encode("ascii"),
+            target.encode("latin-1"),
+            self._host_header,
+        )
         if body or method not in ("GET", "HEAD", "DELETE"):
-            head.append(b"content-length: %d\r\n" % len(body))
+            head += b"content-length: %d\r\n" % len(body)
         if headers:
             for name, value in headers:
-                head.append(b"%s: %s\r\n" % (name, value))
-        head.append(b"\r\n")
-        data = b"".join(head) + body
+                head += b"%s: %s\r\n" % (name, value)
+        data = head + b"\r\n" + body
 
+        loop = asyncio.get_running_loop()
         phase = "pool"
         acquired = False
         conn: _Connection | None = None
         keep = False
         try:
-            async with asyncio.timeout_at(deadline):
-                await self._slots.acquire()
-                acquired = True
-                conn = self._take_idle()
-                if conn is None:
-                    phase = "connect"
-                    conn = await self._connect()
-                phase = "write"
-                conn.writer.write(data)
-                await conn.writer.drain()
-                phase = "read"
-                response, keep = await self._read_response(conn.reader, method)
-                return response
+            await self._acquire(loop, deadline)
+            acquired = True
+            conn = self._take_idle()
+            if conn is None:
+                phase = "connect"
+                conn = await self._connect(loop, deadline)
+            phase = "read"
+            waiter: asyncio.Future[tuple[Response, bool]] = loop.create_future()
+            timer = loop.call_at(deadline, _expire, waiter)
+            try:
+                conn.send(data, method == "HEAD", waiter)
+                response, keep = await waiter
+            finally:
+                timer.cancel()
+            return response
         except TimeoutError:
-            sent = phase in ("write", "read")
-            raise UpstreamTimeout(self.base_url, f"no answer within the deadline ({phase})", sent) from None
+            raise UpstreamTimeout(
+                self.base_url, f"no answer within the deadline ({phase})", phase == "read"
+            ) from None
         except _Broken as error:
             raise UpstreamProtocolError(
                 self.base_url, str(error), sent=True, responded=error.responded
             ) from None
         except (OSError, RuntimeError) as error:  # reset, broken pipe, transport closed
             raise UpstreamProtocolError(
-                self.base_url, f"{type(error).__name__}: {error}", sent=phase in ("write", "read")
+                self.base_url, f"{type(error).__name__}: {error}", sent=phase == "read"
             ) from None
         finally:
             if conn is not None:
-                if keep:
+                if keep and not conn.closed:
                     conn.idle_since = time.monotonic()
                     self._idle.append(conn)
                 else:
+                    conn.waiter = None
                     conn.close()
             if acquired:
-                self._slots.release()
+                self._release()
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self.in_use < self.size_max and not self._queued:
+            self.in_use += 1
+            return
+        turn: asyncio.Future[None] = loop.create_future()
+        self._queued.append(turn)
+        timer = loop.call_at(deadline, _expire, turn)
+        try:
+            await turn  # _release hands its slot over: in_use already counts this request
+        except BaseException:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._release()  # the slot arrived together with the timeout or a cancel
+            else:
+                try:
+                    self._queued.remove(turn)
+                except ValueError:
+                    pass
+            raise
+        finally:
+            timer.cancel()
+
+    def _release(self) -> None:
+        while self._queued:
+            turn = self._queued.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes on: in_use unchanged
+                return
+        self.in_use -= 1
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -211,111 +455,27 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+        seconds = min(self.connect_timeout, max(0.0, deadline - loop.time()))
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port, limit=HEADER_BYTES_MAX)
+            async with asyncio.timeout(seconds):
+                _, conn = await loop.create_connection(_Connection, self.host, self.port)
         except TimeoutError:
+            if seconds < self.connect_timeout:
+                raise  # the request's deadline, not the connect timeout
             raise UpstreamConnectError(
                 self.base_url, f"connect timed out after {self.connect_timeout * 1000:.0f} ms"
             ) from None
         except OSError as error:
             raise UpstreamConnectError(self.base_url, f"connect failed: {error.strerror or error}") from None
         self.opened += 1
-        return _Connection(reader, writer)
-
-    async def _read_response(self, reader: asyncio.StreamReader, method: str) -> tuple[Response, bool]:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as error:
-            raise _Broken("connection closed before a complete response head", bool(error.partial)) from None
-        except asyncio.LimitOverrunError:
-            raise _Broken(f"response head exceeds {HEADER_BYTES_MAX} bytes", True) from None
-        lines = head[:-4].split(b"\r\n")
-        status_line = lines[0].split(b" ", 2)
-        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
-            raise _Broken("not an HTTP/1.x status line", True)
-        try:
-            status = int(status_line[1])
-        except ValueError:
-            raise _Broken("invalid status code", True) from None
-        keep = status_line[0] == b"HTTP/1.1"
-        headers: list[tuple[bytes, bytes]] = []
-        length: int | None = None
-        chunked = False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise _Broken("malformed header line", True)
-            name = name.strip().lower()
-            value = value.strip()
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise _Broken("invalid content-length", True) from None
-                if length < 0 or length > BODY_BYTES_MAX:
-                    raise _Broken("content-length out of bounds", True)
-            elif name == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
-            elif name == b"connection":
-                token = value.lower()
-                if b"close" in token:
-                    keep = False
-                elif b"keep-alive" in token:
-                    keep = True
-            headers.append((name, value))
-        try:
-            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-                body = b""
-            elif chunked:
-                body = await self._read_chunked(reader)
-            elif length is not None:
-                body = await reader.readexactly(length)
-            else:
-                keep = False
-                body = await self._read_to_close(reader)
-        except asyncio.IncompleteReadError:
-            raise _Broken("connection closed in the middle of the body", True) from None
-        except (asyncio.LimitOverrunError, ValueError):
-            raise _Broken("malformed chunked body", True) from None
-        return Response(status, headers, body), keep
-
-    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            size = int(line[:-2].split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, ignored
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > BODY_BYTES_MAX:
-                raise ValueError("chunked body too large")
-            chunk = await reader.readexactly(size + 2)
-            if chunk[-2:] != b"\r\n":
-                raise ValueError("chunk not terminated by CRLF")
-            parts.append(chunk[:-2])
-
-    async def _read_to_close(self, reader: asyncio.StreamReader) -> bytes:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            chunk = await reader.read(65536)
-            if not chunk:
-                return b"".join(parts)
-            total += len(chunk)
-            if total > BODY_BYTES_MAX:
-                raise ValueError("body too large")
-            parts.append(chunk)
+        return conn
 
     async def close(self) -> None:
         while self._idle:
-            conn = self._idle.pop()
-            conn.close()
-            try:
-                await asyncio.wait_for(conn.writer.wait_closed(), 0.2)
-            except (TimeoutError, OSError):
-                pass
+            self._idle.pop().close()
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
