@@ -21,30 +21,34 @@ import pulumi_kubernetes as k8s
 import yaml
 from pulumi_kubernetes.apps import v1 as apps
 from pulumi_kubernetes.autoscaling import v2 as autoscaling
+from pulumi_kubernetes.autoscaling import v2beta2 as autoscaling_v2beta2
 from pulumi_kubernetes.core import v1 as core
 from pulumi_kubernetes.meta import v1 as meta
 from pulumi_kubernetes.networking import v1 as networking
-from pulumi_kubernetes.policy import v1 as policy
 
 from watertight import render
-from watertight.runbooks.kube import (
+from watertight.kube_names import (
     ANNOTATION_ACTIVE_REPLICAS,
+    API_TOKENS_KEY,
+    CREDENTIALS_SECRET,
+    DEFAULT_DENY_POLICY,
     DRAIN_CONFIG_MAP,
     DRAIN_FILE,
     ETCD_CONTAINER,
+    LOCUST_CONTAINER,
+    LOCUST_MASTER,
+    LOCUST_WORKER,
     PATRONI_CONFIG_DIR,
     PATRONI_CONTAINER,
     PATRONI_FILE,
 )
-from watertight.runbooks.kube import POSTGRES_DATA_DIR as POSTGRES_DATA_PATH
+from watertight.kube_names import POSTGRES_DATA_DIR as POSTGRES_DATA_PATH
 from watertight.topology import CENTERS, Topology
 from watertight_infra import kube, monitoring
-from watertight_infra.settings import PodSize, SiteSettings, StackSettings
+from watertight_infra.settings import API_TOKEN_KINDS, HPA_V2_SINCE, PodSize, SiteSettings, StackSettings
 from watertight_infra.sizing import Plan
 
 TYPE_PREFIX = "watertight:infra"
-CREDENTIALS_SECRET = "watertight-credentials"
-DEFAULT_DENY_POLICY = "default-deny-ingress"
 
 # paths inside the images (core-app/Containerfile)
 PYTHON = "python"
@@ -115,6 +119,8 @@ class Secrets:
     superuser_password: pulumi.Output[str]
     replication_password: pulumi.Output[str]
     pan_key_hex: pulumi.Output[str]
+    # JSON {"acquirer": ..., "channel": ..., "operator": ...}: the clients' bearer tokens
+    api_tokens: pulumi.Output[str]
 
 
 @dataclass(frozen=True)
@@ -179,7 +185,7 @@ class Site(pulumi.ComponentResource):
         )
         self.namespace = core.Namespace(
             f"{name}-namespace",
-            metadata=kube.metadata(context.settings.namespace, None, kube.labels(name, "namespace")),
+            metadata=kube.metadata(context.settings.namespace_of(name), None, kube.labels(name, "namespace")),
             opts=_opts(self, self.provider),
         )
         self.namespace_name: pulumi.Output[str] = self.namespace.metadata.apply(lambda m: m.name or "")
@@ -190,6 +196,7 @@ class Site(pulumi.ComponentResource):
             string_data={
                 render.SECRET_SUPERUSER_PASSWORD: context.secrets.superuser_password,
                 render.SECRET_REPLICATION_PASSWORD: context.secrets.replication_password,
+                API_TOKENS_KEY: context.secrets.api_tokens.apply(_api_tokens),
             },
             opts=_opts(self, self.provider),
         )
@@ -327,10 +334,14 @@ class EtcdMember(pulumi.ComponentResource):
             opts=opts,
         )
         # a voluntary eviction waits for the operator: losing a member costs the quorum's margin
-        policy.PodDisruptionBudget(
+        kube.disruption_budget(
             f"{component}-pdb",
-            metadata=kube.metadata(component, namespace, pod_labels),
-            spec=kube.disruption_budget_spec(site, component, min_available=1, max_unavailable=None),
+            kube.metadata(component, namespace, pod_labels),
+            site,
+            component,
+            min_available=1,
+            max_unavailable=None,
+            kubernetes_minor=context.settings.kubernetes_minor(),
             opts=opts,
         )
         if dr_local:
@@ -502,10 +513,14 @@ class AppTier(pulumi.ComponentResource):
             ),
             opts=opts,
         )
-        policy.PodDisruptionBudget(
+        kube.disruption_budget(
             f"{component}-pdb",
-            metadata=kube.metadata(component, namespace, pod_labels),
-            spec=kube.disruption_budget_spec(site, component, min_available=None, max_unavailable=1),
+            kube.metadata(component, namespace, pod_labels),
+            site,
+            component,
+            min_available=None,
+            max_unavailable=1,
+            kubernetes_minor=context.settings.kubernetes_minor(),
             opts=opts,
         )
         if not idle:  # an autoscaler cannot hold a Deployment at zero
@@ -533,21 +548,23 @@ class AppTier(pulumi.ComponentResource):
         settings: StackSettings,
         opts: pulumi.ResourceOptions,
     ) -> None:
-        autoscaling.HorizontalPodAutoscaler(
+        # autoscaling/v2, or on a cluster older than 1.23 v2beta2, whose spec has the same fields
+        api: Any = autoscaling if settings.kubernetes_minor() >= HPA_V2_SINCE else autoscaling_v2beta2
+        api.HorizontalPodAutoscaler(
             f"{component}-hpa",
             metadata=kube.metadata(component, namespace, pod_labels),
-            spec=autoscaling.HorizontalPodAutoscalerSpecArgs(
-                scale_target_ref=autoscaling.CrossVersionObjectReferenceArgs(
+            spec=api.HorizontalPodAutoscalerSpecArgs(
+                scale_target_ref=api.CrossVersionObjectReferenceArgs(
                     api_version="apps/v1", kind="Deployment", name=component
                 ),
                 min_replicas=replicas,
                 max_replicas=replicas_max,
                 metrics=[
-                    autoscaling.MetricSpecArgs(
+                    api.MetricSpecArgs(
                         type="Resource",
-                        resource=autoscaling.ResourceMetricSourceArgs(
+                        resource=api.ResourceMetricSourceArgs(
                             name="cpu",
-                            target=autoscaling.MetricTargetArgs(
+                            target=api.MetricTargetArgs(
                                 type="Utilization",
                                 average_utilization=round(settings.sizing.target_cpu_utilization * 100),
                             ),
@@ -557,6 +574,21 @@ class AppTier(pulumi.ComponentResource):
             ),
             opts=opts,
         )
+
+
+def _api_tokens(value: str) -> str:
+    """The tokens as the Secret holds them (compact JSON), after checking every kind has one."""
+    try:
+        tokens = json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(
+            'watertight:apiTokens must be JSON: {"acquirer": ..., "channel": ..., "operator": ...}'
+        ) from None
+    if not isinstance(tokens, dict) or sorted(tokens) != sorted(API_TOKEN_KINDS):
+        raise ValueError(f"watertight:apiTokens must hold exactly the kinds {', '.join(API_TOKEN_KINDS)}")
+    if not all(isinstance(token, str) and len(token) >= 16 for token in tokens.values()):
+        raise ValueError("watertight:apiTokens: every token must be a string of at least 16 characters")
+    return json.dumps(tokens, sort_keys=True, separators=(",", ":"))
 
 
 def _pan_key(value: str) -> str:
@@ -726,10 +758,14 @@ class CellMember(pulumi.ComponentResource):
         )
         # a drain waits until the operator moved the leader away (patronictl switchover): an
         # evicted primary costs the cell a failover, an evicted standby its RPO 0
-        policy.PodDisruptionBudget(
+        kube.disruption_budget(
             f"{component}-pdb",
-            metadata=kube.metadata(component, namespace, pod_labels),
-            spec=kube.disruption_budget_spec(site.name, component, min_available=1, max_unavailable=None),
+            kube.metadata(component, namespace, pod_labels),
+            site.name,
+            component,
+            min_available=1,
+            max_unavailable=None,
+            kubernetes_minor=context.settings.kubernetes_minor(),
             opts=opts,
         )
         # this member takes PostgreSQL from this site's app servers and, by address, from the other
@@ -763,7 +799,7 @@ class LoadGenerator(pulumi.ComponentResource):
         namespace = site.namespace_name
         opts = _opts(self, site.provider)
         host = settings.entry_url or context.endpoints.gateway_url(site.name)
-        master, worker = "locust-master", "locust-worker"
+        master, worker = LOCUST_MASTER, LOCUST_WORKER
         rates = [
             "--rate-financial",
             str(round(settings.load.financial_tps)),
@@ -786,7 +822,7 @@ class LoadGenerator(pulumi.ComponentResource):
         ):
             pod_labels = kube.labels(site.name, component, component=component)
             container = core.ContainerArgs(
-                name="locust",
+                name=LOCUST_CONTAINER,
                 image=settings.images.locust,
                 image_pull_policy=settings.images.pull_policy,
                 command=command,
@@ -820,10 +856,14 @@ class LoadGenerator(pulumi.ComponentResource):
                 ),
                 opts=opts,
             )
-            policy.PodDisruptionBudget(
+            kube.disruption_budget(
                 f"{component}-pdb",
-                metadata=kube.metadata(component, namespace, pod_labels),
-                spec=kube.disruption_budget_spec(site.name, component, min_available=None, max_unavailable=1),
+                kube.metadata(component, namespace, pod_labels),
+                site.name,
+                component,
+                min_available=None,
+                max_unavailable=1,
+                kubernetes_minor=context.settings.kubernetes_minor(),
                 opts=opts,
             )
         core.Service(

@@ -34,6 +34,12 @@ MOCK_SECRETS = {
     "superuserPassword": "mock-superuser-password-7Qx",
     "replicationPassword": "mock-replication-password-9Kz",
     "panKeyHex": "0f" * 32,
+    "apiTokens": json.dumps(
+        {
+            kind: f"mock-{kind}-token-{suffix}"
+            for kind, suffix in (("acquirer", "3Fv"), ("channel", "8Lm"), ("operator", "5Wd"))
+        }
+    ),
 }
 
 

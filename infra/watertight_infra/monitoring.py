@@ -17,7 +17,7 @@ import pulumi_kubernetes as k8s
 from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.core import v1 as core
 
-from watertight.chaos.kubernetes import LABEL_KIND, LABEL_PART_OF, PART_OF
+from watertight.kube_names import LABEL_KIND, LABEL_PART_OF, PART_OF
 from watertight.topology import Topology
 from watertight_infra import kube
 from watertight_infra.settings import StackSettings

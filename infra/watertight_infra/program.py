@@ -25,6 +25,7 @@ def endpoints_of(settings: StackSettings, topology: Any) -> render.KubernetesEnd
     return render.KubernetesEndpoints(
         topology=topology,
         namespace=settings.namespace,
+        site_namespaces={name: settings.namespace_of(name) for name in sites},
         service_domains={name: site.service_domain for name, site in sites.items()},
         site_networks={name: tuple(site.networks) for name, site in sites.items()},
         entry=settings.entry_url or "",
@@ -36,6 +37,8 @@ def chaos_configuration(settings: StackSettings, endpoints: render.KubernetesEnd
     return {
         "kube_contexts": {name: settings.sites[name].context for name in SITE_NAMES},
         "kube_namespace": settings.namespace,
+        # where sites share a cluster, each has its own namespace (sites.<site>.namespace)
+        "kube_namespaces": {name: settings.namespace_of(name) for name in SITE_NAMES},
         "site_cidrs": {name: list(settings.sites[name].networks) for name in SITE_NAMES},
         # without a global load balancer: the first center's gateway, as the sites resolve it
         "entry_url": settings.entry_url or endpoints.gateway_url(CENTERS[0]),
@@ -58,6 +61,7 @@ def main() -> dict[str, Any]:
             superuser_password=config.require_secret(settings_module.SECRET_SUPERUSER_PASSWORD),
             replication_password=config.require_secret(settings_module.SECRET_REPLICATION_PASSWORD),
             pan_key_hex=config.require_secret(settings_module.SECRET_PAN_KEY),
+            api_tokens=config.require_secret(settings_module.SECRET_API_TOKENS),
         ),
     )
     pulumi.log.info(

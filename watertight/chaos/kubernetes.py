@@ -10,6 +10,8 @@ Configuration (Chaos Toolkit ``configuration`` of the experiment):
 - ``kube_contexts``: ``{"prod": "ctx-a", "samecity": "ctx-b", "dr": "ctx-c"}``, one context per
   site (each site is its own cluster);
 - ``kube_namespace``: the namespace of the topology in every cluster (default ``watertight``);
+- ``kube_namespaces``: ``{"prod": "ns-a", ...}``, a site's own namespace where sites share a
+  cluster (the local cluster of ``watertight cluster``); a site not named uses ``kube_namespace``;
 - ``site_cidrs``: ``{"prod": ["10.1.0.0/16"], ...}``, the pod and node networks of each site, for
   partitions (NetworkPolicy) and latency (Chaos Mesh ``externalTargets``);
 - ``entry_url``: the URL clients use (the global load balancer), for ``entry_answers``.
@@ -24,15 +26,18 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from watertight.kube_names import (
+    LABEL_CELL,
+    LABEL_COMPONENT,
+    LABEL_KIND,
+    LABEL_PART_OF,
+    LABEL_SITE,
+    NAMESPACE_DEFAULT,
+    PART_OF,
+    labels,  # noqa: F401 - re-exported: the label convention's function, for callers of this target
+)
 from watertight.topology import SITE_NAMES
 
-NAMESPACE_DEFAULT = "watertight"
-LABEL_PART_OF = "app.kubernetes.io/part-of"
-PART_OF = "watertight"
-LABEL_SITE = "watertight.io/site"
-LABEL_CELL = "watertight.io/cell"
-LABEL_COMPONENT = "watertight.io/component"
-LABEL_KIND = "watertight.io/kind"
 PARTITION_POLICY = "watertight-partition"
 LATENCY_FAULT = "watertight-latency"
 INSTALL_HINT = "pip install chaostoolkit-kubernetes (the kubernetes target's client)"
@@ -60,16 +65,6 @@ class Selection:
     def secrets(self) -> dict[str, str]:
         """What chaosk8s reads to pick the cluster (its ``create_k8s_api_client``)."""
         return {"KUBERNETES_CONTEXT": self.context}
-
-
-def labels(site: str, kind: str, cell: int | None = None, component: str | None = None) -> dict[str, str]:
-    """The labels a pod of the topology carries (the Pulumi programs must set exactly these)."""
-    found = {LABEL_PART_OF: PART_OF, LABEL_SITE: site, LABEL_KIND: kind}
-    if cell is not None:
-        found[LABEL_CELL] = str(cell)
-    if component is not None:
-        found[LABEL_COMPONENT] = component
-    return found
 
 
 def parse_component(component: str) -> tuple[str, str, int | None]:
@@ -120,6 +115,7 @@ def select(
         raise KubernetesTargetError(f"no site named {site!r}; sites are {', '.join(SITE_NAMES)}")
     contexts = _contexts(configuration)
     namespace = str((configuration or {}).get("kube_namespace") or NAMESPACE_DEFAULT)
+    namespaces = (configuration or {}).get("kube_namespaces") or {}
     terms = {LABEL_PART_OF: PART_OF}
     sites = [site] if site is not None else list(SITE_NAMES)
     if component is not None:
@@ -138,7 +134,7 @@ def select(
         if name not in contexts:
             raise KubernetesTargetError(f"configuration kube_contexts has no context for site {name!r}")
         selector = ",".join(f"{key}={value}" for key, value in {**terms, LABEL_SITE: name}.items())
-        chosen.append(Selection(name, contexts[name], namespace, selector))
+        chosen.append(Selection(name, contexts[name], str(namespaces.get(name) or namespace), selector))
     return chosen
 
 
