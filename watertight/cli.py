@@ -152,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     runbook.add_argument(
         "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
+    cluster = commands.add_parser(
+        "cluster", help="a real single-node Kubernetes cluster here, with the Pulumi program's objects on it"
+    )
+    cluster.add_argument(
+        "action",
+        choices=("up", "status", "down"),
+        help="up: build or reuse the binaries and images, start the node, apply the objects, wait for every pod; "
+        "status; down: stop everything and put the machine back as it was",
+    )
+    cluster.add_argument(
+        "--json", action="store_true", help="machine-readable output (status, and up's result)"
+    )
+    cluster.add_argument("--purge", action="store_true", help="down: also delete the cluster directory")
     return parser
 
 
@@ -268,7 +281,38 @@ def cmd_runbook(args: argparse.Namespace) -> int:
     return 0 if summary["rc"] == 0 else 1
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from watertight.cluster import binaries, control, images
+    from watertight.cluster.node import ClusterError
+    from watertight.cluster.spec import SpecError
+
+    say = (lambda line: print(f"==> {line}", file=sys.stderr, flush=True)) if args.json else _say
+    try:
+        if args.action == "up":
+            document = control.up(say)
+            control.print_status(document, args.json)
+            return 0 if document["up"] else 1
+        if args.action == "status":
+            document = control.status()
+            control.print_status(document, args.json)
+            return 0 if document["up"] else 3
+        remaining = control.down(say, purge=args.purge)
+    except (ClusterError, SpecError, binaries.BuildError, images.ImageError) as error:
+        print(f"watertight cluster {args.action}: {error}", file=sys.stderr)
+        return 1
+    if remaining:
+        print(
+            "watertight cluster down: the machine differs from before the cluster:\n  "
+            + "\n  ".join(remaining),
+            file=sys.stderr,
+        )
+        return 1
+    say("the cluster is down and the machine is as it was before it")
+    return 0
+
+
 COMMANDS = {
+    "cluster": cmd_cluster,
     "up": cmd_up,
     "status": cmd_status,
     "down": cmd_down,
