@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -68,17 +69,18 @@ def up(progress: Progress = print, root: Path | None = None) -> dict[str, Any]:
     shutil.rmtree(layout.logs, ignore_errors=True)
     layout.logs.mkdir(parents=True)
     version, bin_dir = node.binaries_or_build(progress)
-    image_log = layout.logs / "images.log"
-    progress(f"images (podman on a debootstrap base; log {image_log})")
-    built = images.build(_stack_images(), progress, image_log)
-    pause_reference, pause_id = images.build_pause(version, bin_dir / "pause", progress, image_log)
-    built[pause_reference] = pause_id
+    # the machine is recorded before the image builds too: podman mounts its storage on first use
     current.begin()
-    current.prepare(bin_dir, version)
-    current.set_pause_image(pause_reference)
-    values = deploy.generate_secrets()
-    deploy.write_secrets(layout.secrets, values)
     try:
+        image_log = layout.logs / "images.log"
+        progress(f"images (podman on a debootstrap base; log {image_log})")
+        built = images.build(_stack_images(), progress, image_log)
+        pause_reference, pause_id = images.build_pause(version, bin_dir / "pause", progress, image_log)
+        built[pause_reference] = pause_id
+        current.prepare(bin_dir, version)
+        current.set_pause_image(pause_reference)
+        values = deploy.generate_secrets()
+        deploy.write_secrets(layout.secrets, values)
         current.make_bridge()
         current.start_control_plane()
         current.start_containerd()
@@ -108,9 +110,11 @@ def up(progress: Progress = print, root: Path | None = None) -> dict[str, Any]:
         TimeoutError,
         ValueError,
         OSError,
+        subprocess.SubprocessError,
     ) as error:
         raise ClusterError(
-            f"{error}\nthe cluster is left as it is for a look (logs in {layout.logs}); stop it with: watertight cluster down"
+            f"{error}\nthe cluster is left as it is for a look (logs in {layout.logs}); stop it and put the "
+            "machine back with: watertight cluster down"
         ) from error
     found = status(root)
     progress(f"the cluster is up: entry {found['entry']}, kubeconfig {found['kubeconfig']}")

@@ -2,7 +2,7 @@
 
 Owns: a Debian base image made with debootstrap (bookworm, minbase, with Python 3.11 and its venv
 module: what ``python:3.11-slim-bookworm`` gives a registry user), cached in podman's storage under
-a tag keyed by what goes into it; the core, Patroni, Locust and etcd images built from
+a tag keyed by what goes into it, and above it this machine's CA bundle for pip; the core, Patroni, Locust and etcd images built from
 ``core-app/Containerfile`` on that base with podman (``--network host``: the RUN steps apt-get and
 pip-install from the package registries); the pause image (the static binary built with the
 Kubernetes binaries); exporting them and importing them into the cluster's containerd, skipped
@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -40,6 +41,9 @@ BASE_SOURCES = (
     f"deb http://deb.debian.org/debian-security {DEBIAN_SUITE}-security main\n"
 )
 BASE_REPOSITORY = "localhost/watertight/base"
+BUILD_BASE_REPOSITORY = "localhost/watertight/build-base"
+BUILD_CA_PATH = "/etc/ssl/certs/watertight-build-ca.pem"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PAUSE_REPOSITORY = "localhost/watertight/pause"
 DEBOOTSTRAP_TIMEOUT_S = 900
 BUILD_TIMEOUT_S = 1800
@@ -66,13 +70,17 @@ def cache_dir() -> Path:
 
 def containers_conf() -> Path:
     """podman's and buildah's settings for our builds: runc (crun fails on this machine's hybrid
-    cgroups) and open-file limits within this machine's hard limit (podman asks for 1048576)."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    limit = hard if hard != resource.RLIM_INFINITY else 1048576
+    cgroups) and an open-file limit within this machine's hard limit (podman asks for 1048576 and
+    runc cannot set more than the hard limit)."""
+    limits = []
+    for name, kind in (("nofile", resource.RLIMIT_NOFILE),):
+        hard = resource.getrlimit(kind)[1]
+        if hard != resource.RLIM_INFINITY:
+            limits.append(f'"{name}={hard}:{hard}"')
     path = cache_dir() / "containers.conf"
     text = (
         "# written by watertight.cluster.images (CONTAINERS_CONF of its podman builds)\n"
-        f'[containers]\ndefault_ulimits = ["nofile={limit}:{limit}"]\n'
+        f"[containers]\ndefault_ulimits = [{', '.join(limits)}]\n"
         '[engine]\nruntime = "runc"\n'
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +178,33 @@ def ensure_base(progress: Progress, log: Path) -> str:
     return reference
 
 
+def host_ca_bundle() -> Path:
+    """The trust anchors of this machine (Debian's bundle, plus whatever this machine's operator
+    added, such as a TLS-inspecting proxy's CA)."""
+    found = ssl.get_default_verify_paths().cafile or os.environ.get("SSL_CERT_FILE") or SYSTEM_CA_BUNDLE
+    return Path(found) if Path(found).is_file() else Path(SYSTEM_CA_BUNDLE)
+
+
+def ensure_build_base(progress: Progress, log: Path) -> str:
+    """The base the Containerfile builds on: the Debian base plus this machine's trust anchors for
+    pip (PIP_CERT; pip in a venv otherwise trusts only its own certifi bundle), so the RUN steps
+    fetch from PyPI the way this machine does. Keyed by the base and the bundle's content."""
+    base = ensure_base(progress, log)
+    bundle = host_ca_bundle()
+    digest = hashlib.sha256(base.encode() + bundle.read_bytes()).hexdigest()[:16]
+    reference = f"{BUILD_BASE_REPOSITORY}:{digest}"
+    if _exists(reference):
+        return reference
+    progress(f"making {reference}: {base} with this machine's CA bundle ({bundle}) for pip")
+    with tempfile.TemporaryDirectory(prefix="watertight-build-base-", dir=cache_dir()) as context:
+        shutil.copyfile(bundle, Path(context) / "ca.pem")
+        (Path(context) / "Containerfile").write_text(
+            f"FROM {base}\nCOPY ca.pem {BUILD_CA_PATH}\nENV PIP_CERT={BUILD_CA_PATH}\n"
+        )
+        _podman("build", "--pull=never", "-t", reference, context, what=f"podman build {reference}", log=log)
+    return reference
+
+
 def images_of(core: str, patroni: str, locust: str, etcd: str) -> list[Image]:
     """The stack's images and the Containerfile stage each is built from."""
     return [
@@ -187,7 +222,7 @@ def pause_reference(version: str) -> str:
 def build(images: list[Image], progress: Progress, log: Path) -> dict[str, str]:
     """Build every image (podman's layer cache makes an unchanged one take seconds); returns
     reference -> podman image ID."""
-    base = ensure_base(progress, log)
+    base = ensure_build_base(progress, log)
     built: dict[str, str] = {}
     for image in images:
         assert image.target is not None

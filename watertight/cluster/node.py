@@ -59,6 +59,7 @@ CONTAINERD_ROOT_ENV = "WATERTIGHT_CONTAINERD_ROOT"
 CONTAINERD_ROOT_DEFAULT = Path("/var/lib/watertight/containerd")
 CLAIM_FILE = Path("/run/watertight-cluster.json")
 CNI_BIN_DIR = Path("/usr/lib/cni")
+PODMAN_STORAGE = Path("/var/lib/containers/storage")
 START_TIMEOUT_S = 120.0
 NODE_READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
@@ -165,7 +166,9 @@ class Layout:
         return self.root / "entry"
 
     def mount_prefixes(self) -> list[Path]:
-        return [self.root, containerd_root()]
+        """Where the node and the image builds mount: the cluster directory, containerd's image
+        store, and podman's storage (which bind-mounts its overlay directory on first use)."""
+        return [self.root, containerd_root(), PODMAN_STORAGE]
 
     def data_dirs(self) -> list[Path]:
         """What a fresh start wipes (logs and the host record are kept until then)."""
