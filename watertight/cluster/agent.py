@@ -171,7 +171,8 @@ def answer(query: bytes, records: Records) -> bytes | None:
     wanted = name.lower().rstrip(".")
     addresses = records.lookup(wanted)
     if addresses is None:
-        return reply(RCODE_NXDOMAIN)
+        # the question goes back too: resolvers drop an answer whose question is not theirs
+        return reply(RCODE_NXDOMAIN, question)
     answers = []
     if qclass == CLASS_IN and qtype in (TYPE_A, TYPE_ANY):
         for address in addresses:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import secrets as secrets_module
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -27,8 +26,7 @@ from watertight import render
 from watertight.cluster import api as cluster_api
 from watertight.cluster import pki
 from watertight.cluster.spec import STACK, STORAGE_PROVISIONER, ClusterSpec
-from watertight.kube_names import LABEL_COMPONENT, LABEL_PART_OF, PART_OF
-from watertight.topology import CENTERS, SITE_NAMES
+from watertight.topology import SITE_NAMES
 
 API_TOKEN_KINDS = ("acquirer", "channel", "operator")
 APPLY_TIMEOUT_S = 300.0
@@ -142,7 +140,7 @@ def wait_pods_ready(
         time.sleep(2)
 
 
-def entry_settings(client: cluster_api.Cluster, topology_file: Path | None = None) -> dict[str, Any]:
+def entry_settings(client: cluster_api.Cluster) -> dict[str, Any]:
     """The entry's gateway settings: render's (every cell's leader center first, then the other
     center, then dr), each site gateway reached at its Service's NodePort on the node's address."""
     from watertight_infra import harness, program
@@ -166,28 +164,7 @@ def entry_settings(client: cluster_api.Cluster, topology_file: Path | None = Non
     return settings
 
 
-def gateway_pods(client: cluster_api.Cluster) -> list[str]:
-    return [
-        f"{site}/{p['metadata']['name']}"
-        for site in CENTERS
-        for p in client.pods(
-            site, selector={LABEL_PART_OF: PART_OF, LABEL_COMPONENT: render.gateway_name(site)}
-        )
-    ]
-
-
 def write_json(path: Path, document: dict[str, Any]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
         json.dump(document, handle, indent=1)
     Path(handle.name).replace(path)
-
-
-def kubectl_version(client: cluster_api.Cluster) -> str:
-    done = subprocess.run(
-        [*client.kubectl_base(None), "version", "--short"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return done.stdout.strip()

@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watertight.cluster import binaries
-
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 CONTAINERFILE = REPO_ROOT / "core-app" / "Containerfile"
 CACHE_ENV = "WATERTIGHT_IMAGE_CACHE"
@@ -47,8 +45,9 @@ SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PAUSE_REPOSITORY = "localhost/watertight/pause"
 DEBOOTSTRAP_TIMEOUT_S = 900
 BUILD_TIMEOUT_S = 1800
-SAVE_TIMEOUT_S = 600
-IMPORT_TIMEOUT_S = 600
+# an idle machine needs a minute or two; one shared with other work took 15 minutes for four
+SAVE_TIMEOUT_S = 1800
+IMPORT_TIMEOUT_S = 1800
 Progress = Callable[[str], None]
 
 
@@ -275,8 +274,3 @@ def import_into(
                  f"ctr images import {reference}", log, IMPORT_TIMEOUT_S)  # fmt: skip
         stamps[reference] = image_id
         stamp_file.write_text(json.dumps(stamps, indent=1, sort_keys=True))
-
-
-def pause_binary() -> tuple[str, Path]:
-    version, bin_dir = binaries.ensure()
-    return version, bin_dir / binaries.PAUSE

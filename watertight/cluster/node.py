@@ -343,6 +343,13 @@ class Node:
     def prepare(self, bin_dir: Path, version: str) -> None:
         """A fresh cluster directory: old data wiped, pki, tokens, kubeconfigs and configs."""
         layout = self.layout
+        left = hoststate.mounts([layout.root])
+        if left:
+            # deleting the old data would reach into them (a pod's volumes, secrets, rootfs)
+            raise ClusterError(
+                f"{len(left)} mounts are left under {layout.root} from an earlier cluster (e.g. {left[0]}): "
+                "run watertight cluster down first"
+            )
         for path in layout.data_dirs():
             if path.is_dir():
                 shutil.rmtree(path)
@@ -406,6 +413,8 @@ class Node:
                     "type": "bridge",
                     "bridge": BRIDGE,
                     "isGateway": True,
+                    # the pods' default route: Service addresses are outside the pod network
+                    "isDefaultGateway": True,
                     # pods talk to pods and to the node only: nothing is masqueraded to the world
                     "ipMasq": False,
                     "hairpinMode": True,
