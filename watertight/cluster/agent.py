@@ -18,6 +18,7 @@ the API, or hold a request longer than its bound.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -28,8 +29,7 @@ import struct
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,22 +65,47 @@ def say(message: str) -> None:
 
 
 class Api:
-    """The few REST calls the agent makes, with its token and the cluster's CA."""
+    """The few REST calls the agent makes, with its token and the cluster's CA, on one kept-alive
+    connection (a TLS handshake per call cost more than the call); lists are read from the API
+    server's watch cache (resourceVersion=0)."""
 
     def __init__(self, config: AgentConfig) -> None:
-        self.server = config.server.rstrip("/")
+        parts = urllib.parse.urlsplit(config.server)
+        self.host, self.port = parts.hostname or "", parts.port or 443
         self.token = Path(config.token_file).read_text().strip()
         self.context = ssl.create_default_context(cafile=config.ca_file)
+        self.connection: http.client.HTTPSConnection | None = None
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            self.server + path,
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S, context=self.context) as answer:
-            return json.loads(answer.read() or b"null")
+        if method == "GET":
+            path += ("&" if "?" in path else "?") + "resourceVersion=0"
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        data = json.dumps(body).encode() if body is not None else None
+        for attempt in (1, 2):  # a kept-alive connection the server closed is opened again once
+            if self.connection is None:
+                self.connection = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=REQUEST_TIMEOUT_S, context=self.context
+                )
+            try:
+                self.connection.request(method, path, body=data, headers=headers)
+                answer = self.connection.getresponse()
+                payload = answer.read()
+            except (OSError, http.client.HTTPException):
+                self.connection.close()
+                self.connection = None
+                if attempt == 2:
+                    raise
+                continue
+            if answer.status >= 400:
+                raise ApiError(answer.status, f"{method} {path}: {answer.status} {payload[:200]!r}")
+            return json.loads(payload or b"null")
+        raise AssertionError("unreachable")
+
+
+class ApiError(OSError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # ---- DNS -----------------------------------------------------------------------------------------
@@ -315,8 +340,8 @@ class Provisioner:
         }
         try:
             self.api.call("POST", "/api/v1/persistentvolumes", volume)
-        except urllib.error.HTTPError as error:
-            if error.code != 409:  # made on an earlier turn
+        except ApiError as error:
+            if error.status != 409:  # made on an earlier turn
                 raise
             return
         owner = f"fsGroup {fs_group}" if fs_group is not None else "no fsGroup: mode 0777"
@@ -332,8 +357,8 @@ class Provisioner:
         shutil.rmtree(path, ignore_errors=True)
         try:
             self.api.call("DELETE", f"/api/v1/persistentvolumes/{volume['metadata']['name']}")
-        except urllib.error.HTTPError as error:
-            if error.code != 404:
+        except ApiError as error:
+            if error.status != 404:
                 raise
         say(f"deleted the released volume {volume['metadata']['name']} and {path}")
 
@@ -354,7 +379,7 @@ def run(config: AgentConfig) -> None:
             if failing_since is not None:
                 say("the API server answers again")
             failing_since = None
-        except (OSError, ValueError, KeyError, urllib.error.URLError) as error:
+        except (OSError, ValueError, KeyError, http.client.HTTPException) as error:
             if failing_since is None:
                 failing_since = time.monotonic()
                 say(
