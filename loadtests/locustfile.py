@@ -8,7 +8,7 @@ cell (``--customers``, or a ``--population`` file from an earlier run):
   expire; cleared purchases of 500 CNY or more turned into installment plans; what was spent
   repaid so the lines never run out.
 - ``Enquirer`` does the non-financial ones, at ``--rate-nonfinancial`` per second: balance,
-  limits, card, tags, installment quotes and routing lookups.
+  limits, card, tags, the newest transactions, installment quotes and routing lookups.
 
 Each task is one request, and each request waits for a slot of its class's fixed-rate schedule,
 so the rate offered does not depend on the core's latency. Requests are named by route and
@@ -51,22 +51,20 @@ class Cardholder(CardCoreUser):
         customer = self.customer()
         amount_fen = purchase_amount_fen()
         mcc, merchant_id = random.choice(MERCHANTS)
-        answer = self.transact(
-            "/v1/authorizations",
-            "/v1/authorizations",
-            customer,
-            amount_fen,
-            {
-                "pan": customer.pan,
-                "expiry": customer.expiry,
-                "amount": amount_fen,
-                "currency": "CNY",
-                "mcc": mcc,
-                "merchant_id": merchant_id,
-                "channel": random.choice(["pos", "pos", "online"]),
-                "kind": "purchase",
-            },
-        )
+        channel = random.choice(["pos", "pos", "online"])
+        body = {
+            "pan": customer.pan,
+            "expiry": customer.expiry,
+            "amount": amount_fen,
+            "currency": "CNY",
+            "mcc": mcc,
+            "merchant_id": merchant_id,
+            "channel": channel,
+            "kind": "purchase",
+        }
+        if channel == "online":
+            body["cvv2"] = customer.cvv2  # card not present: the code printed on the card
+        answer = self.transact("/v1/authorizations", "/v1/authorizations", customer, amount_fen, body)
         if answer is not None and answer.get("approved"):
             self.outstanding.held(Hold(answer["auth_id"], customer, amount_fen))
 
@@ -154,6 +152,10 @@ class Enquirer(CardCoreUser):
         customer = self.customer()
         route = "/v1/customers/{customer_id}/limits"
         self.call("GET", route, f"/v1/customers/{customer.customer_id}/limits", customer.cell)
+
+    @task(2)
+    def transactions(self) -> None:
+        self.read_transactions(self.customer())
 
     @task(2)
     def card(self) -> None:

@@ -15,15 +15,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cardcore.platform.auth import ClientTokens
 
+from tests import api_auth
+from tests.api_auth import ANONYMOUS, RouteTokenAuth, new_tokens, write_tokens_file
 from watertight.pg import PostgresServer, free_port
 
 READY_TIMEOUT_S = 30.0
@@ -85,6 +90,8 @@ class CoreStack:
     pan_key_hex: str
     cell_count: int
     databases: dict[int, str]
+    # the token of each client kind (acquirer, channel, operator); the servers accept them
+    api_tokens: dict[str, str] = field(default_factory=new_tokens)
     apps: list[ServerProcess] = field(default_factory=list)
     gateway: ServerProcess | None = None
     _client: httpx.Client | None = None
@@ -95,10 +102,50 @@ class CoreStack:
         return self.gateway.url
 
     @property
+    def tokens(self) -> ClientTokens:
+        return ClientTokens(self.api_tokens)
+
+    @property
+    def auth(self) -> RouteTokenAuth:
+        """An httpx auth that sends each request with the token of its route."""
+        return RouteTokenAuth(self.tokens)
+
+    @property
+    def tokens_file(self) -> Path:
+        """The servers' tokens file (digests of ``api_tokens``), written on first use."""
+        path = self.workdir / "api-tokens.json"
+        if not path.exists():
+            write_tokens_file(path, {kind: [token] for kind, token in self.api_tokens.items()})
+        return path
+
+    @property
+    def secrets_file(self) -> Path:
+        """The clients' side, as `watertight up` writes it: ``{"api_tokens": {kind: token}}``, 0600."""
+        path = self.workdir / "secrets.json"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(json.dumps({"api_tokens": self.api_tokens}))
+        return path
+
+    @property
     def client(self) -> httpx.Client:
+        """A client of the gateway that sends every request with its route's token."""
         if self._client is None:
-            self._client = httpx.Client(base_url=self.url, timeout=30.0)
+            self._client = self.new_client()
         return self._client
+
+    def new_client(self) -> httpx.Client:
+        """A client of the gateway of its own, with the route's token on every request (one per
+        thread: see ``in_parallel``)."""
+        return httpx.Client(base_url=self.url, timeout=30.0, auth=self.auth)
+
+    def anonymous_client(self) -> httpx.Client:
+        """A client of the gateway without credentials (close it after use)."""
+        return httpx.Client(base_url=self.url, timeout=30.0, auth=ANONYMOUS)
+
+    def _register(self, server: ServerProcess) -> ServerProcess:
+        api_auth.register(server.url, lambda: self.tokens)
+        return server
 
     def app_config(self, cells: list[int], site: str = "prod", **overrides: Any) -> dict[str, Any]:
         return {
@@ -107,6 +154,7 @@ class CoreStack:
             "port": free_port(),
             "cell_count": self.cell_count,
             "pan_key_hex": self.pan_key_hex,
+            "api_tokens_file": str(self.tokens_file),
             "cells": {
                 str(c): {"dsn": self.postgres.dsn(self.databases[c]), "leader_site": site} for c in cells
             },
@@ -115,20 +163,28 @@ class CoreStack:
 
     def start_app(self, cells: list[int], **overrides: Any) -> ServerProcess:
         config = self.app_config(cells, **overrides)
-        app = spawn_server(f"app{len(self.apps) + 1}", "cardcore", config, self.workdir, "/readyz")
+        app = self._register(
+            spawn_server(f"app{len(self.apps) + 1}", "cardcore", config, self.workdir, "/readyz")
+        )
         self.apps.append(app)
         return app
 
-    def start_gateway(self, upstreams: dict[int, list[str]], site: str = "prod") -> ServerProcess:
+    def start_gateway(
+        self, upstreams: dict[int, list[str]], site: str = "prod", **overrides: Any
+    ) -> ServerProcess:
         config = {
             "site": site,
             "host": "127.0.0.1",
             "port": free_port(),
             "cell_count": self.cell_count,
             "upstreams": {str(cell): urls for cell, urls in upstreams.items()},
+            "api_tokens_file": str(self.tokens_file),
             "health_interval_ms": 200,
+            **overrides,
         }
-        self.gateway = spawn_server("gateway", "cardcore.gateway", config, self.workdir, "/readyz")
+        self.gateway = self._register(
+            spawn_server("gateway", "cardcore.gateway", config, self.workdir, "/readyz")
+        )
         return self.gateway
 
     def psql(self, cell: int, sql: str, *args: Any) -> list[Any]:
@@ -152,6 +208,32 @@ class CoreStack:
         for server in [self.gateway, *self.apps]:
             if server is not None:
                 server.stop()
+
+
+def in_parallel(stack: CoreStack, calls: list[Any], threads: int = 32) -> list[httpx.Response]:
+    """Run each ``call(client)`` on a pool of threads, each thread with its own client: one
+    httpx.Client shared by 32 threads once failed a request with "ReadError: [Errno 9] Bad file
+    descriptor" (a pooled connection closed by one thread while another read from it), which is
+    the client's trouble, not the core's."""
+    local = threading.local()
+    clients: list[httpx.Client] = []
+    guard = threading.Lock()
+
+    def run(call: Any) -> httpx.Response:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = stack.new_client()
+            with guard:
+                clients.append(client)
+        response: httpx.Response = call(client)
+        return response
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(run, calls))
+    finally:
+        for client in clients:
+            client.close()
 
 
 def new_stack(postgres: PostgresServer, cell_count: int = 2) -> CoreStack:

@@ -39,6 +39,11 @@ EXPECTED_EXPERIMENTS = {
     "etcd-member-loss",
     "inter-site-latency",
     "dr-activation",  # issue 7: both centers lost, then the activate-dr runbook
+    # issue 13: one process of a pair crashes; a user kills every PID status lists for a site
+    "site-pids-kill-prod",
+    "patroni-crash",
+    "postgres-crash",
+    "app-crash-mid-batch",
 }
 CHAOS = Path(sys.executable).parent / "chaos"
 CHAOS_FLAGS = ["--no-version-check", "--no-log-file"]

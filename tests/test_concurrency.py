@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ from tests.cards import (
     open_account,
     purchase,
 )
-from tests.fixtures_core import CoreStack, new_stack
+from tests.fixtures_core import CoreStack, in_parallel, new_stack
 from watertight.pg import PostgresServer
 
 LIMIT = 9_000_000
@@ -32,11 +31,6 @@ THREADS = 32
 def books_balance_after_each_scenario(core: CoreStack) -> Iterator[None]:
     yield
     assert_books_balance(core.client)
-
-
-def in_parallel(calls: list[Any], threads: int = THREADS) -> list[httpx.Response]:
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda call: call(), calls))
 
 
 def answers_of(responses: list[httpx.Response]) -> list[dict[str, Any]]:
@@ -54,8 +48,8 @@ def assert_within_every_line(view: dict[str, dict[str, int]]) -> None:
 
 def test_two_hundred_parallel_purchases_approve_exactly_what_the_line_holds(core: CoreStack) -> None:
     opened = open_account(core.client)
-    calls = [lambda: authorize(core.client, opened, 100_000) for _ in range(200)]
-    answers = answers_of(in_parallel(calls))
+    calls = [lambda c: authorize(c, opened, 100_000) for _ in range(200)]
+    answers = answers_of(in_parallel(core, calls))
     granted = [a for a in answers if a["approved"]]
     assert len(granted) == LIMIT // 100_000
     assert {a["response_code"] for a in answers if not a["approved"]} == {"51"}
@@ -74,10 +68,10 @@ def test_two_hundred_parallel_purchases_approve_exactly_what_the_line_holds(core
 
 def test_parallel_cash_and_purchases_respect_the_cash_line_and_the_total(core: CoreStack) -> None:
     opened = open_account(core.client)
-    calls = [lambda: authorize(core.client, opened, 100_000, kind="cash", channel="atm", mcc="6011")] * 100
-    calls += [lambda: authorize(core.client, opened, 100_000)] * 100
+    calls = [lambda c: authorize(c, opened, 100_000, kind="cash", channel="atm", mcc="6011")] * 100
+    calls += [lambda c: authorize(c, opened, 100_000)] * 100
     random.Random(7).shuffle(calls)
-    answers = answers_of(in_parallel(calls))
+    answers = answers_of(in_parallel(core, calls))
     view = lines(core.client, opened["customer_id"])
     granted = sum(a["approved"] for a in answers)
     assert granted == LIMIT // 100_000
@@ -92,19 +86,19 @@ def test_parallel_clearings_reversals_and_new_holds_on_one_account_stay_within_t
     opened = open_account(core.client)
     holds = [approved(core.client, opened, 100_000)["auth_id"] for _ in range(60)]
 
-    def clear(auth_id: str) -> httpx.Response:
-        return core.client.post(
+    def clear(client: httpx.Client, auth_id: str) -> httpx.Response:
+        return client.post(
             "/v1/clearing", json={"idempotency_key": key(), "auth_id": auth_id, "amount": 100_000}
         )
 
-    def reverse(auth_id: str) -> httpx.Response:
-        return core.client.post(f"/v1/authorizations/{auth_id}/reversal", json={"idempotency_key": key()})
+    def reverse(client: httpx.Client, auth_id: str) -> httpx.Response:
+        return client.post(f"/v1/authorizations/{auth_id}/reversal", json={"idempotency_key": key()})
 
-    calls: list[Any] = [lambda a=a: clear(a) for a in holds[:30]]
-    calls += [lambda a=a: reverse(a) for a in holds[30:]]
-    calls += [lambda: authorize(core.client, opened, 100_000)] * 60
+    calls: list[Any] = [lambda c, a=a: clear(c, a) for a in holds[:30]]
+    calls += [lambda c, a=a: reverse(c, a) for a in holds[30:]]
+    calls += [lambda c: authorize(c, opened, 100_000)] * 60
     random.Random(11).shuffle(calls)
-    responses = in_parallel(calls)
+    responses = in_parallel(core, calls)
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     new = [r.json() for r in responses if "approved" in r.json()]
     assert len(new) == 60
@@ -120,9 +114,9 @@ def test_parallel_clearings_reversals_and_new_holds_on_one_account_stay_within_t
 def test_parallel_traffic_on_many_accounts_in_both_cells_is_all_approved_and_counted(core: CoreStack) -> None:
     accounts = list(customers_in_each_cell(core.client).values())
     accounts += [open_account(core.client) for _ in range(8)]
-    calls = [lambda o=o: authorize(core.client, o, 50_000) for o in accounts for _ in range(10)]
+    calls = [lambda c, o=o: authorize(c, o, 50_000) for o in accounts for _ in range(10)]
     random.Random(3).shuffle(calls)
-    answers = answers_of(in_parallel(calls))
+    answers = answers_of(in_parallel(core, calls))
     assert all(a["approved"] for a in answers)
     for opened in accounts:
         view = lines(core.client, opened["customer_id"])
@@ -148,8 +142,8 @@ def two_apps(postgres: PostgresServer) -> Iterator[CoreStack]:
 
 def test_two_app_servers_never_approve_beyond_the_line_of_one_account(two_apps: CoreStack) -> None:
     opened = open_account(two_apps.client)
-    calls = [lambda: authorize(two_apps.client, opened, 100_000) for _ in range(150)]
-    answers = answers_of(in_parallel(calls))
+    calls = [lambda c: authorize(c, opened, 100_000) for _ in range(150)]
+    answers = answers_of(in_parallel(two_apps, calls))
     assert sum(a["approved"] for a in answers) == LIMIT // 100_000
     view = lines(two_apps.client, opened["customer_id"])
     assert view["purchase"]["held"] == LIMIT
@@ -173,8 +167,8 @@ def test_retries_of_one_authorization_through_two_app_servers_get_one_answer_and
             "channel": "pos",
             "kind": "purchase",
         }
-        calls = [lambda body=body: two_apps.client.post("/v1/authorizations", json=body)] * 16
-        answers = answers_of(in_parallel(calls, threads=16))
+        calls = [lambda c, body=body: c.post("/v1/authorizations", json=body)] * 16
+        answers = answers_of(in_parallel(two_apps, calls, threads=16))
         assert all(a == answers[0] for a in answers), answers
         assert answers[0]["approved"] is True
     view = lines(two_apps.client, opened["customer_id"])
@@ -189,8 +183,8 @@ def test_retries_of_one_repayment_through_two_app_servers_get_one_answer_and_pos
     purchase(two_apps.client, opened, 1_000_000)
     for _ in range(5):
         body = {"idempotency_key": key(), "account_id": opened["account_id"], "amount": 10_000}
-        calls = [lambda body=body: two_apps.client.post("/v1/repayments", json=body)] * 16
-        responses = in_parallel(calls, threads=16)
+        calls = [lambda c, body=body: c.post("/v1/repayments", json=body)] * 16
+        responses = in_parallel(two_apps, calls, threads=16)
         assert {r.status_code for r in responses} == {200}, [
             r.text for r in responses if r.status_code != 200
         ]

@@ -54,6 +54,16 @@ def test_the_default_drill_passes_and_reports_as_the_contract_says(
         "limits_respected": True,
     }
     assert report["split_brain"] is False
+    # the client-side verdicts: every read showed what was acknowledged before it, every request
+    # whose answer was lost turned out wholly applied or absent, never two writable primaries
+    assert report["stale_reads"] == 0 and report["stale_reads_detail"]["reads"] > 0
+    assert set(report["indeterminate"]) == {"requests", "applied", "absent", "partial"}
+    assert report["indeterminate"]["partial"] == 0
+    assert (
+        report["indeterminate"]["requests"]
+        == report["indeterminate"]["applied"] + report["indeterminate"]["absent"]
+    )
+    assert report["writable_primaries_max"] == {"cell-1": 1, "cell-2": 1}
     assert report["slo"] == {"rto_seconds": 30.0, "rpo_missing": 0}
     assert set(report["load"]) >= {"financial_tps", "nonfinancial_tps", "p50_ms", "p99_ms", "errors"}
     assert (tmp_path / "site-loss-prod" / report["journal"]).exists()

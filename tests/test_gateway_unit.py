@@ -15,9 +15,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -29,12 +31,20 @@ from cardcore.common import ids
 from cardcore.common.routing import Router
 from cardcore.gateway.app import Gateway
 from cardcore.gateway.settings import GatewayConfigError, GatewaySettings, parse
+from cardcore.platform.auth import ClientTokens
 from cardcore.platform.metrics import Registry
 from cardcore.platform.upstream import UpstreamConnectError, UpstreamPool, UpstreamTimeout
+
+from tests.api_auth import new_tokens, write_tokens_file
 
 pytestmark = pytest.mark.timeout(30)
 
 REPO = Path(__file__).resolve().parents[1]
+TOKENS = ClientTokens(new_tokens())
+TOKENS_FILE = write_tokens_file(
+    Path(tempfile.mkdtemp(prefix="watertight-gateway-unit-")) / "api-tokens.json",
+    {kind: [token] for kind, token in TOKENS.tokens.items()},
+)
 
 
 # -- a fake app server ------------------------------------------------------------------------
@@ -175,9 +185,16 @@ async def call(
     body: Any = None,
     query: str = "",
     content_type: bytes = b"application/json",
+    authorization: bytes | None = None,
 ) -> Answer:
-    """One ASGI HTTP call into the app, as granian would make it."""
+    """One ASGI HTTP call into the app, as granian would make it; with the route's token unless
+    ``authorization`` says otherwise (b"": none)."""
     raw = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else b"")
+    if authorization is None:
+        authorization = (
+            TOKENS.header_value(method, path).encode() if TOKENS.header_value(method, path) else b""
+        )
+    credentials = [(b"authorization", authorization)] if authorization else []
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -187,9 +204,10 @@ async def call(
         "path": path,
         "query_string": query.encode(),
         "root_path": "",
-        "headers": [(b"host", b"gateway"), (b"content-type", content_type)]
-        if raw
-        else [(b"host", b"gateway")],
+        "headers": (
+            [(b"host", b"gateway"), (b"content-type", content_type)] if raw else [(b"host", b"gateway")]
+        )
+        + credentials,
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
     }
@@ -228,6 +246,7 @@ def settings_for(upstreams: dict[str, list[str]], **overrides: Any) -> GatewaySe
         "health_timeout_ms": 200,
         "request_timeout_ms": 1000,
         "connect_timeout_ms": 200,
+        "api_tokens_file": str(TOKENS_FILE),
     }
     values.update(overrides)
     return GatewaySettings(**values)
@@ -726,6 +745,7 @@ def test_bad_settings_fail_with_a_message_naming_the_key(tmp_path: Path) -> None
         "site": "prod",
         "cell_count": 2,
         "upstreams": {"1": ["http://127.0.0.1:1"], "2": ["http://127.0.0.1:1"]},
+        "api_tokens_file": str(TOKENS_FILE),
     }
     assert parse(json.dumps(good)).cell_count == 2
     cases = [
@@ -780,7 +800,11 @@ def fake_in_thread(app: FakeApp) -> Iterator[FakeApp]:
 
 
 def _get(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    method = "POST" if body is not None else "GET"
+    request = urllib.request.Request(url, data=body, method=method)
+    value = TOKENS.header_value(method, urllib.parse.urlsplit(url).path)
+    if value is not None:
+        request.add_header("authorization", value)
     if body is not None:
         request.add_header("content-type", "application/json")
     try:
@@ -803,6 +827,7 @@ def test_serves_under_granian(tmp_path: Path) -> None:
                     "cell_count": 2,
                     "upstreams": {"1": [app.url], "2": [app.url]},
                     "health_interval_ms": 100,
+                    "api_tokens_file": str(TOKENS_FILE),
                 }
             )
         )

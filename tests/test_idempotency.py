@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -17,7 +16,7 @@ from tests.cards import (
     open_account,
     purchase,
 )
-from tests.fixtures_core import CoreStack
+from tests.fixtures_core import CoreStack, in_parallel
 
 
 @pytest.fixture(autouse=True)
@@ -262,8 +261,7 @@ def test_a_rejected_request_records_nothing_so_its_key_can_carry_the_corrected_r
 def test_concurrent_retries_of_one_authorization_hold_once_and_get_one_answer(core: CoreStack) -> None:
     opened = open_account(core.client)
     body = authorization_body(opened, 70_000, key())
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        responses = list(pool.map(lambda _: core.client.post("/v1/authorizations", json=body), range(32)))
+    responses = in_parallel(core, [lambda c: c.post("/v1/authorizations", json=body)] * 32, threads=16)
     assert {r.status_code for r in responses} == {200}
     answers = [r.json() for r in responses]
     assert all(a == answers[0] for a in answers), answers
@@ -277,8 +275,7 @@ def test_concurrent_repayments_with_one_key_post_once(core: CoreStack) -> None:
     purchase(core.client, opened, 300_000)
     postings = count(core, opened, "postings")
     body = {"idempotency_key": key(), "account_id": opened["account_id"], "amount": 50_000}
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        responses = list(pool.map(lambda _: core.client.post("/v1/repayments", json=body), range(32)))
+    responses = in_parallel(core, [lambda c: c.post("/v1/repayments", json=body)] * 32, threads=16)
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
     assert count(core, opened, "postings") == postings + 2
@@ -291,8 +288,9 @@ def test_concurrent_requests_with_one_key_and_different_bodies_let_exactly_one_t
     opened = open_account(core.client)
     the_key = key()
     bodies = [authorization_body(opened, 10_000 + n, the_key) for n in range(24)]
-    with ThreadPoolExecutor(max_workers=24) as pool:
-        responses = list(pool.map(lambda body: core.client.post("/v1/authorizations", json=body), bodies))
+    responses = in_parallel(
+        core, [lambda c, body=body: c.post("/v1/authorizations", json=body) for body in bodies], threads=24
+    )
     winners = [r for r in responses if r.status_code == 200]
     assert len(winners) == 1, [r.text for r in responses]
     for response in responses:

@@ -14,15 +14,22 @@ import msgspec
 import pytest
 import yaml
 from cardcore.gateway.settings import parse as parse_gateway
+from cardcore.platform import auth
 from cardcore.platform.settings import AppSettings
 
 from watertight import render
-from watertight.kube_names import API_TOKENS_KEY, LABEL_CELL, LABEL_COMPONENT, LABEL_KIND, LABEL_SITE, labels
+from watertight.kube_names import LABEL_CELL, LABEL_COMPONENT, LABEL_KIND, LABEL_SITE, labels
 from watertight.topology import CENTERS, SITE_NAMES, Topology
 from watertight_infra import components, harness, settings, sizing
 
 STACKS = harness.stack_names()
-SECRET_VALUES = list(harness.MOCK_SECRETS.values())
+MOCK_TOKENS: dict[str, str] = json.loads(harness.MOCK_SECRETS["apiTokens"])
+# every value that must reach Kubernetes Secrets only: the secrets, each API token and its digest
+SECRET_VALUES = (
+    [value for key, value in harness.MOCK_SECRETS.items() if key != "apiTokens"]
+    + list(MOCK_TOKENS.values())
+    + [auth.digest(token) for token in MOCK_TOKENS.values()]
+)
 
 
 def test_there_is_a_dev_and_a_prod_stack() -> None:
@@ -300,7 +307,11 @@ def test_app_and_gateway_settings_name_the_services_of_every_site(stack: str) ->
 def test_pods_run_what_the_local_runtime_runs(stack: str) -> None:
     """The same modules the local runtime starts, with the rendered files mounted."""
     run = run_of(stack)
-    secrets = {key: "x" * 64 if key == render.SECRET_PAN_KEY else "pw" for key in render.REQUIRED_SECRETS}
+    secrets: dict[str, Any] = {
+        key: "x" * 64 if key == render.SECRET_PAN_KEY else "pw" for key in render.REQUIRED_SECRETS
+    }
+    secrets[render.SECRET_API_TOKENS] = {"acquirer": "a", "channel": "c", "operator": "o"}
+    secrets[render.SECRET_KEY_RING] = {"current": 1, "keys": {"1": "x" * 64}}
     local = {
         c.kind: c.argv[1:]
         for c in render.render_local(topology_of(stack), Path("/tmp/wt-run"), "/venv/bin/python", secrets)
@@ -310,7 +321,20 @@ def test_pods_run_what_the_local_runtime_runs(stack: str) -> None:
     patroni = pod_spec(workload(run, "StatefulSet", "pg-cell1-prod", "prod"))["containers"][0]["command"]
     assert app[1:-1] == local["app"][:-1] and app[-1] == "/etc/cardcore/app.json"
     assert gateway[1:-1] == local["gateway"][:-1] and gateway[-1] == "/etc/cardcore/gateway.json"
-    assert patroni[1:-1] == local["patroni"][:-1] and patroni[-1] == "/etc/patroni/patroni.yml"
+    # Patroni under the member guard in both: the same module after the guard's "--"
+    guard, patroni_argv = patroni[: patroni.index("--")], patroni[patroni.index("--") + 1 :]
+    local_patroni = local["patroni"][local["patroni"].index("--") + 2 :]
+    assert patroni_argv[1:-1] == local_patroni[:-1] and patroni_argv[-1] == "/etc/patroni/patroni.yml"
+    assert guard[1] == "/opt/watertight/guard.py" and local["patroni"][:2] == [
+        "-m",
+        "watertight.runtime.guard",
+    ]
+    assert guard[2:] == [
+        "--watchdog",
+        "/tmp/watertight-watchdog",
+        "--pid-file",
+        "/var/lib/postgresql/data/pgdata/postmaster.pid",
+    ]
     # Patroni's passwords arrive as the same variables, from the credentials Secret
     env = {
         e["name"]: e["valueFrom"]["secretKeyRef"]
@@ -356,18 +380,56 @@ def test_secrets_reach_only_kubernetes_secrets_and_stay_secret(stack: str) -> No
         assert credentials.inputs["stringData"] == {
             render.SECRET_SUPERUSER_PASSWORD: harness.MOCK_SECRETS["superuserPassword"],
             render.SECRET_REPLICATION_PASSWORD: harness.MOCK_SECRETS["replicationPassword"],
-            # the clients' bearer tokens, compact JSON, for the gateways and app servers (CONTRACT)
-            API_TOKENS_KEY: json.dumps(
-                json.loads(harness.MOCK_SECRETS["apiTokens"]), sort_keys=True, separators=(",", ":")
-            ),
         }
 
 
-def test_api_tokens_missing_a_client_kind_stop_the_program() -> None:
-    tokens = json.loads(harness.MOCK_SECRETS["apiTokens"])
-    del tokens["operator"]
-    with pytest.raises(Exception, match="apiTokens"):
-        harness.run("dev", secrets={**harness.MOCK_SECRETS, "apiTokens": json.dumps(tokens)})
+@pytest.mark.parametrize("stack", STACKS)
+def test_servers_get_the_digests_of_the_api_tokens_and_clients_the_tokens(stack: str) -> None:
+    run = run_of(stack)
+    digests = {kind: [auth.digest(token)] for kind, token in MOCK_TOKENS.items()}
+    for site in SITE_NAMES:
+        accepted = workload(run, "Secret", components.API_TOKENS_SECRET, site).inputs["stringData"]
+        assert json.loads(accepted[render.API_TOKENS_FILE]) == digests
+        assert not any(token in json.dumps(accepted) for token in MOCK_TOKENS.values())
+        clients = workload(run, "Secret", components.API_CLIENTS_SECRET, site).inputs["stringData"]
+        assert json.loads(clients[components.API_CLIENTS_FILE]) == {"api_tokens": MOCK_TOKENS}
+        assert clients["operator"] == MOCK_TOKENS["operator"]
+        for kind in ("app", "gateway"):
+            spec = pod_spec(workload(run, "Deployment", f"{kind}-{site}", site))
+            mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "api-tokens")
+            volume = next(v for v in spec["volumes"] if v["name"] == "api-tokens")
+            # a whole directory, not a subPath: the kubelet refreshes it and the servers reread it
+            assert volume["secret"]["secretName"] == components.API_TOKENS_SECRET and "subPath" not in mount
+            assert mount["mountPath"] == components.API_TOKENS_DIR
+        app = app_settings_of(run, site)
+        assert app.api_tokens_file == f"{components.API_TOKENS_DIR}/{render.API_TOKENS_FILE}"
+    if settings_of(stack).locust.enabled:
+        site = settings_of(stack).locust.site
+        for name in ("locust-master", "locust-worker"):
+            container = pod_spec(workload(run, "Deployment", name, site))["containers"][0]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert (
+                env["WATERTIGHT_API_TOKENS"] == f"{components.API_CLIENTS_DIR}/{components.API_CLIENTS_FILE}"
+            )
+
+
+def test_a_rotation_lets_the_servers_accept_the_previous_tokens_too() -> None:
+    previous = {"acquirer": "old-a", "channel": "old-c", "operator": "old-o"}
+    run = harness.run("dev", secrets={**harness.MOCK_SECRETS, "apiTokensPrevious": json.dumps(previous)})
+    accepted = workload(run, "Secret", components.API_TOKENS_SECRET, "prod").inputs["stringData"]
+    assert json.loads(accepted[render.API_TOKENS_FILE]) == {
+        kind: [auth.digest(MOCK_TOKENS[kind]), auth.digest(previous[kind])] for kind in MOCK_TOKENS
+    }
+    clients = workload(run, "Secret", components.API_CLIENTS_SECRET, "prod").inputs["stringData"]
+    assert json.loads(clients[components.API_CLIENTS_FILE]) == {"api_tokens": MOCK_TOKENS}
+
+
+def test_api_tokens_without_a_kind_stop_the_program() -> None:
+    with pytest.raises(Exception, match="operator"):
+        harness.run(
+            "dev",
+            secrets={**harness.MOCK_SECRETS, "apiTokens": json.dumps({"acquirer": "a", "channel": "c"})},
+        )
 
 
 def test_a_missing_secret_stops_the_program() -> None:

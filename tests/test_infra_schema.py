@@ -79,6 +79,24 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                 "port": {"type": "string"},
                                 "path": {"type": "string"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                # monitoring.coreos.com/v1 SafeAuthorization
+                                "authorization": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "type": {"type": "string"},
+                                        "credentials": {
+                                            "type": "object",
+                                            "required": ["key"],
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "name": {"type": "string"},
+                                                "key": {"type": "string"},
+                                                "optional": {"type": "boolean"},
+                                            },
+                                        },
+                                    },
+                                },
                             },
                         },
                     },

@@ -359,7 +359,10 @@ def test_replacing_a_card_issues_a_new_inactive_card_and_closes_the_old_one(core
     assert new["customer_id"] == opened["customer_id"]
     assert new["account_id"] == opened["account_id"]
     assert new["pan_masked"].startswith("625977")
-    assert "pan" not in new
+    # the new card's number and CVV2 are in this answer, and only here (CONTRACT)
+    assert new["pan_masked"] == new["pan"][:6] + "******" + new["pan"][-4:] and new["pan"] != opened["pan"]
+    assert re.fullmatch(r"\d{3}", new["cvv2"])
+    assert "pan" not in card(core.client, new["card_id"]) and "cvv2" not in card(core.client, new["card_id"])
     old = card(core.client, opened["card_id"])
     assert old["status"] == "closed"
     assert old["replaced_by"] == new["card_id"]
@@ -371,6 +374,8 @@ def test_replacing_a_card_issues_a_new_inactive_card_and_closes_the_old_one(core
     # and the new card can be activated
     activated = core.client.post(f"/v1/cards/{new['card_id']}/activate")
     assert activated.status_code == 200 and activated.json()["status"] == "active"
+    replacement = {**opened, "pan": new["pan"], "cvv2": new["cvv2"], "expiry": new["expiry"]}
+    assert authorize(core.client, replacement, 1_000, channel="online").json()["response_code"] == "00"
 
 
 def test_a_card_reported_lost_can_be_replaced(core: CoreStack) -> None:

@@ -19,6 +19,7 @@ import pytest
 from watertight_load.ack_log import ack_log_files, read_ack_log
 from watertight_load.pacing import Pacer
 from watertight_load.population import Population, population_for_run
+from watertight_load.tokens import Tokens
 from watertight_load.traffic import failure_reason, mask_pan, parse_request_name, request_name, traffic_class
 
 from tests.fixtures_core import CoreStack, new_stack
@@ -33,9 +34,12 @@ FULL_PAN = re.compile(r"625977\d{10}")
 GATES = ["--max-error-ratio", "0.01", "--max-p99-ms", "1000", "--min-tps-ratio", "0.8"]
 
 
-def locust(host: str, *args: str, run_s: int = RUN_S, users: int = 20) -> subprocess.CompletedProcess[str]:
+def locust(
+    stack: CoreStack, *args: str, run_s: int = RUN_S, users: int = 20
+) -> subprocess.CompletedProcess[str]:
     command = [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users)]
-    command += ["-t", f"{run_s}s", "--host", host, "--only-summary", *args]
+    command += ["-t", f"{run_s}s", "--host", stack.url, "--api-tokens", str(stack.secrets_file)]
+    command += ["--only-summary", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=LOCUST_TIMEOUT_S, check=False)
 
 
@@ -82,7 +86,7 @@ def load_stack(postgres: PostgresServer) -> Iterator[CoreStack]:
 @pytest.fixture(scope="module")
 def population_file(load_stack: CoreStack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("population") / "population.json"
-    population_for_run(load_stack.url, 30, str(path))
+    population_for_run(load_stack.url, 30, Tokens(load_stack.api_tokens), str(path))
     return path
 
 
@@ -93,7 +97,7 @@ def test_a_short_run_passes_its_gates_and_every_acknowledged_transaction_is_in_t
     population = tmp_path / "population.json"
     summary = tmp_path / "summary.json"
     result = locust(
-        load_stack.url,
+        load_stack,
         "--rate-financial", "50", "--rate-nonfinancial", "100", "--customers", "30",
         "--population", str(population), "--ack-log", str(ack_log), "--csv", str(tmp_path / "run"),
         "--summary-json", str(summary), *GATES,
@@ -132,10 +136,10 @@ def test_the_same_run_with_one_cell_down_fails_its_gates_and_the_stats_name_the_
         second = stack.start_app([2])
         stack.start_gateway({1: [first.url], 2: [second.url]})
         population = tmp_path / "population.json"
-        population_for_run(stack.url, 20, str(population))
+        population_for_run(stack.url, 20, Tokens(stack.api_tokens), str(population))
         second.stop()
         result = locust(
-            stack.url,
+            stack,
             "--rate-financial", "50", "--rate-nonfinancial", "100", "--population", str(population),
             "--ack-log", str(tmp_path / "ack.jsonl"), "--csv", str(tmp_path / "run"), *GATES,
         )  # fmt: skip
@@ -168,6 +172,7 @@ def test_the_web_ui_starts_a_swarm_with_rates_from_the_form_and_serves_stats(
     port = free_port()
     command = [str(LOCUST), "-f", str(LOCUSTFILE), "--web-host", "127.0.0.1", "--web-port", str(port)]
     command += ["--host", load_stack.url, "--population", str(population_file)]
+    command += ["--api-tokens", str(load_stack.secrets_file)]
     log = (tmp_path / "locust.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     web = f"http://127.0.0.1:{port}"
@@ -208,7 +213,7 @@ def test_several_processes_write_one_ack_log_each_and_the_reader_merges_them(
 ) -> None:
     ack_log = tmp_path / "ack.jsonl"
     result = locust(
-        load_stack.url,
+        load_stack,
         "--processes", "2", "--rate-financial", "40", "--rate-nonfinancial", "0",
         "--population", str(population_file), "--ack-log", str(ack_log), *GATES, "Cardholder",
         users=4,
@@ -233,6 +238,7 @@ def test_the_ack_log_keeps_what_was_acknowledged_when_locust_is_killed(
     ack_log = tmp_path / "ack.jsonl"
     command = [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "-u", "10", "-r", "10", "-t", "60s"]
     command += ["--host", load_stack.url, "--population", str(population_file), "--ack-log", str(ack_log)]
+    command += ["--api-tokens", str(load_stack.secrets_file)]
     command += ["--rate-financial", "100", "--rate-nonfinancial", "0", "Cardholder"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import yaml
 from cardcore.gateway.settings import parse as parse_gateway
+from cardcore.platform import auth
 from cardcore.platform.settings import AppSettings
 
 from watertight import pg, render, topology
@@ -54,16 +55,21 @@ def default_topo() -> Topology:
     return topology.load(topology.DEFAULT_PATH)
 
 
+API_TOKENS = {"acquirer": "tok-acquirer-1", "channel": "tok-channel-2", "operator": "tok-operator-3"}
+
+
 @pytest.fixture
-def secrets() -> dict[str, str]:
+def secrets() -> dict[str, Any]:
     return {
         render.SECRET_PAN_KEY: "ab" * 32,
         render.SECRET_SUPERUSER_PASSWORD: "super-Secret-1",
         render.SECRET_REPLICATION_PASSWORD: "repl-Secret-2",
+        render.SECRET_API_TOKENS: dict(API_TOKENS),
+        render.SECRET_KEY_RING: {"current": 1, "keys": {"1": "ab" * 32}},
     }
 
 
-def components(topo: Topology, secrets: dict[str, str]) -> dict[str, render.Component]:
+def components(topo: Topology, secrets: dict[str, Any]) -> dict[str, render.Component]:
     return {c.name: c for c in render.render_local(topo, RUN_DIR, PYTHON, secrets)}
 
 
@@ -148,7 +154,7 @@ def test_every_main_cluster_keeps_a_slot_for_its_dr_copy(topo: Topology) -> None
         assert slots == {render.dr_slot_name(cell): {"type": "physical"}}
 
 
-def test_leaders_alternate_and_start_before_their_replicas(topo: Topology, secrets: dict[str, str]) -> None:
+def test_leaders_alternate_and_start_before_their_replicas(topo: Topology, secrets: dict[str, Any]) -> None:
     found = components(topo, secrets)
     # cells 1, 2 alternate prod, samecity; cell 3 is pinned to samecity by the topology
     expected = {1: "prod", 2: "samecity", 3: "samecity"}
@@ -160,7 +166,7 @@ def test_leaders_alternate_and_start_before_their_replicas(topo: Topology, secre
 
 
 def test_default_topology_leads_cell_1_in_prod_and_cell_2_in_samecity(
-    default_topo: Topology, secrets: dict[str, str]
+    default_topo: Topology, secrets: dict[str, Any]
 ) -> None:
     found = components(default_topo, secrets)
     leaders = {c.cell: c.site for c in found.values() if c.stage == render.STAGE_PATRONI_LEADER}
@@ -219,7 +225,7 @@ def test_unknown_site_or_cell_is_refused(topo: Topology) -> None:
         render.patroni_config(topo, endpoints, 4, "prod", RUN_DIR, Path("/pg/bin"))
 
 
-def test_a_socket_path_that_does_not_fit_fails_clearly(topo: Topology, secrets: dict[str, str]) -> None:
+def test_a_socket_path_that_does_not_fit_fails_clearly(topo: Topology, secrets: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="socket path"):
         render.render_local(topo, Path("/tmp/" + "x" * 100), PYTHON, secrets)
 
@@ -315,7 +321,7 @@ def test_entry_is_a_gateway_over_the_site_gateways_with_dr_last(topo: Topology) 
 
 
 def test_only_dr_app_server_and_gateway_wait_for_the_activation(
-    default_topo: Topology, secrets: dict[str, str]
+    default_topo: Topology, secrets: dict[str, Any]
 ) -> None:
     listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
     assert {c.name for c in listed if c.on_dr_activation} == {"app-dr", "gateway-dr"}
@@ -328,7 +334,7 @@ def test_only_dr_app_server_and_gateway_wait_for_the_activation(
 # ---- the local set ---------------------------------------------------------------------------------
 
 
-def test_names_are_unique_and_the_set_is_complete(default_topo: Topology, secrets: dict[str, str]) -> None:
+def test_names_are_unique_and_the_set_is_complete(default_topo: Topology, secrets: dict[str, Any]) -> None:
     listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
     names = [c.name for c in listed]
     assert len(names) == len(set(names))
@@ -354,7 +360,7 @@ def test_names_are_unique_and_the_set_is_complete(default_topo: Topology, secret
     assert {c.kind for c in listed} <= set(render.KINDS)
 
 
-def test_stages_are_ordered_by_kind(default_topo: Topology, secrets: dict[str, str]) -> None:
+def test_stages_are_ordered_by_kind(default_topo: Topology, secrets: dict[str, Any]) -> None:
     listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
     stages = [c.stage for c in listed]
     assert stages == sorted(stages)
@@ -373,7 +379,7 @@ def test_stages_are_ordered_by_kind(default_topo: Topology, secrets: dict[str, s
     }
 
 
-def test_components_carry_how_to_start_them(default_topo: Topology, secrets: dict[str, str]) -> None:
+def test_components_carry_how_to_start_them(default_topo: Topology, secrets: dict[str, Any]) -> None:
     for c in render.render_local(default_topo, RUN_DIR, PYTHON, secrets):
         assert Path(c.argv[0]).is_absolute()
         assert c.ready_url and c.ready_url.startswith("http://")
@@ -382,12 +388,19 @@ def test_components_carry_how_to_start_them(default_topo: Topology, secrets: dic
         assert (c.cell is not None) == (c.kind == "patroni")
         for relative in c.files:
             assert not Path(relative).is_absolute()
-            # the program reads its file from the component's own directory
-            assert str(render.component_dir(RUN_DIR, c.name) / relative) in c.argv
+            # the program reads its file from the component's own directory (the tokens file and
+            # the key ring through its settings file, which names them relative to itself)
+            if relative not in (render.API_TOKENS_FILE, render.KEY_RING_FILE):
+                assert str(render.component_dir(RUN_DIR, c.name) / relative) in c.argv
         if c.kind in ("app", "gateway", "entry"):
             assert c.argv[:2] == [PYTHON, "-m"]
-            (content,) = c.files.values()
-            json.loads(content)
+            (settings,) = (
+                text
+                for name, text in c.files.items()
+                if name not in (render.API_TOKENS_FILE, render.KEY_RING_FILE)
+            )
+            assert json.loads(settings)["api_tokens_file"] == render.API_TOKENS_FILE
+            json.loads(c.files[render.API_TOKENS_FILE])
         if c.kind in ("etcd", "etcd-dr"):
             assert c.data_dir == render.data_dir(RUN_DIR, c.name)
             assert flags(c.argv)["--data-dir"] == str(c.data_dir)
@@ -399,10 +412,11 @@ def test_components_carry_how_to_start_them(default_topo: Topology, secrets: dic
             assert c.detached_pid_file is None
 
 
-def test_no_secret_in_any_argv_or_patroni_yaml(default_topo: Topology, secrets: dict[str, str]) -> None:
+def test_no_secret_in_any_argv_or_patroni_yaml(default_topo: Topology, secrets: dict[str, Any]) -> None:
     listed = render.render_local(default_topo, RUN_DIR, PYTHON, secrets)
+    values = [v for v in secrets.values() if isinstance(v, str)] + list(API_TOKENS.values())
     for c in listed:
-        for value in secrets.values():
+        for value in values:
             assert not any(value in arg for arg in c.argv), c.name
             if c.kind != "app":
                 assert not any(value in content for content in c.files.values()), c.name
@@ -412,8 +426,34 @@ def test_no_secret_in_any_argv_or_patroni_yaml(default_topo: Topology, secrets: 
     assert patroni.env["PATRONI_REPLICATION_PASSWORD"] == secrets[render.SECRET_REPLICATION_PASSWORD]
     app = next(c for c in listed if c.kind == "app")
     assert app.env == {"PGPASSWORD": secrets[render.SECRET_SUPERUSER_PASSWORD]}
-    assert json.loads(app.files["app.json"])["pan_key_hex"] == secrets[render.SECRET_PAN_KEY]
+    # the keys of card data: the key ring file beside the settings, which name it
+    assert json.loads(app.files["app.json"])["keys_file"] == render.KEY_RING_FILE
+    assert "pan_key_hex" not in json.loads(app.files["app.json"])
+    assert json.loads(app.files[render.KEY_RING_FILE]) == {"current": 1, "keys": {"1": "ab" * 32}}
     assert secrets[render.SECRET_SUPERUSER_PASSWORD] not in app.files["app.json"]
+    # the servers accept the API tokens by their digests alone: no token is in any file
+    for c in listed:
+        if c.kind in ("app", "gateway", "entry"):
+            accepted = json.loads(c.files[render.API_TOKENS_FILE])
+            assert accepted == {kind: [auth.digest(token)] for kind, token in API_TOKENS.items()}, c.name
+            settings = next(
+                json.loads(text) for name, text in c.files.items() if name != render.API_TOKENS_FILE
+            )
+            assert settings["api_tokens_file"] == render.API_TOKENS_FILE
+
+
+def test_during_a_rotation_the_servers_accept_the_previous_tokens_too(
+    default_topo: Topology, secrets: dict[str, Any]
+) -> None:
+    previous = {kind: f"old-{kind}" for kind in API_TOKENS}
+    listed = render.render_local(
+        default_topo, RUN_DIR, PYTHON, {**secrets, render.SECRET_API_TOKENS_PREVIOUS: previous}
+    )
+    gateway = next(c for c in listed if c.kind == "gateway")
+    accepted = json.loads(gateway.files[render.API_TOKENS_FILE])
+    assert accepted == {
+        kind: [auth.digest(API_TOKENS[kind]), auth.digest(previous[kind])] for kind in API_TOKENS
+    }
 
 
 def test_missing_secrets_fail_by_name_without_values(default_topo: Topology) -> None:
@@ -422,7 +462,12 @@ def test_missing_secrets_fail_by_name_without_values(default_topo: Topology) -> 
             default_topo,
             RUN_DIR,
             PYTHON,
-            {render.SECRET_PAN_KEY: "ab" * 32, render.SECRET_SUPERUSER_PASSWORD: "pw-xyz"},
+            {
+                render.SECRET_PAN_KEY: "ab" * 32,
+                render.SECRET_SUPERUSER_PASSWORD: "pw-xyz",
+                render.SECRET_API_TOKENS: dict(API_TOKENS),
+                render.SECRET_KEY_RING: {"current": 1, "keys": {"1": "ab" * 32}},
+            },
         )
     assert "pw-xyz" not in str(caught.value)
 
@@ -432,17 +477,44 @@ def test_generated_secrets_are_complete_and_fresh() -> None:
     assert set(first) == set(render.REQUIRED_SECRETS)
     assert len(bytes.fromhex(first[render.SECRET_PAN_KEY])) == 32
     assert all(first[key] != second[key] for key in first)
+    assert set(first[render.SECRET_API_TOKENS]) == {"acquirer", "channel", "operator"}
+    tokens = list(first[render.SECRET_API_TOKENS].values()) + list(second[render.SECRET_API_TOKENS].values())
+    assert len(set(tokens)) == 6 and all(len(token) >= 40 for token in tokens)
+    # the key ring starts from the PAN key (version 1), so data written under it stays readable
+    assert first[render.SECRET_KEY_RING] == {"current": 1, "keys": {"1": first[render.SECRET_PAN_KEY]}}
 
 
-def test_patroni_component_runs_patroni_on_its_yaml(default_topo: Topology, secrets: dict[str, str]) -> None:
+def test_a_run_of_before_key_rings_keeps_its_pan_key_as_version_1() -> None:
+    old = {render.SECRET_PAN_KEY: "cd" * 32, render.SECRET_SUPERUSER_PASSWORD: "pw"}
+    completed = render.complete_secrets(old)
+    assert completed[render.SECRET_KEY_RING] == {"current": 1, "keys": {"1": "cd" * 32}}
+    assert completed[render.SECRET_SUPERUSER_PASSWORD] == "pw" and set(completed) == set(
+        render.REQUIRED_SECRETS
+    )
+
+
+def test_patroni_component_runs_patroni_on_its_yaml_under_the_member_guard(
+    default_topo: Topology, secrets: dict[str, Any]
+) -> None:
     found = components(default_topo, secrets)
     c = found["pg-cell2-samecity"]
+    own = RUN_DIR / "components" / "pg-cell2-samecity"
+    pid_file = RUN_DIR / "data" / "pg-cell2-samecity" / "pgdata" / "postmaster.pid"
     assert c.argv == [
-        PYTHON,
-        "-m",
-        "patroni",
-        str(RUN_DIR / "components" / "pg-cell2-samecity" / "patroni.yml"),
-    ]
+        PYTHON, "-m", "watertight.runtime.guard", "--watchdog", str(own / "watchdog"),
+        "--pid-file", str(pid_file), "--",
+        PYTHON, "-m", "patroni", str(own / "patroni.yml"),
+    ]  # fmt: skip
+    assert c.detached_pid_file == pid_file
+    # Patroni's watchdog writes to the guard's pipe, required: a leader whose Patroni froze is
+    # fenced at ttl // 2, before its leader key can run out
+    assert patroni_of(c)["watchdog"] == {
+        "mode": "required",
+        "driver": "testing",
+        "device": str(own / "watchdog"),
+        "safety_margin": -1,
+    }
+    assert c.listens == (("127.0.2.1", 15502), ("127.0.2.1", 18802))
     assert c.ready_url == "http://127.0.2.1:18802/readiness"
     config = patroni_of(c)
     assert config["postgresql"]["bin_dir"] == str(pg.pg_bindir())

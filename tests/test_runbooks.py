@@ -5,21 +5,28 @@ second time changes nothing; check mode changes nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 import pytest
 
 from tests.ansible_tasks import ansible_template, kubernetes_task
+from tests.api_auth import ANONYMOUS
 from tests.cards import customers_in_each_cell
 from tests.topologies import moved
 from tests.writers import Writers, ledger_transactions
@@ -93,7 +100,9 @@ def gateway_drain_state(runtime: LocalRuntime, cell: int) -> dict[str, Any]:
 # ---- without a topology -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["switchover-site", "activate-dr", "failback", "drain-cell"])
+@pytest.mark.parametrize(
+    "name", ["switchover-site", "activate-dr", "failback", "drain-cell", "rotate-api-tokens", "rotate-keys"]
+)
 def test_every_runbook_passes_the_ansible_syntax_check(name: str) -> None:
     assert name in runner.names()
     rc, output = runner.syntax_check(name)
@@ -259,6 +268,306 @@ def keys_listed_as_on_kubernetes(runtime: LocalRuntime, ack_log: Path) -> list[s
     found = ansible_template(count["watertight_step"]["found_keys"], {"dr_keys": {"results": results}})
     assert isinstance(found, list)
     return found
+
+
+@pytest.mark.timeout(300)
+def test_rotating_the_api_tokens_loses_no_request_and_retires_the_old_tokens(
+    runtime: LocalRuntime, accounts: dict[int, str]
+) -> None:
+    old = runtime.api_tokens()
+    pids = {name: record.pid for name, record in runtime.records.items()}
+
+    def status(token: str, path: str = "/v1/products") -> int:
+        with httpx.Client(base_url=runtime.topology.entry_url, timeout=10.0, auth=ANONYMOUS) as client:
+            return client.get(path, headers={"authorization": f"Bearer {token}"}).status_code
+
+    checked = runner.run("rotate-api-tokens", {}, runtime.run_dir, check=True)
+    assert checked["rc"] == 0 and runtime.api_tokens() == old  # check mode changed nothing
+    # the writers read the secrets file on every request: they move to the new tokens the moment
+    # they are handed out, which must be after every server accepts them
+    with Writers(runtime.topology.entry_url, accounts) as writers:
+        time.sleep(1)
+        begun = runner.run("rotate-api-tokens", {}, runtime.run_dir)
+        time.sleep(1.5)
+    assert begun["rc"] == 0 and begun["changed"] == 1, begun
+    new = runtime.api_tokens()
+    assert set(new.values()).isdisjoint(old.values())
+    assert all(ok for _, _, ok in writers.timeline), [f for f in writers.failed.values() if f]
+    assert status(old["channel"]) == 200 and status(new["channel"]) == 200  # both during the change
+    again = runner.run("rotate-api-tokens", {}, runtime.run_dir)
+    assert again["rc"] == 0 and again["changed"] == 0 and runtime.api_tokens() == new, again
+
+    finished = runner.run("rotate-api-tokens", {"phase": "finish"}, runtime.run_dir)
+    assert finished["rc"] == 0 and finished["changed"] == 1, finished
+    assert status(old["channel"]) == 401 and status(new["channel"]) == 200
+    assert status(old["operator"], "/metrics") == 401
+    # straight to an app server too
+    app = render.LocalEndpoints(runtime.topology).app_url("prod")
+    with httpx.Client(base_url=app, timeout=10.0, auth=ANONYMOUS) as client:
+        assert (
+            client.get("/metrics", headers={"authorization": f"Bearer {old['operator']}"}).status_code == 401
+        )
+        assert (
+            client.get("/metrics", headers={"authorization": f"Bearer {new['operator']}"}).status_code == 200
+        )
+    runtime.reload()
+    assert {name: record.pid for name, record in runtime.records.items()} == pids  # nothing restarted
+    assert runner.run("rotate-api-tokens", {"phase": "finish"}, runtime.run_dir)["changed"] == 0
+    # the tokens are in no log and no file of the run but the secrets file
+    for path in runtime.run_dir.rglob("*"):
+        if path.is_file() and path != runtime.secrets_path and path.stat().st_size < 50_000_000:
+            data = path.read_bytes()
+            assert not any(token.encode() in data for token in (*old.values(), *new.values())), path
+    assert runtime.secrets_path.stat().st_mode & 0o777 == 0o600
+
+
+# ---- card data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Issued:
+    """What the tests sent and got for card data, to look for afterwards."""
+
+    cards: list[dict[str, Any]] = field(default_factory=list)
+    id_numbers: list[str] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # authorization requests sent
+
+
+@pytest.fixture(scope="module")
+def issued(runtime: LocalRuntime) -> Issued:
+    """Customers in every cell, their cards used at the point of sale and online (a wrong CVV2 too),
+    one card replaced: card data in every table that can hold some."""
+    found = Issued()
+    with httpx.Client(base_url=runtime.topology.entry_url, timeout=10.0) as client:
+        for _ in range(3):
+            for opened in customers_in_each_cell(client).values():
+                found.cards.append(opened)
+        for opened in found.cards:
+            for channel, cvv2 in (("pos", None), ("online", opened["cvv2"]), ("online", wrong_cvv2(opened))):
+                body = authorization_body(opened, channel, cvv2)
+                answer = client.post("/v1/authorizations", json=body)
+                assert answer.status_code == 200, answer.text
+                found.bodies.append(body)
+        replaced = client.post(f"/v1/cards/{found.cards[0]['card_id']}/replace").json()
+        found.cards.append({**found.cards[0], "pan": replaced["pan"], "cvv2": replaced["cvv2"]})
+    found.id_numbers = [c["id_number"] for c in found.cards if "id_number" in c]
+    return found
+
+
+def wrong_cvv2(card: dict[str, Any]) -> str:
+    return f"{(int(card['cvv2']) + 1) % 1000:03d}"
+
+
+def authorization_body(card: dict[str, Any], channel: str, cvv2: str | None) -> dict[str, Any]:
+    body = {
+        "idempotency_key": uuid.uuid4().hex,
+        "pan": card["pan"],
+        "expiry": card["expiry"],
+        "amount": 1_000,
+        "currency": "CNY",
+        "mcc": "5411",
+        "merchant_id": "M-SCAN",
+        "channel": channel,
+        "kind": "purchase",
+    }
+    if cvv2 is not None:
+        body["cvv2"] = cvv2
+    return body
+
+
+def key_versions(runtime: LocalRuntime, client: httpx.Client) -> dict[int, dict[str, Any]]:
+    return {cell: client.get(f"/v1/admin/keys?cell={cell}").json() for cell in runtime.topology.cell_numbers}
+
+
+@pytest.mark.timeout(420)
+def test_rotating_the_keys_rewraps_every_card_while_cards_keep_paying(
+    runtime: LocalRuntime, issued: Issued
+) -> None:
+    cards = [
+        c for c in issued.cards if c["card_id"] != issued.cards[0]["card_id"]
+    ]  # the replaced one is closed
+    with httpx.Client(base_url=runtime.topology.entry_url, timeout=10.0) as client:
+        before = key_versions(runtime, client)
+        assert all(view["current"] == 1 and view["remaining"]["cards"] == 0 for view in before.values()), (
+            before
+        )
+        # online payments all through the rotation: found by either token, CVV2 unchanged
+        answers: list[str] = []
+        stopping = threading.Event()
+
+        def pay() -> None:
+            with httpx.Client(base_url=runtime.topology.entry_url, timeout=10.0) as payer:
+                while not stopping.is_set():
+                    for card in cards:
+                        body = authorization_body(card, "online", card["cvv2"])
+                        answers.append(payer.post("/v1/authorizations", json=body).json()["response_code"])
+
+        payer = threading.Thread(target=pay, daemon=True)
+        payer.start()
+        try:
+            checked = runner.run("rotate-keys", {}, runtime.run_dir, check=True)
+            assert checked["rc"] == 0 and key_versions(runtime, client)[1]["current"] == 1, checked
+            summary = runner.run("rotate-keys", {}, runtime.run_dir)
+            time.sleep(1)
+        finally:
+            stopping.set()
+            payer.join(timeout=30)
+        assert summary["rc"] == 0 and summary["changed"] == 1, summary
+        print(f"rotate-keys: {summary['steps'][-1]['msg']} in {summary['steps'][-1]['seconds']} s")
+        assert answers and set(answers) == {"00"}, sorted(set(answers))
+        after = key_versions(runtime, client)
+        for cell, view in after.items():
+            assert view["current"] == 2 and view["remaining"] == {"cards": 0, "customers": 0}, (cell, view)
+            assert set(view["rows_by_version"]["cards"]) == {"2"}, view
+            assert set(view["rows_by_version"]["customers"]) == {"2"}, view
+        # a returning applicant is still recognised (national id hashed again under the new key)
+        again = client.post(
+            "/v1/applications",
+            json={
+                "applicant": {
+                    "name": "张三",
+                    "id_number": issued.cards[1]["id_number"],
+                    "mobile": "13800138000",
+                    "birth_date": "1990-01-01",
+                    "annual_income": 30_000_000,
+                }
+            },
+        ).json()
+        assert again["decision"] == "declined" and "already holds" in again["reasons"][0], again
+
+
+@pytest.mark.timeout(600)
+def test_no_table_or_file_of_the_topology_holds_a_pan_or_an_unkeyed_hash_of_card_data(
+    runtime: LocalRuntime, issued: Issued, tmp_path: Path
+) -> None:
+    """Finding 1: every PAN issued, and every unkeyed hash it could be found again from (of the PAN,
+    of an authorization request carrying it, of a national id), looked for in every row of every
+    table of every cell and in every file the topology wrote (data directories and WAL of every
+    member, logs, configuration, runbook artifacts) and in every server's /metrics."""
+    secrets = json.loads(runtime.secrets_path.read_text())
+    wanted: dict[bytes, str] = {}
+    for card in issued.cards:
+        pan = card["pan"]
+        wanted[pan.encode()] = f"PAN {pan[:6]}…"
+        digest = hashlib.sha256(pan.encode()).digest()
+        wanted[digest] = "unkeyed SHA-256 of a PAN"
+        wanted[digest.hex().encode()] = "unkeyed SHA-256 of a PAN (hex)"
+    for number in issued.id_numbers:
+        wanted[number.encode()] = "a national id in clear"
+        for raw in (b"id:" + number.upper().encode(), number.upper().encode()):
+            digest = hashlib.sha256(raw).digest()
+            wanted[digest] = "unkeyed SHA-256 of a national id"
+            wanted[digest.hex().encode()] = "unkeyed SHA-256 of a national id (hex)"
+    for body in issued.bodies:
+        for digest in unkeyed_request_digests(body):
+            wanted[digest] = "unkeyed SHA-256 of an authorization request"
+            wanted[digest.hex().encode()] = "unkeyed SHA-256 of an authorization request (hex)"
+    assert len(wanted) > 50
+
+    found: list[str] = []
+    password = secrets[render.SECRET_SUPERUSER_PASSWORD]
+    for cell in runtime.topology.cell_numbers:
+        for row in table_rows(runtime, cell, password):
+            found += [f"cell {cell} {row[:30]}: {what}" for needle, what in wanted.items() if needle in row]
+    files = [
+        path
+        for path in runtime.run_dir.rglob("*")
+        # the secrets file holds keys and tokens, no card data; load/ is a load generator's
+        # population (the acquirer's side: it holds the cards it pays with)
+        if path.is_file()
+        and path != runtime.secrets_path
+        and path.relative_to(runtime.run_dir).parts[0] != "load"
+    ]
+    for path in files_holding_any(files, list(wanted), tmp_path):
+        data = path.read_bytes()
+        found += [f"{path}: {what}" for needle, what in wanted.items() if needle in data]
+    for component in runtime.components:
+        if (
+            component.kind in ("app", "gateway", "entry")
+            and runtime.running(component)
+            and component.ready_url
+        ):
+            metrics = httpx.get(component.ready_url.rsplit("/", 1)[0] + "/metrics", timeout=10).content
+            found += [
+                f"{component.name} /metrics: {what}" for needle, what in wanted.items() if needle in metrics
+            ]
+    assert len(files) > 100
+    assert not found, "\n".join(found[:20])
+
+
+def files_holding_any(files: list[Path], needles: list[bytes], tmp_path: Path) -> list[Path]:
+    """The files in which any needle may be (grep -F over them all at once: the data and WAL of
+    every member are too much for one Python search per needle); each needle by its longest run
+    without a line break or NUL, so a binary digest is a pattern grep can take."""
+    patterns = []
+    for needle in needles:
+        runs = [run for run in re.split(rb"[\n\r\x00]", needle) if run]
+        patterns.append(max(runs, key=len))
+    assert all(len(pattern) >= 6 for pattern in patterns), "a needle too short to look for"
+    pattern_file = tmp_path / "needles"
+    pattern_file.write_bytes(b"\n".join(patterns) + b"\n")
+    listed = tmp_path / "files"
+    listed.write_bytes(b"\0".join(str(path).encode() for path in files))
+    result = subprocess.run(
+        ["xargs", "-0", "grep", "-l", "-a", "-F", "-f", str(pattern_file), "--"],
+        stdin=listed.open("rb"), capture_output=True, timeout=600, check=False,
+        # bytes, not characters: in a UTF-8 locale grep takes minutes over binary patterns
+        env={**os.environ, "LC_ALL": "C"},
+    )  # fmt: skip
+    assert result.returncode in (0, 1, 123), result.stderr[-2000:]  # 123: some file matched nothing
+    return [Path(line.decode()) for line in result.stdout.splitlines() if line]
+
+
+def unkeyed_request_digests(body: dict[str, Any]) -> list[bytes]:
+    """The idempotency digest the first release kept (SHA-256 of the operation, its path id and the
+    request as the core encodes it), for the request layouts it and this release decode."""
+    from cardcore.authorization.ops import AuthorizationRequest
+
+    class FirstReleaseRequest(msgspec.Struct):
+        idempotency_key: str
+        pan: str
+        expiry: str
+        amount: int
+        mcc: str
+        merchant_id: str
+        channel: str
+        kind: str = "purchase"
+        currency: str = "CNY"
+
+    fields = {k: v for k, v in body.items() if k != "cvv2"}
+    encoded = [
+        msgspec.json.encode(msgspec.convert(body, AuthorizationRequest)),
+        msgspec.json.encode(msgspec.convert(fields, FirstReleaseRequest)),
+    ]
+    return [hashlib.sha256(b"authorize\0\0" + data).digest() for data in encoded]
+
+
+def table_rows(runtime: LocalRuntime, cell: int, password: str) -> list[bytes]:
+    """Every row of every table of the cell's primary, as PostgreSQL prints it (bytea as hex)."""
+    import psycopg
+
+    leader = runtime.cell_view(cell)["leader_site"]
+    assert leader is not None
+    with psycopg.connect(
+        host=runtime.topology.address(leader),
+        port=runtime.topology.postgres_port(cell),
+        user="postgres",
+        password=password,
+        dbname=render.DATABASE,
+        connect_timeout=10,
+        autocommit=True,
+    ) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
+        ]
+        rows: list[bytes] = []
+        for table in tables:
+            for (text,) in conn.execute(f'SELECT t::text FROM "{table}" t').fetchall():
+                rows.append(text.encode())
+                rows.append(text.replace("\\x", "").encode())  # bytea hex without its prefix
+    assert len(tables) >= 15
+    return rows
 
 
 @pytest.mark.timeout(420)

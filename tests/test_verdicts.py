@@ -422,3 +422,124 @@ def test_the_drill_timeline_has_one_sample_per_request(tmp_path: Any) -> None:
     assert verdicts.requests_in(samples, [1], (1001.0, 1001.0)) == 15
     assert verdicts.isolation(samples, [1], (1001.0, 1001.0)) == pytest.approx(3 / 15)
     assert series["cell-1"] == [(0.0, 10.0, 0.0), (1.0, 12.0, 3.0)]
+
+
+# ---- writable primaries, stale reads, indeterminate requests (issue 13) ----------------------------
+
+
+def test_the_most_writable_primaries_per_cell_are_reported_and_two_fail_the_drill() -> None:
+    samples = [(100.0, 1, 1), (101.0, 1, 0), (102.0, 1, 2), (100.0, 2, 1)]
+    most = verdicts.writable_primaries_max(samples, [1, 2, 3])
+    assert most == {"cell-1": 2, "cell-2": 1, "cell-3": 0}
+    judged = judge(writable_max=most)
+    assert judged["passed"] is False
+    assert judged["reasons"] == ["cell-1 had 2 writable primaries at once (split brain)"]
+    assert judge(writable_max={"cell-1": 1, "cell-2": 1})["passed"] is True
+
+
+def write(account: str, done: float, transaction_id: str) -> dict[str, Any]:
+    return {
+        "op": "write",
+        "account": account,
+        "sent": done - 0.01,
+        "done": done,
+        "transaction_id": transaction_id,
+    }
+
+
+def read(
+    account: str, sent: float, shown: list[tuple[str, float]], full: bool = False, done: float | None = None
+) -> dict[str, Any]:
+    return {
+        "op": "read",
+        "account": account,
+        "sent": sent,
+        "done": sent + 0.01 if done is None else done,
+        "transactions": [list(t) for t in shown],
+        "full": full,
+    }
+
+
+def test_reads_that_show_every_acknowledged_write_are_not_stale() -> None:
+    history = [
+        write("A", 10.0, "T1"),
+        read("A", 10.5, [("T1", 9.99)]),
+        write("A", 11.0, "T2"),
+        read("A", 11.5, [("T2", 10.99), ("T1", 9.99)]),
+        read("B", 11.5, []),  # nothing acknowledged for B
+    ]
+    assert verdicts.stale_reads(history) == {"stale": 0, "reads": 3, "examples": []}
+
+
+def test_a_read_that_misses_a_write_acknowledged_before_it_began_is_stale() -> None:
+    # the incident: the new primary acknowledged T2, a read served by the old one misses it
+    history = [write("A", 10.0, "T1"), write("A", 20.0, "T2"), read("A", 21.0, [("T1", 9.99)])]
+    result = verdicts.stale_reads(history)
+    assert result["stale"] == 1
+    assert result["examples"] == [{"account": "A", "read_sent": 21.0, "missing": "T2"}]
+    judged = judge(stale=result)
+    assert judged["passed"] is False and "1 of 1 reads were stale" in judged["reasons"][0]
+    assert judged["stale_reads"] == 1
+
+
+def test_a_write_acknowledged_after_the_read_began_may_be_missing() -> None:
+    history = [read("A", 10.0, [], done=12.0), write("A", 11.0, "T1")]
+    assert verdicts.stale_reads(history)["stale"] == 0
+
+
+def test_a_read_that_loses_what_an_earlier_read_showed_is_stale_monotonic_reads() -> None:
+    # T9 was never acknowledged to this client (its answer was lost), but a read showed it
+    history = [read("A", 10.0, [("T9", 9.0)]), read("A", 11.0, [])]
+    assert verdicts.stale_reads(history)["stale"] == 1
+    # reads overlapping in time are not ordered: not judged against each other
+    overlapping = [read("A", 10.0, [("T9", 9.0)], done=11.5), read("A", 11.0, [])]
+    assert verdicts.stale_reads(overlapping)["stale"] == 0
+
+
+def test_a_full_page_is_judged_only_where_the_missing_one_would_be_on_it() -> None:
+    older = [write("A", 5.0, "T0"), read("A", 5.5, [("T0", 4.99)])]
+    # a full page of newer transactions: T0 is beyond it, not stale
+    page = [("T3", 8.0), ("T2", 7.0), ("T1", 6.0)]
+    assert verdicts.stale_reads([*older, read("A", 9.0, page, full=True)])["stale"] == 0
+    # a full page whose oldest entry is older than T0, without T0: stale
+    page = [("T3", 8.0), ("T2", 7.0), ("T1", 3.0)]
+    assert verdicts.stale_reads([*older, read("A", 9.0, page, full=True)])["stale"] == 1
+    # the database's time of T9 is unknown (no read showed it): a full page is not judged on it
+    unknown = [write("A", 5.0, "T9"), read("A", 9.0, [("T3", 8.0)], full=True)]
+    assert verdicts.stale_reads(unknown)["stale"] == 0
+
+
+def test_indeterminate_requests_are_counted_by_what_the_ledgers_hold() -> None:
+    requests = [{"key": k, "cell": 1} for k in ("a", "b", "c")]
+    result = verdicts.indeterminate(requests, {"a": "applied", "b": "absent", "c": "absent"})
+    assert {k: result[k] for k in ("requests", "applied", "absent", "partial")} == {
+        "requests": 3,
+        "applied": 1,
+        "absent": 2,
+        "partial": 0,
+    }
+    judged = judge(indeterminate_result=result)
+    assert judged["passed"] is True
+    assert judged["indeterminate"] == {"requests": 3, "applied": 1, "absent": 2, "partial": 0}
+
+
+def test_an_indeterminate_request_applied_in_part_or_not_resolved_fails_the_drill() -> None:
+    requests = [{"key": "a", "cell": 1}, {"key": "b", "cell": 1}]
+    partial = verdicts.indeterminate(requests, {"a": "partial", "b": "absent"})
+    assert partial["partial"] == 1 and partial["partial_keys"] == ["a"]
+    assert judge(indeterminate_result=partial)["reasons"] == [
+        "1 indeterminate requests were applied in part: a"
+    ]
+    unresolved = verdicts.indeterminate(requests, {"a": "applied"})
+    assert unresolved["unresolved"] == 1
+    assert judge(indeterminate_result=unresolved)["passed"] is False
+
+
+def test_a_full_page_that_ends_in_a_tie_of_times_is_cut_by_the_id_as_the_api_orders_it() -> None:
+    # one batch commits several transactions with one time; the page ends inside that batch
+    older = [write("A", 5.0, "T2"), read("A", 5.5, [("T2", 4.0), ("T1", 4.0)])]
+    # T2 sorts after T1 at the same time: a page that ends at T1 must show T2
+    assert verdicts.stale_reads([*older, read("A", 9.0, [("T3", 8.0), ("T1", 4.0)], full=True)])["stale"] == 1
+    # a page that ends at T2 itself or at a later one may leave T1 out
+    tail = [write("A", 5.0, "T1"), read("A", 5.5, [("T2", 4.0), ("T1", 4.0)])]
+    assert verdicts.stale_reads([*tail, read("A", 9.0, [("T3", 8.0), ("T2", 4.0)], full=True)])["stale"] == 0

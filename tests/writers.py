@@ -1,6 +1,9 @@
 """Clients that write through the entry while a fault or a runbook runs: one thread per cell
 posting repayments, recording every answer (the success timeline), every acknowledged
-transaction (optionally appended to an ack log as Locust's would be) and every failure."""
+transaction (optionally appended to an ack log as Locust's would be) and every failure; with
+``read_back``, each acknowledged repayment is read back at once (the account's newest
+transactions) and both go into ``history`` as the load's history would have them, for
+``verdicts.stale_reads``."""
 
 from __future__ import annotations
 
@@ -13,13 +16,19 @@ from typing import Any
 
 import httpx
 from watertight_load.ack_log import now_rfc3339
+from watertight_load.history import READ_PAGE_SIZE, epoch_seconds
 
 from watertight import verdicts
 
 
 class Writers:
     def __init__(
-        self, entry: str, accounts: dict[int, str], pause_s: float = 0.02, ack_log: Path | None = None
+        self,
+        entry: str,
+        accounts: dict[int, str],
+        pause_s: float = 0.02,
+        ack_log: Path | None = None,
+        read_back: bool = False,
     ) -> None:
         self.entry = entry
         self.accounts = accounts
@@ -28,6 +37,8 @@ class Writers:
         self.timeline: list[verdicts.Sample] = []  # (wall clock, cell, ok)
         self.acked: list[dict[str, Any]] = []  # ack-log entries
         self.failed: dict[int, list[tuple[float, Any]]] = {cell: [] for cell in accounts}
+        self.read_back = read_back
+        self.history: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._write, args=(cell,), daemon=True) for cell in accounts]
@@ -37,6 +48,7 @@ class Writers:
             while not self.stopping.is_set():
                 body = {"idempotency_key": uuid.uuid4().hex, "account_id": self.accounts[cell], "amount": 1}
                 answer: httpx.Response | None = None
+                sent = time.time()
                 try:
                     answer = client.post("/v1/repayments", json=body)
                     failure: Any = None if answer.status_code == 200 else answer.status_code
@@ -55,10 +67,33 @@ class Writers:
                             "time": now_rfc3339(),
                         }
                         self.acked.append(entry)
+                        self.history.append(
+                            {"op": "write", "account": self.accounts[cell], "cell": cell, "sent": sent,
+                             "done": time.time(), "transaction_id": entry["transaction_id"]}
+                        )  # fmt: skip
                         if self.ack_log is not None:
                             with open(self.ack_log, "a") as handle:
                                 handle.write(json.dumps(entry) + "\n")
+                if self.read_back and failure is None:
+                    self._read(client, cell)
                 time.sleep(self.pause_s)
+
+    def _read(self, client: httpx.Client, cell: int) -> None:
+        account = self.accounts[cell]
+        sent = time.time()
+        try:
+            answer = client.get(f"/v1/accounts/{account}/transactions", params={"limit": READ_PAGE_SIZE})
+        except httpx.HTTPError:
+            return
+        if answer.status_code != 200:
+            return
+        listed = answer.json()["transactions"]
+        with self.lock:
+            self.history.append(
+                {"op": "read", "account": account, "cell": cell, "sent": sent, "done": time.time(),
+                 "transactions": [[t["transaction_id"], epoch_seconds(t["created_at"])] for t in listed],
+                 "full": len(listed) >= READ_PAGE_SIZE}
+            )  # fmt: skip
 
     def acked_ids(self, cell: int) -> list[str]:
         with self.lock:

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from cardcore.platform.auth import ClientTokens
 from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
 from watertight.runtime import processes
@@ -77,8 +78,9 @@ class Window:
 class Traffic:
     """Card traffic over a population, sent to the site gateways in turn."""
 
-    def __init__(self, gateways: list[str]) -> None:
+    def __init__(self, gateways: list[str], tokens: ClientTokens) -> None:
         self.pools = [UpstreamPool(url, size_max=256, connect_timeout=1.0) for url in gateways]
+        self.tokens = tokens
         self.turn = 0
         self.customers: list[Customer] = []
         self.open_auths: deque[tuple[str, int]] = deque(maxlen=AUTHS_KEPT_MAX)
@@ -88,9 +90,8 @@ class Traffic:
         self.turn += 1
         pool = self.pools[self.turn % len(self.pools)]
         data = msgspec.json.encode(body) if body is not None else b""
-        response = await pool.request(
-            method, target, data, JSON if body is not None else None, REQUEST_TIMEOUT_S
-        )
+        headers = (JSON if body is not None else []) + self.tokens.raw_headers(method, target)
+        response = await pool.request(method, target, data, headers, REQUEST_TIMEOUT_S)
         return response.status, msgspec.json.decode(response.body) if response.body else None
 
     async def open_population(self, size: int, progress: Progress) -> None:
@@ -292,7 +293,7 @@ async def measure(
     progress: Progress,
 ) -> dict[str, Any]:
     gateways = [runtime.topology.gateway_url(site) for site in ("prod", "samecity")]
-    traffic = Traffic(gateways)
+    traffic = Traffic(gateways, runtime.client_tokens())
     try:
         await traffic.open_population(customers, progress)
         progress(f"idle: sampling the background CPU (Patroni loops, etcd, health checks) for {IDLE_S:g} s")

@@ -71,8 +71,45 @@ def build_parser() -> argparse.ArgumentParser:
         "experiments",
         nargs="*",
         metavar="EXPERIMENT",
-        default=["site-loss-prod"],
-        help="default: site-loss-prod",
+        default=[],
+        help="default: site-loss-prod (names in chaos/experiments, or paths to experiment files)",
+    )
+    drill.add_argument("--all", action="store_true", help="every experiment of chaos/experiments, in turn")
+    drill.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what each action would hit (processes, members, addresses, connections) and what its rollback would do; change nothing",
+    )
+    drill.add_argument("--junit", metavar="PATH", help="also write JUnit XML: one test case per verdict")
+    drill.add_argument(
+        "--stop",
+        action="store_true",
+        help="the kill switch: stop every drill in flight on this topology (its rollbacks run) and return",
+    )
+    drill.add_argument(
+        "--safeguard",
+        action="append",
+        default=[],
+        metavar="NAME=LIMIT",
+        help="abort the experiment (rollbacks run, exit 3) when crossed during its method: "
+        "unaffected_error_ratio=R (over window_s=S, default 5), missing_acknowledged=N, writable_primaries=N",
+    )
+    drill.add_argument(
+        "--during",
+        metavar="TASK",
+        help="run while the fault is in force: cycle (the statement cycle for today, or cycle=YYYY-MM-DD) "
+        "or runbook:NAME[:key=value,...] (e.g. runbook:switchover-site:site=samecity)",
+    )
+    drill.add_argument(
+        "--target",
+        choices=("local", "kubernetes"),
+        default=os.environ.get("WATERTIGHT_TARGET") or "local",
+        help="the local topology of the run directory, or the cluster of `watertight cluster` (default: $WATERTIGHT_TARGET or local)",
+    )
+    drill.add_argument(
+        "--history",
+        metavar="PATH",
+        help="the drill history each experiment's figures are appended to (default: reports/history.jsonl)",
     )
     drill.add_argument(
         "--rate-financial", type=_positive_float, metavar="N", help="financial TPS offered (100)"
@@ -110,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
+
+    report = commands.add_parser("report", help="read the drill reports: `report history` shows the trend")
+    report.add_argument("what", choices=("history",), metavar="history")
+    report.add_argument(
+        "--history", metavar="PATH", help="the drill history (default: reports/history.jsonl)"
+    )
+    report.add_argument("--json", action="store_true", help="machine-readable output")
 
     runbook = commands.add_parser("runbook", help="run a runbook from runbooks/ against the current target")
     runbook.add_argument("name", metavar="NAME")
@@ -194,6 +238,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"entry: {result['entry']}")
     for site in ("prod", "samecity"):
         print(f"gateway {site}: {topology.gateway_url(site)}")
+    print(f"API tokens (Authorization: Bearer, one per client kind): {runtime.secrets_path} (api_tokens)")
     return 0
 
 
@@ -225,22 +270,73 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_drill(args: argparse.Namespace) -> int:
     from watertight import drill
+    from watertight.chaos import safeguards
 
+    if args.stop:
+        return drill.stop(_run_dir(args), _say)
+    if args.target != "local":
+        print(
+            "watertight drill --target kubernetes is not built yet: it needs the kubernetes runtime "
+            "behind the Target interface (issue 18)",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_BUILT
+    experiments = list(args.experiments)
+    if args.all:
+        experiments += [name for name in drill.catalogue() if name not in experiments]
+    experiments = experiments or ["site-loss-prod"]
+    if args.dry_run:
+        for name in experiments:
+            drill.load_experiment(name)
+        print(drill.dry_run(experiments, _run_dir(args)))
+        return 0
+    try:
+        limits = safeguards.parse_limits(",".join(args.safeguard))
+        drill.parse_during(args.during)
+    except ValueError as error:
+        print(f"watertight drill: {error}", file=sys.stderr)
+        return 2
     report_dir = (
         Path(args.report_dir) if args.report_dir else Path("reports") / time.strftime("drill-%Y%m%d-%H%M%S")
     )
     report_dir.mkdir(parents=True, exist_ok=True)
-    _say(f"drill {', '.join(args.experiments)}: reports in {report_dir}")
+    _say(f"drill {', '.join(experiments)}: reports in {report_dir}")
+    options = drill.Options(
+        rate_financial=args.rate_financial or 100.0,
+        rate_nonfinancial=args.rate_nonfinancial or 300.0,
+        safeguards=limits,
+        during=args.during,
+        history_path=Path(args.history) if args.history else drill.HISTORY_DEFAULT,
+    )
     code = drill.run(
-        args.experiments,
-        args.rate_financial or 100.0,
-        args.rate_nonfinancial or 300.0,
+        experiments,
+        options.rate_financial,
+        options.rate_nonfinancial,
         report_dir.absolute(),
         _run_dir(args),
         _say,
+        options,
+        Path(args.junit).absolute() if args.junit else None,
     )
-    _say(("PASSED" if code == 0 else "FAILED") + f": see {report_dir.absolute()}/*/report.html")
+    verdict = {drill.EXIT_PASSED: "PASSED", drill.EXIT_ABORTED: "ABORTED"}.get(code, "FAILED")
+    _say(f"{verdict}: see {report_dir.absolute()}/*/report.html")
     return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from watertight import drill, trend
+
+    path = Path(args.history) if args.history else drill.HISTORY_DEFAULT
+    try:
+        found = trend.trends(trend.read(path))
+    except ValueError as error:
+        print(f"watertight report: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(found, indent=2, default=str))
+    else:
+        print(trend.table(found))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -318,6 +414,7 @@ COMMANDS = {
     "down": cmd_down,
     "bench": cmd_bench,
     "drill": cmd_drill,
+    "report": cmd_report,
     "runbook": cmd_runbook,
 }
 

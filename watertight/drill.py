@@ -21,15 +21,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from watertight import report, verdicts
+from watertight import junit, report, trend, verdicts
 from watertight import topology as topology_module
+from watertight.chaos import safeguards
+from watertight.faults import FAULTS, Fault
 from watertight.runtime.local import REPO_ROOT, LocalRuntime, RuntimeError_, http_json
 
 EXPERIMENTS_DIR = REPO_ROOT / "chaos" / "experiments"
@@ -40,57 +42,46 @@ CHAOS_TIMEOUT_S = 600.0
 LOAD_STOP_TIMEOUT_S = 30.0
 SAMPLE_INTERVAL_S = 0.5
 
+HISTORY_DEFAULT = REPO_ROOT / "reports" / trend.HISTORY_FILE
+EXIT_PASSED, EXIT_FAILED, EXIT_ABORTED = 0, 1, 3
+STOP_WAIT_S_MAX = 10.0
+DRILLS_DIR = "drills"
+
 log = logging.getLogger("watertight.drill")
 
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Fault:
-    """What an experiment breaks, read from its ``configuration.watertight_fault``."""
+class Options:
+    """How to drill, beyond which experiments: rates, safeguards, a task to run during the fault."""
 
-    kind: str
-    site: str | None = None
-    cell: int | None = None
-
-    @property
-    def target(self) -> str:
-        return self.site or (f"cell-{self.cell}" if self.cell is not None else "topology")
-
-    def affected_cells(self, leaders: dict[int, str | None]) -> list[int]:
-        """Cells whose service the fault interrupts (judged on RTO); the rest must not notice."""
-        if self.cell is not None:
-            return [self.cell]
-        if self.kind == "dr-activation":  # both centers lost: every cell
-            return sorted(leaders)
-        if self.kind in ("site-loss", "site-freeze", "partition") and self.site is not None:
-            return [cell for cell, site in leaders.items() if site == self.site]
-        return []
-
-    @property
-    def recovery_from(self) -> str:
-        """What the affected cells' RTO is measured from: the fault, when the topology is meant to
-        heal itself (a standby takes over); the rollback, when nothing can take over until the
-        rollback brings the members back (a whole cell lost: both of its centers' members)."""
-        return "rollback" if self.kind in HEALED_ONLY_BY_ROLLBACK else "fault"
+    rate_financial: float = 100.0
+    rate_nonfinancial: float = 300.0
+    safeguards: dict[str, float] = field(default_factory=dict)
+    during: str | None = None  # "cycle", "cycle=YYYY-MM-DD" or "runbook:NAME[:key=value,...]"
+    history_path: Path | None = HISTORY_DEFAULT
 
 
-# kinds of fault no standby can take over from: the cell serves again only once the rollback heals it
-HEALED_ONLY_BY_ROLLBACK = frozenset({"cell-loss"})
-
-
-# what each experiment breaks; an experiment file may say it itself in configuration.watertight_fault
-FAULTS = {
-    "site-loss-prod": Fault("site-loss", site="prod"),
-    "site-loss-samecity": Fault("site-loss", site="samecity"),
-    "site-freeze-prod": Fault("site-freeze", site="prod"),
-    "partition-prod": Fault("partition", site="prod"),
-    "cell-loss": Fault("cell-loss", cell=1),
-    "cell-primary-kill": Fault("cell-primary-kill", cell=1),
-    "etcd-member-loss": Fault("etcd-member-loss", site="prod"),
-    "inter-site-latency": Fault("latency"),
-    "dr-activation": Fault("dr-activation"),
-}
+def parse_during(text: str | None) -> tuple[str, dict[str, str]] | None:
+    """``cycle[=YYYY-MM-DD]`` or ``runbook:NAME[:key=value,...]``; ValueError naming what is wrong."""
+    if not text:
+        return None
+    if text == "cycle" or text.startswith("cycle="):
+        business_date = text.partition("=")[2] or datetime.now(UTC).date().isoformat()
+        try:
+            datetime.strptime(business_date, "%Y-%m-%d")
+        except ValueError:
+            raise ValueError(f"--during {text}: the business date must be YYYY-MM-DD") from None
+        return "cycle", {"business_date": business_date}
+    if text.startswith("runbook:"):
+        _, name, rest = [*text.split(":", 2), ""][:3]
+        if not name or not (REPO_ROOT / "runbooks" / f"{name}.yml").exists():
+            known = ", ".join(sorted(p.stem for p in (REPO_ROOT / "runbooks").glob("*.yml")))
+            raise ValueError(f"--during {text}: no runbook {name!r}; known: {known}")
+        extras = dict(item.split("=", 1) for item in rest.split(",") if "=" in item)
+        return f"runbook:{name}", extras
+    raise ValueError(f"--during {text}: expected cycle, cycle=YYYY-MM-DD or runbook:NAME[:key=value,...]")
 
 
 def load_experiment(name: str) -> tuple[Path, Fault]:
@@ -100,12 +91,24 @@ def load_experiment(name: str) -> tuple[Path, Fault]:
         raise RuntimeError_(f"no experiment {name!r}; known: {known}")
     raw = json.loads(path.read_text()).get("configuration", {}).get("watertight_fault")
     if isinstance(raw, dict) and "kind" in raw:
-        return path, Fault(raw["kind"], raw.get("site"), raw.get("cell"))
+        return path, Fault.from_configuration(raw)
     if path.stem not in FAULTS:
         raise RuntimeError_(
             f"{path}: say what it breaks in configuration.watertight_fault (kind, site or cell)"
         )
     return path, FAULTS[path.stem]
+
+
+def failed_actions(journal: dict[str, Any]) -> list[str]:
+    """The method's actions that failed, each with the last line of its error."""
+    failed = []
+    for run in journal.get("run") or []:
+        activity = run.get("activity") or {}
+        if activity.get("type") == "action" and run.get("status") == "failed":
+            error = run.get("exception") or []
+            last = str(error[-1]).strip() if error else "no error recorded"
+            failed.append(f"{activity.get('name')}: {last}")
+    return failed
 
 
 def marks_of(path: Path) -> tuple[float | None, float | None]:
@@ -170,6 +173,8 @@ def start_load(
         "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "5",
         "--rate-financial", f"{rate_financial:g}", "--rate-nonfinancial", f"{rate_nonfinancial:g}",
         "--population", str(population), "--ack-log", str(directory / "ack.jsonl"),
+        "--api-tokens", str(runtime.secrets_path),
+        "--history", str(directory / "history.jsonl"), "--timeline", str(directory / "timeline.jsonl"),
         "--csv", str(directory / "load"), "--csv-full-history", "--html", str(directory / "load.html"),
         "--summary-json", str(directory / "load-summary.json"),
         # the drill judges by its verdicts; the gates only report
@@ -213,11 +218,17 @@ def timeline_of(
     return samples, series
 
 
-async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[str]]) -> set[str]:
-    """The idempotency keys each cell's primary has committed: every acknowledged financial
-    request leaves its key there, in the same transaction as its postings."""
+ID_TABLES = {"auth_id": "authorizations", "transaction_id": "transactions", "plan_id": "installment_plans"}
+
+
+async def _ledger_lookup(
+    runtime: LocalRuntime, keys_by_cell: dict[int, list[str]], with_effects: bool
+) -> dict[str, str]:
+    """For each idempotency key a cell's primary holds: ``applied``, or with ``with_effects``
+    ``partial`` when an id its stored answer names (an auth_id, transaction_id or plan_id) is not
+    in its table. Keys the cells do not hold are not in the result."""
     password = runtime.superuser_password()
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for cell, keys in keys_by_cell.items():
         conn = await asyncpg.connect(
             host=[runtime.topology.address(site) for site in runtime.primary_sites()],
@@ -230,13 +241,36 @@ async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[st
         )
         try:
             for start in range(0, len(keys), 5000):
+                chunk = keys[start : start + 5000]
+                if not with_effects:
+                    rows = await conn.fetch("SELECT key FROM idempotency WHERE key = ANY($1::text[])", chunk)
+                    found.update((row[0], "applied") for row in rows)
+                    continue
                 rows = await conn.fetch(
-                    "SELECT key FROM idempotency WHERE key = ANY($1::text[])", keys[start : start + 5000]
+                    "SELECT key, response FROM idempotency WHERE key = ANY($1::text[])", chunk
                 )
-                found.update(row[0] for row in rows)
+                for key, response in rows:
+                    try:
+                        answer = json.loads(bytes(response))
+                    except ValueError:
+                        answer = {}
+                    outcome = "applied"
+                    for field, table in ID_TABLES.items():
+                        value = answer.get(field) if isinstance(answer, dict) else None
+                        if isinstance(value, str) and not await conn.fetchval(
+                            f"SELECT 1 FROM {table} WHERE {field} = $1", value
+                        ):
+                            outcome = "partial"
+                    found[key] = outcome
         finally:
             await conn.close()
     return found
+
+
+async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[str]]) -> set[str]:
+    """The idempotency keys each cell's primary has committed: every acknowledged financial
+    request leaves its key there, in the same transaction as its postings."""
+    return set(await _ledger_lookup(runtime, keys_by_cell, with_effects=False))
 
 
 def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[str]:
@@ -247,12 +281,25 @@ def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[
     return asyncio.run(keys_in_ledgers(runtime, keys_by_cell))
 
 
+def resolve_indeterminate(runtime: LocalRuntime, requests: list[dict[str, Any]]) -> dict[str, str]:
+    """Each indeterminate request's outcome in its cell's ledger: ``applied`` (its key committed
+    with everything its answer names), ``partial`` (committed, but something it named is not
+    there) or ``absent`` (nothing committed under its key)."""
+    keys_by_cell: dict[int, list[str]] = {}
+    for request in requests:
+        keys_by_cell.setdefault(int(request["cell"]), []).append(str(request["key"]))
+    found = asyncio.run(_ledger_lookup(runtime, keys_by_cell, with_effects=True))
+    return {key: found.get(key, "absent") for keys in keys_by_cell.values() for key in keys}
+
+
 def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
     """Trial balance of every cell through the entry, and the limits of a sample of customers."""
     entry = runtime.topology.entry_url
+    tokens = runtime.client_tokens()
     balances = []
     for cell in runtime.topology.cell_numbers:
-        status, body = http_json(f"{entry}/v1/admin/trial-balance?cell={cell}", timeout_s=30)
+        path = f"/v1/admin/trial-balance?cell={cell}"
+        status, body = http_json(entry + path, timeout_s=30, headers=tokens.headers("GET", path))
         balances.append(
             body
             if status == 200 and isinstance(body, dict)
@@ -263,7 +310,8 @@ def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[lis
     if population.exists():
         customers = json.loads(population.read_text()).get("customers", [])[:50]
         for customer in customers:
-            status, body = http_json(f"{entry}/v1/customers/{customer['customer_id']}/limits", timeout_s=10)
+            path = f"/v1/customers/{customer['customer_id']}/limits"
+            status, body = http_json(entry + path, timeout_s=10, headers=tokens.headers("GET", path))
             if status == 200 and isinstance(body, dict):
                 lines_views.append(body["lines"])
     return balances, lines_views
@@ -279,6 +327,78 @@ def stop_load(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=LOAD_STOP_TIMEOUT_S)
 
 
+class During(threading.Thread):
+    """The task of ``--during``: waits (bounded) for the fault's mark, then runs the statement
+    cycle or a runbook while the fault is in force; what it did goes into the report."""
+
+    def __init__(self, runtime: LocalRuntime, task: tuple[str, dict[str, str]], marks: Path) -> None:
+        super().__init__(daemon=True, name="drill-during")
+        self.runtime = runtime
+        self.task = task
+        self.marks = marks
+        self.result: dict[str, Any] = {"task": task[0], **task[1], "started_at": None}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + CHAOS_TIMEOUT_S
+        fault_at = None
+        while fault_at is None and time.monotonic() < deadline and not self.stopping.is_set():
+            fault_at = marks_of(self.marks)[0]
+            if fault_at is None:
+                self.stopping.wait(0.2)
+        if fault_at is None:
+            self.result["error"] = "the fault was never injected: not run"
+            return
+        self.result["started_at"] = datetime.now(UTC).isoformat()
+        self.result["seconds_after_fault"] = round(time.time() - fault_at, 1)
+        name, arguments = self.task
+        try:
+            if name == "cycle":
+                status, body = post_json(
+                    self.runtime,
+                    "/v1/admin/cycle",
+                    {"business_date": arguments["business_date"]},
+                    "operator",
+                    120,
+                )
+                self.result["result"] = {"status": status, "body": body}
+                if status != 200:
+                    self.result["error"] = f"the cycle answered {status}: {body}"
+            else:
+                from watertight.runbooks import runner
+
+                summary = runner.run(name.split(":", 1)[1], arguments, self.runtime.run_dir)
+                self.result["result"] = {"rc": summary["rc"], "failed_step": summary.get("failed_step")}
+                if summary["rc"] != 0:
+                    self.result["error"] = f"failed at {summary.get('failed_step')}: {summary.get('error')}"
+        except Exception as error:  # said in the report; the verdicts judge the topology
+            self.result["error"] = f"{type(error).__name__}: {error}"
+        self.result["seconds"] = round(time.time() - fault_at - self.result["seconds_after_fault"], 1)
+
+
+def post_json(
+    runtime: LocalRuntime, path: str, body: dict[str, Any], kind: str, timeout_s: float
+) -> tuple[int, Any]:
+    """POST through the entry as a client of ``kind``; (status, body), status 0 without an answer."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"content-type": "application/json", "authorization": f"Bearer {runtime.api_tokens()[kind]}"}
+    request = urllib.request.Request(
+        runtime.topology.entry_url + path, data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.loads(error.read() or b"null")
+        except ValueError:
+            return error.code, None
+    except (OSError, ValueError) as error:
+        return 0, str(error)
+
+
 def run_one(
     runtime: LocalRuntime,
     name: str,
@@ -286,7 +406,10 @@ def run_one(
     rate_nonfinancial: float,
     report_dir: Path,
     progress: Progress,
+    options: Options | None = None,
 ) -> dict[str, Any]:
+    options = options or Options(rate_financial, rate_nonfinancial)
+    during = parse_during(options.during)
     path, fault = load_experiment(name)
     directory = report_dir / path.stem if report_dir.name != path.stem else report_dir
     directory.mkdir(parents=True, exist_ok=True)
@@ -299,6 +422,9 @@ def run_one(
     load = start_load(runtime, directory, rate_financial, rate_nonfinancial, WARMUP_S + CHAOS_TIMEOUT_S)
     sampler = Sampler(runtime)
     chaos_status = "not run"
+    journal_doc: dict[str, Any] = {}
+    aborted: dict[str, Any] | None = None
+    during_task: During | None = None
     started = time.time()
     fault_at: float | None = None
     rollback_at: float | None = None
@@ -313,7 +439,17 @@ def run_one(
         journal = directory / "journal.json"
         progress(f"chaos: running {path.name} (journal {journal})")
         marks = directory / "marks.jsonl"
-        env = {**os.environ, "WATERTIGHT_RUN_DIR": str(runtime.run_dir), "WATERTIGHT_MARKS_PATH": str(marks)}
+        env = {
+            **os.environ,
+            "WATERTIGHT_RUN_DIR": str(runtime.run_dir),
+            "WATERTIGHT_MARKS_PATH": str(marks),
+            "WATERTIGHT_SAFEGUARDS": ",".join(f"{k}={v:g}" for k, v in options.safeguards.items()),
+            "WATERTIGHT_TIMELINE_PATH": str(directory / "timeline.jsonl"),
+            "WATERTIGHT_ACK_LOG_PATH": str(directory / "ack.jsonl"),
+        }
+        if during is not None:
+            during_task = During(runtime, during, marks)
+            during_task.start()
         with (directory / "chaos.log").open("wb") as log:
             chaos = subprocess.run(
                 [sys.executable, "-m", "chaostoolkit", "--no-version-check", "--no-log-file", "run", "--journal-path", str(journal), str(path)],
@@ -322,16 +458,28 @@ def run_one(
         journal_doc = json.loads(journal.read_text()) if journal.exists() else {}
         chaos_status = str(journal_doc.get("status", f"chaos exited {chaos.returncode}"))
         fault_at, rollback_at = marks_of(marks)
+        aborted = safeguards.read_abort(marks)
+        if aborted is not None:
+            progress(f"chaos: ABORTED by a safeguard: {aborted['reason']}")
+        if during_task is not None:
+            during_task.join(timeout=CHAOS_TIMEOUT_S)
+            progress(f"during the fault: {during_task.result}")
         progress(f"chaos: {chaos_status}; load goes on {TAIL_S:g} s")
         time.sleep(TAIL_S)
     finally:
         sampler.stopping.set()
+        if during_task is not None:
+            during_task.stopping.set()
         stop_load(load)
     progress("verifying: ack log against the ledgers, timeline, invariants")
     from watertight_load.ack_log import read_ack_log
+    from watertight_load.history import read_history
 
     acked = [e for e in read_ack_log(directory / "ack.jsonl") if e.get("idempotency_key")]
     found = found_in_ledgers(runtime, acked)
+    history = read_history(directory / "history.jsonl")
+    unknown = [entry for entry in history if entry.get("op") == "indeterminate"]
+    outcomes = resolve_indeterminate(runtime, unknown) if unknown else {}
     samples, series = timeline_of(directory / "load_stats_history.csv")
     balances, lines_views = ledger_checks(runtime)
     summary = (
@@ -363,12 +511,27 @@ def run_one(
         split_brain_seen=verdicts.split_brain(sampler.samples) if sampler.samples else None,
         slo_rto_seconds=runtime.topology.slo.rto_seconds,
         slo_rpo_missing=runtime.topology.slo.rpo_transactions,
+        stale=verdicts.stale_reads(history),
+        indeterminate_result=verdicts.indeterminate(unknown, outcomes),
+        writable_max=verdicts.writable_primaries_max(sampler.samples, runtime.topology.cell_numbers)
+        if sampler.samples
+        else None,
     )
     if chaos_status != "completed":
         judged["passed"] = False
         judged["reasons"].append(
             f"the experiment did not complete: {chaos_status} (see chaos.log and the journal)"
         )
+    for failed in failed_actions(journal_doc):
+        # Chaos Toolkit completes an experiment whose action failed: the fault was never injected
+        judged["passed"] = False
+        judged["reasons"].append(f"the fault was not injected: {failed} (see the journal)")
+    if aborted is not None:
+        judged["passed"] = False
+        judged["reasons"].insert(0, f"aborted by a safeguard: {aborted['reason']}")
+    if during_task is not None and during_task.result.get("started_at") is None:
+        judged["passed"] = False
+        judged["reasons"].append(f"--during {options.during}: {during_task.result.get('error')}")
     result = {
         "experiment": path.stem,
         "status": chaos_status,
@@ -380,6 +543,15 @@ def run_one(
         },
         **{key: value for key, value in judged.items() if key != "passed"},
         "load": summary.get("load", {}),
+        "affected_cells": [verdicts.cell_key(cell) for cell in affected],
+        "aborted": None
+        if aborted is None
+        else {
+            "reason": aborted["reason"],
+            "at": datetime.fromtimestamp(float(aborted["at"]), UTC).isoformat(),
+            "seconds_after_fault": round(float(aborted["at"]) - fault_at, 1),
+        },
+        "during": during_task.result if during_task is not None else None,
     }
     result["journal"] = "journal.json"
     result["html"] = "report.html"
@@ -393,12 +565,27 @@ def run_one(
         rto = result["rto_seconds"].get(key)
         if cell in affected and isinstance(rto, (int, float)):
             plot_marks[key].append((origin - start + rto, f"recovered {rto:.1f} s", "#27a"))
+    runs: list[dict[str, Any]] = []
+    if options.history_path is not None:
+        trend.append(options.history_path, trend.entry(result, datetime.now(UTC).isoformat(), _commit()))
+        runs = [r for r in trend.read(options.history_path) if r.get("experiment") == path.stem]
     report.write_json(result, directory)
-    report.write_html(result, series, plot_marks, directory)
+    report.write_html(result, series, plot_marks, directory, runs)
     progress(f"{path.stem}: {'PASSED' if result['passed'] else 'FAILED'}; report {directory / 'report.json'}")
     for reason in result.get("reasons", []):
         progress(f"  {reason}")
     return result
+
+
+def _commit() -> str | None:
+    """The checked-out commit, for the history (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def spread_as_designed(runtime: LocalRuntime, progress: Progress) -> dict[int, str]:
@@ -440,6 +627,20 @@ def heal(runtime: LocalRuntime, progress: Progress) -> None:
     spread_as_designed(runtime, progress)
 
 
+def catalogue() -> list[str]:
+    """Every experiment of chaos/experiments, in name order (``watertight drill --all``)."""
+    return sorted(path.stem for path in EXPERIMENTS_DIR.glob("*.json"))
+
+
+def _drills_dir(run_dir: Path) -> Path:
+    return run_dir / "chaos" / DRILLS_DIR
+
+
+def _stop_requested_since(run_dir: Path, started: float) -> bool:
+    stop = safeguards.stop_path(run_dir)
+    return stop.exists() and stop.stat().st_mtime >= started
+
+
 def run(
     experiments: list[str],
     rate_financial: float,
@@ -447,7 +648,13 @@ def run(
     report_dir: Path,
     run_dir: Path,
     progress: Progress,
+    options: Options | None = None,
+    junit_path: Path | None = None,
 ) -> int:
+    """Drill each experiment in turn; 0 when every one passed, 1 when a verdict failed, 3 when a
+    safeguard or the kill switch aborted one (the remaining ones are not run after a stop)."""
+    options = options or Options(rate_financial, rate_nonfinancial)
+    parse_during(options.during)  # a bad --during fails before anything starts
     for name in experiments:
         load_experiment(name)  # fail before starting anything when a name is wrong
     try:
@@ -455,13 +662,99 @@ def run(
     except RuntimeError_:
         text = topology_module.DEFAULT_PATH.read_text()
         runtime = LocalRuntime(run_dir, topology_module.parse(text, str(topology_module.DEFAULT_PATH)), text)
-    progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
-    runtime.up(progress)
-    spread_as_designed(runtime, progress)
-    outcomes = []
-    for name in experiments:
-        outcomes.append(
-            run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress)["passed"]
+    started = time.time()
+    in_flight = _drills_dir(runtime.run_dir) / f"{os.getpid()}.json"
+    in_flight.parent.mkdir(parents=True, exist_ok=True)
+    in_flight.write_text(json.dumps({"pid": os.getpid(), "started": started, "experiments": experiments}))
+    results: list[dict[str, Any]] = []
+    try:
+        progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
+        runtime.up(progress)
+        spread_as_designed(runtime, progress)
+        for name in experiments:
+            if _stop_requested_since(runtime.run_dir, started):
+                progress(f"stopped by `watertight drill --stop`: {name} and the rest are not run")
+                break
+            results.append(
+                run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress, options)
+            )
+            heal(runtime, progress)
+    finally:
+        in_flight.unlink(missing_ok=True)
+        if junit_path is not None:
+            junit_path.parent.mkdir(parents=True, exist_ok=True)
+            junit_path.write_text(junit.junit_xml(results))
+            progress(f"JUnit: {junit_path}")
+    if any(result.get("aborted") for result in results):
+        return EXIT_ABORTED
+    return EXIT_PASSED if all(result["passed"] for result in results) else EXIT_FAILED
+
+
+def stop(run_dir: Path, progress: Progress) -> int:
+    """The kill switch: every drill in flight on this run directory's topology leaves its method
+    now and runs its rollbacks (the safeguards control watches the stop file); waits, bounded by
+    ``STOP_WAIT_S_MAX``, until each has started its rollbacks or ended. 0 when none was left in
+    its method, 1 otherwise."""
+    stop_file = safeguards.stop_path(run_dir)
+    stop_file.parent.mkdir(parents=True, exist_ok=True)
+    stop_file.write_text(datetime.now(UTC).isoformat() + "\n")
+    drills = []
+    for record in sorted(_drills_dir(run_dir).glob("*.json")):
+        try:
+            pid = int(json.loads(record.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if processes_alive(pid):
+            drills.append(pid)
+        else:
+            record.unlink(missing_ok=True)
+    if not drills:
+        progress(
+            "no drill is in flight on this topology; the stop file stays for any that starts its method later"
         )
-        heal(runtime, progress)
-    return 0 if all(outcomes) else 1
+        return 0
+    progress(
+        f"stopping the drills in flight (PIDs {', '.join(map(str, drills))}): their faults are rolled back"
+    )
+    deadline = time.monotonic() + STOP_WAIT_S_MAX
+    while time.monotonic() < deadline:
+        if not any(_in_method(run_dir, pid) for pid in drills):
+            progress("every drill in flight has left its method and is rolling back")
+            return 0
+        time.sleep(0.2)
+    progress(f"a drill was still in its method after {STOP_WAIT_S_MAX:g} s; see its chaos.log")
+    return 1
+
+
+def processes_alive(pid: int) -> bool:
+    from watertight.runtime import processes
+
+    return processes.state_of(pid) not in (None, "Z", "X")
+
+
+def _in_method(run_dir: Path, pid: int) -> bool:
+    """Whether drill ``pid`` has an experiment in its method (its chaos run marks say so)."""
+    if not processes_alive(pid):
+        return False
+    from watertight.runtime import processes
+
+    for child in processes.descendants(pid):
+        line = processes.cmdline(child)
+        if "chaostoolkit" in line and " run " in f" {line} ":
+            # the marks file is beside the journal the command line names
+            parts = line.split()
+            journal = Path(parts[parts.index("--journal-path") + 1]) if "--journal-path" in parts else None
+            marks = journal.parent / "marks.jsonl" if journal else None
+            if marks is None or not marks.exists():
+                return True
+            events = [json.loads(row)["event"] for row in marks.read_text().splitlines() if row.strip()]
+            return "method-start" in events and "rollback-start" not in events
+    return False
+
+
+def dry_run(experiments: list[str], run_dir: Path) -> str:
+    """What each action of each experiment would hit now, and what its rollback would do."""
+    from watertight.chaos import plan
+
+    runtime = LocalRuntime(run_dir)
+    return "\n\n".join(plan.text(plan.dry_run(load_experiment(name)[0], runtime)) for name in experiments)

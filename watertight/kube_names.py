@@ -37,10 +37,16 @@ def selector(terms: dict[str, str]) -> str:
 
 
 # ---- objects the program declares in each site's namespace ---------------------------------------
-CREDENTIALS_SECRET = "watertight-credentials"
-# keys of the credentials Secret: render's secret names for the passwords, and the clients'
-# bearer tokens as JSON {"acquirer": ..., "channel": ..., "operator": ...} (CONTRACT)
-API_TOKENS_KEY = "api_tokens"
+CREDENTIALS_SECRET = "watertight-credentials"  # the PostgreSQL passwords (render's secret names)
+# the digests of the accepted API tokens, mounted (as a directory: the kubelet refreshes it, and
+# the servers read it again, so a rotation needs no restart) into every app server and gateway
+API_TOKENS_SECRET = "watertight-api-tokens"
+API_TOKENS_DIR = "/etc/cardcore-tokens"
+# the clients' side: {"api_tokens": {...}} as `secrets.json` (Locust) and the operator's token
+# alone as `operator` (Prometheus scraping /metrics)
+API_CLIENTS_SECRET = "watertight-api-clients"
+API_CLIENTS_DIR = "/etc/watertight-clients"
+API_CLIENTS_FILE = "secrets.json"
 DEFAULT_DENY_POLICY = "default-deny-ingress"
 # the cells drained for maintenance: one ConfigMap per site that drain-cell rewrites
 DRAIN_CONFIG_MAP = "watertight-drain"
@@ -57,6 +63,10 @@ PATRONI_FILE = "patroni.yml"
 PATRONI_CONFIG = f"{PATRONI_CONFIG_DIR}/{PATRONI_FILE}"
 POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # the data volume: PGDATA, the socket and pgpass
 DATA_CLAIM = "data"  # a StatefulSet member's PersistentVolumeClaim is <claim>-<statefulset>-<ordinal>
+# the member guard (watertight/runtime/guard.py) in the patroni image: the container's command, so
+# PostgreSQL never outlives Patroni in a pod either; its watchdog pipe is on the pod's /tmp
+MEMBER_GUARD = "/opt/watertight/guard.py"
+WATCHDOG_PIPE = "/tmp/watertight-watchdog"
 ETCD_CONTAINER = "etcd"
 APP_CONTAINER = "app"
 GATEWAY_CONTAINER = "gateway"

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import yaml
+from cardcore.platform import auth
 
 from watertight import pg
 from watertight.topology import CENTERS, Topology
@@ -42,7 +43,27 @@ ENTRY = "entry"
 SECRET_PAN_KEY = "pan_key_hex"
 SECRET_SUPERUSER_PASSWORD = "superuser_password"
 SECRET_REPLICATION_PASSWORD = "replication_password"
-REQUIRED_SECRETS = (SECRET_PAN_KEY, SECRET_SUPERUSER_PASSWORD, SECRET_REPLICATION_PASSWORD)
+# {"acquirer": token, "channel": token, "operator": token}: what clients send (CONTRACT)
+SECRET_API_TOKENS = "api_tokens"
+# the same shape, while a rotation is under way: still accepted, no longer handed out
+SECRET_API_TOKENS_PREVIOUS = "api_tokens_previous"
+# the same shape, at the start of a rotation: accepted already, not handed out yet (the servers
+# must accept a token before any client is given it)
+SECRET_API_TOKENS_NEXT = "api_tokens_next"
+# {"current": N, "keys": {"N": "<64 hex>", ...}}: the master keys of card and identity data by
+# version (cardcore.common.crypto); version 1 is the first pan_key_hex
+SECRET_KEY_RING = "key_ring"
+REQUIRED_SECRETS = (
+    SECRET_PAN_KEY,
+    SECRET_SUPERUSER_PASSWORD,
+    SECRET_REPLICATION_PASSWORD,
+    SECRET_API_TOKENS,
+    SECRET_KEY_RING,
+)
+# beside each app server's and gateway's settings: the digests of the tokens it accepts
+API_TOKENS_FILE = "api-tokens.json"
+# beside each app server's settings: its key ring, read again when it changes (a key rotation)
+KEY_RING_FILE = "keys.json"
 
 # start order; components of one stage may start together
 STAGE_ETCD = 1
@@ -97,13 +118,50 @@ def gateway_name(site: str) -> str:
     return f"gateway-{site}"
 
 
-def generate_secrets() -> dict[str, str]:
+def generate_secrets() -> dict[str, Any]:
     """Fresh random values for every key of REQUIRED_SECRETS (the runtime keeps them per run)."""
-    return {
-        SECRET_PAN_KEY: secrets_module.token_hex(32),
-        SECRET_SUPERUSER_PASSWORD: secrets_module.token_urlsafe(24),
-        SECRET_REPLICATION_PASSWORD: secrets_module.token_urlsafe(24),
-    }
+    return complete_secrets({})
+
+
+def complete_secrets(secrets: Mapping[str, Any]) -> dict[str, Any]:
+    """``secrets`` with every missing key of REQUIRED_SECRETS made: random, except the key ring of
+    a run that has a PAN key already, which starts from it (version 1), so its data stays readable."""
+    done = dict(secrets)
+    done.setdefault(SECRET_PAN_KEY, secrets_module.token_hex(32))
+    done.setdefault(SECRET_SUPERUSER_PASSWORD, secrets_module.token_urlsafe(24))
+    done.setdefault(SECRET_REPLICATION_PASSWORD, secrets_module.token_urlsafe(24))
+    done.setdefault(SECRET_API_TOKENS, {kind: auth.new_token() for kind in auth.KINDS})
+    done.setdefault(SECRET_KEY_RING, {"current": 1, "keys": {"1": done[SECRET_PAN_KEY]}})
+    return done
+
+
+def key_ring_document(secrets: Mapping[str, Any]) -> str:
+    """An app server's key ring file (cardcore.platform.settings.read_key_ring)."""
+    ring = secrets[SECRET_KEY_RING]
+    current = int(ring["current"])
+    keys = {str(k): str(v) for k, v in ring["keys"].items()}
+    if str(current) not in keys:
+        raise ValueError(f"secrets: {SECRET_KEY_RING}: current version {current} has no key")
+    return _json({"current": current, "keys": keys})
+
+
+def accepted_api_tokens(secrets: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Every token each client kind may use: the current one, and while a rotation is under way
+    the next one (before it is handed out) or the previous one (until it is retired)."""
+    current = secrets[SECRET_API_TOKENS]
+    extra = [secrets.get(SECRET_API_TOKENS_NEXT) or {}, secrets.get(SECRET_API_TOKENS_PREVIOUS) or {}]
+    accepted: dict[str, list[str]] = {}
+    for kind in auth.KINDS:
+        if not current.get(kind):
+            raise ValueError(f"secrets: {SECRET_API_TOKENS}.{kind} is missing")
+        accepted[kind] = [current[kind]] + [more[kind] for more in extra if more.get(kind)]
+    return accepted
+
+
+def api_tokens_document(secrets: Mapping[str, Any]) -> str:
+    """The tokens file of every app server, gateway and the entry: SHA-256 digests only, so a
+    server's files do not hold a token a client could use."""
+    return _json(auth.digests_document(accepted_api_tokens(secrets)))
 
 
 # ---- endpoints ------------------------------------------------------------------------------------
@@ -299,6 +357,11 @@ def _netloc(url: str) -> str:
     return urlsplit(url).netloc
 
 
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return str(parts.hostname), _port(url)
+
+
 def _listen_url(url: str, host: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{host}:{_port(url)}"
@@ -330,6 +393,13 @@ class Component:
     # started only while dr is active (the activate-dr runbook), never by a plain `up`: dr's app
     # server and gateway stay idle until both centers are lost
     on_dr_activation: bool = False
+    # the (address, port) pairs it listens on: `up` refuses to start it while another process
+    # holds one of them
+    listens: tuple[tuple[str, int], ...] = ()
+
+
+# the named pipe in a member's component directory that its Patroni's watchdog writes to
+WATCHDOG_PIPE = "watchdog"
 
 
 def component_dir(run_dir: Path, name: str) -> Path:
@@ -483,8 +553,24 @@ def _pg_hba(endpoints: Endpoints) -> list[str]:
     return lines
 
 
+def _watchdog(device: Path | None) -> dict[str, Any]:
+    """Patroni's watchdog: off, or required and fed to the member guard's pipe (Patroni's
+    ``testing`` driver writes ``Ctimeout=N``, a keepalive per loop and ``V`` to a named pipe;
+    watertight.runtime.guard fences PostgreSQL when they stop). ttl // 2 (safety_margin -1): a
+    leader whose Patroni froze is fenced 10 s before its leader key can run out."""
+    if device is None:
+        return {"mode": "off"}
+    return {"mode": "required", "driver": "testing", "device": str(device), "safety_margin": -1}
+
+
 def _patroni_common(
-    topology: Topology, endpoints: Endpoints, cell: int, site: str, data_dir: Path, bin_dir: Path
+    topology: Topology,
+    endpoints: Endpoints,
+    cell: int,
+    site: str,
+    data_dir: Path,
+    bin_dir: Path,
+    watchdog_device: Path | None = None,
 ) -> dict[str, Any]:
     listen = endpoints.listen_address(site)
     port = endpoints.postgres_port(cell)
@@ -500,7 +586,7 @@ def _patroni_common(
         "namespace": PATRONI_NAMESPACE,
         "log": {"level": "INFO"},
         "restapi": {"listen": f"{listen}:{_port(api)}", "connect_address": _netloc(api)},
-        "watchdog": {"mode": "off"},
+        "watchdog": _watchdog(watchdog_device),
         "postgresql": {
             "listen": f"{listen}:{port}",
             "connect_address": endpoints.postgres_member(cell, site),
@@ -546,6 +632,7 @@ def patroni_config(
     data_dir: Path,
     bin_dir: Path,
     centers_follow_dr: bool = False,
+    watchdog_device: Path | None = None,
 ) -> dict[str, Any]:
     """Patroni YAML (as a dict) of a cell's member in ``site``.
 
@@ -562,12 +649,15 @@ def patroni_config(
     ``centers_follow_dr`` (failback, after activate-dr): a center member that bootstraps again
     (re-cloned) starts the main cluster as a standby cluster of the cell's dr primary, until the
     failback runbook promotes it.
+
+    ``watchdog_device``: the named pipe of the member guard (watertight.runtime.guard) that runs
+    this Patroni; without it the watchdog is off.
     """
     if not 1 <= cell <= topology.cells:
         raise ValueError(f"patroni_config: cell {cell} is not one of 1..{topology.cells}")
     if site not in topology.sites:
         raise ValueError(f"patroni_config: unknown site {site!r}")
-    config = _patroni_common(topology, endpoints, cell, site, data_dir, bin_dir)
+    config = _patroni_common(topology, endpoints, cell, site, data_dir, bin_dir, watchdog_device)
     dcs = _bootstrap_dcs(topology)
     if site in CENTERS:
         config["scope"] = scope(cell)
@@ -622,7 +712,7 @@ def _centers_leader_first(topology: Topology, cell: int) -> list[str]:
     return [topology.leader_site(cell), topology.standby_site(cell)]
 
 
-def patroni_env(secrets: Mapping[str, str]) -> dict[str, str]:
+def patroni_env(secrets: Mapping[str, Any]) -> dict[str, str]:
     """The environment that carries Patroni's passwords (never its YAML or its command line)."""
     return {
         "PATRONI_SUPERUSER_PASSWORD": secrets[SECRET_SUPERUSER_PASSWORD],
@@ -637,13 +727,22 @@ def _dsn(members: list[str]) -> str:
     return f"postgresql://{SUPERUSER}@{','.join(members)}/{DATABASE}?target_session_attrs=read-write"
 
 
-def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_hex: str) -> dict[str, Any]:
+def app_settings(
+    topology: Topology,
+    endpoints: Endpoints,
+    site: str,
+    pan_key_hex: str,
+    api_tokens_file: str = API_TOKENS_FILE,
+    keys_file: str | None = None,
+) -> dict[str, Any]:
     """cardcore AppSettings of ``site``'s app server, as a dict.
 
     Every cell's dsn is libpq multi-host over the cell's members in both centers (the cell's
     leader-to-be first) with target_session_attrs=read-write, so the app follows the primary. At dr
     (idle until the activate-dr runbook) it names the dr members. The password is not in it: the
-    app server reads PGPASSWORD.
+    app server reads PGPASSWORD. ``api_tokens_file``: where it finds the digests of the accepted
+    API tokens (``api_tokens_document``; relative to the settings file, or absolute). ``keys_file``:
+    its key ring (``key_ring_document``), instead of the one key ``pan_key_hex``.
     """
     if site not in topology.sites:
         raise ValueError(f"app_settings: unknown site {site!r}")
@@ -655,13 +754,20 @@ def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_he
             "dsn": _dsn(members),
             "member_sites": dict(zip(members, sites, strict=True)),
             "leader_site": sites[0],
+            # serve only from the member whose Patroni holds the leader lock
+            "patroni_urls": {
+                member: endpoints.patroni_api_url(cell, s) for member, s in zip(members, sites, strict=True)
+            }
+            if topology.fencing.app_leader_lock
+            else {},
         }
     url = endpoints.app_url(site)
     return {
         "site": site,
         "cells": cells,
         "cell_count": topology.cells,
-        "pan_key_hex": pan_key_hex,
+        **({"keys_file": keys_file} if keys_file is not None else {"pan_key_hex": pan_key_hex}),
+        "api_tokens_file": api_tokens_file,
         "host": endpoints.listen_address(site),
         "port": _port(url),
         "hold_ttl_seconds": topology.app.hold_ttl_seconds,
@@ -671,7 +777,11 @@ def app_settings(topology: Topology, endpoints: Endpoints, site: str, pan_key_he
 
 
 def gateway_settings(
-    topology: Topology, endpoints: Endpoints, site: str, drain_file: str | None = None
+    topology: Topology,
+    endpoints: Endpoints,
+    site: str,
+    drain_file: str | None = None,
+    api_tokens_file: str = API_TOKENS_FILE,
 ) -> dict[str, Any]:
     """cardcore GatewaySettings of ``site``'s gateway: every cell -> its own site's app server, then
     the other center's (the gateway spreads over the healthy ones). ``drain_file``: where the
@@ -686,6 +796,7 @@ def gateway_settings(
         "site": site,
         "cell_count": topology.cells,
         "upstreams": {str(cell): list(apps) for cell in topology.cell_numbers},
+        "api_tokens_file": api_tokens_file,
         "host": endpoints.listen_address(site),
         "port": _port(url),
         **({"drain_file": drain_file} if drain_file else {}),
@@ -705,6 +816,7 @@ def entry_settings(topology: Topology, endpoints: Endpoints, drain_file: str | N
             + [endpoints.gateway_url(DR_SITE)]
             for cell in topology.cell_numbers
         },
+        "api_tokens_file": API_TOKENS_FILE,
         "host": endpoints.entry_listen_address(),
         "port": _port(endpoints.entry_url()),
         **({"drain_file": drain_file} if drain_file else {}),
@@ -722,7 +834,7 @@ def render_local(
     topology: Topology,
     run_dir: Path,
     python: str,
-    secrets: Mapping[str, str],
+    secrets: Mapping[str, Any],
     centers_follow_dr: bool = False,
 ) -> list[Component]:
     """Every component of the local runtime, in start order.
@@ -751,6 +863,7 @@ def render_local(
                 ready_url=endpoints.etcd_client_url(site) + "/health",
                 stage=STAGE_ETCD,
                 data_dir=data_dir(run_dir, name),
+                listens=(_address(endpoints.etcd_client_url(site)), _address(endpoints.etcd_peer_url(site))),
             )
         )
     components.append(
@@ -763,28 +876,57 @@ def render_local(
             ready_url=endpoints.etcd_dr_client_url() + "/health",
             stage=STAGE_ETCD,
             data_dir=data_dir(run_dir, ETCD_DR_NAME),
+            listens=(_address(endpoints.etcd_dr_client_url()), _address(endpoints.etcd_dr_peer_url())),
         )
     )
 
     def member(cell: int, site: str, stage: int) -> Component:
         name = pg_name(cell, site)
         member_dir = data_dir(run_dir, name)
+        own_dir = component_dir(run_dir, name)
+        fifo = own_dir / WATCHDOG_PIPE if topology.fencing.member_guard else None
         config = patroni_config(
-            topology, endpoints, cell, site, member_dir, bin_dir, centers_follow_dr and site in CENTERS
+            topology,
+            endpoints,
+            cell,
+            site,
+            member_dir,
+            bin_dir,
+            centers_follow_dr and site in CENTERS,
+            watchdog_device=fifo,
         )
+        postmaster_pid = pgdata(member_dir) / "postmaster.pid"
+        patroni = [python, "-m", "patroni", str(own_dir / "patroni.yml")]
+        guard = [
+            python,
+            "-m",
+            "watertight.runtime.guard",
+            "--watchdog",
+            str(fifo),
+            "--pid-file",
+            str(postmaster_pid),
+        ]
         return Component(
             name=name,
             kind="patroni",
             site=site,
             cell=cell,
-            argv=[python, "-m", "patroni", str(component_dir(run_dir, name) / "patroni.yml")],
+            # the guard is the component's PID: Patroni runs under it, and PostgreSQL never
+            # outlives Patroni (watertight.runtime.guard)
+            argv=[*guard, "--", *patroni] if fifo is not None else patroni,
             env=patroni_env(secrets),
-            files={"patroni.yml": yaml.safe_dump(config, sort_keys=False)},
+            # libyaml's dumper: the same text as safe_dump, five times faster (every LocalRuntime
+            # renders the set; probes and the drill's samplers make one several times a second)
+            files={"patroni.yml": yaml.dump(config, Dumper=yaml.CSafeDumper, sort_keys=False)},
             service_user=True,
             ready_url=endpoints.patroni_api_url(cell, site) + "/readiness",
             stage=stage,
             data_dir=member_dir,
-            detached_pid_file=pgdata(member_dir) / "postmaster.pid",
+            detached_pid_file=postmaster_pid,
+            listens=(
+                (endpoints.postgres_host(cell, site), endpoints.postgres_port(cell)),
+                _address(endpoints.patroni_api_url(cell, site)),
+            ),
         )
 
     for cell in topology.cell_numbers:
@@ -795,6 +937,7 @@ def render_local(
         components.append(member(cell, DR_SITE, STAGE_DR_STANDBY))
 
     drain = str(drain_file(run_dir))
+    tokens = api_tokens_document(secrets)
     for site in (*CENTERS, DR_SITE):
         name = app_name(site)
         components.append(
@@ -805,10 +948,15 @@ def render_local(
                 cell=None,
                 argv=[python, "-m", "cardcore", "--config", str(component_dir(run_dir, name) / "app.json")],
                 env={"PGPASSWORD": secrets[SECRET_SUPERUSER_PASSWORD]},
-                files={"app.json": _json(app_settings(topology, endpoints, site, secrets[SECRET_PAN_KEY]))},
+                files={
+                    "app.json": _json(app_settings(topology, endpoints, site, "", keys_file=KEY_RING_FILE)),
+                    KEY_RING_FILE: key_ring_document(secrets),
+                    API_TOKENS_FILE: tokens,
+                },
                 ready_url=endpoints.app_url(site) + "/readyz",
                 stage=STAGE_APP,
                 on_dr_activation=site == DR_SITE,
+                listens=(_address(endpoints.app_url(site)),),
             )
         )
     for site in (*CENTERS, DR_SITE):
@@ -826,10 +974,14 @@ def render_local(
                     "--config",
                     str(component_dir(run_dir, name) / "gateway.json"),
                 ],
-                files={"gateway.json": _json(gateway_settings(topology, endpoints, site, drain))},
+                files={
+                    "gateway.json": _json(gateway_settings(topology, endpoints, site, drain)),
+                    API_TOKENS_FILE: tokens,
+                },
                 ready_url=endpoints.gateway_url(site) + "/readyz",
                 stage=STAGE_GATEWAY,
                 on_dr_activation=site == DR_SITE,
+                listens=(_address(endpoints.gateway_url(site)),),
             )
         )
     components.append(
@@ -845,9 +997,10 @@ def render_local(
                 "--config",
                 str(component_dir(run_dir, ENTRY) / "entry.json"),
             ],
-            files={"entry.json": _json(entry_settings(topology, endpoints, drain))},
+            files={"entry.json": _json(entry_settings(topology, endpoints, drain)), API_TOKENS_FILE: tokens},
             ready_url=endpoints.entry_url() + "/readyz",
             stage=STAGE_ENTRY,
+            listens=(_address(endpoints.entry_url()),),
         )
     )
     return components

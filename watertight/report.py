@@ -61,8 +61,34 @@ def _svg_timeline(
     return "\n".join(parts)
 
 
+def _trend(runs: list[dict[str, Any]]) -> str:
+    """The experiment's last runs from the drill history: RTO per cell, detection, TPS."""
+    if len(runs) < 2:
+        return ""
+    rows = "".join(
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+            html.escape(str(run.get("finished_at", ""))[:19]),
+            "passed" if run.get("passed") else "FAILED",
+            html.escape(
+                ", ".join(f"{c} {s} s" for c, s in sorted((run.get("rto_seconds") or {}).items())) or "-"
+            ),
+            html.escape(str(run.get("seconds_to_detect", "-"))),
+            html.escape(f"{run.get('financial_tps', '-')} + {run.get('nonfinancial_tps', '-')}"),
+        )
+        for run in runs[-10:]
+    )
+    return (
+        "<h2>Trend over the last runs</h2><table><tr><th>finished</th><th>verdict</th><th>RTO</th>"
+        f"<th>detection (s)</th><th>TPS (financial + non-financial)</th></tr>{rows}</table>"
+    )
+
+
 def write_html(
-    report: dict[str, Any], series: Series, marks: dict[str, list[tuple[float, str, str]]], directory: Path
+    report: dict[str, Any],
+    series: Series,
+    marks: dict[str, list[tuple[float, str, str]]],
+    directory: Path,
+    runs: list[dict[str, Any]] | None = None,
 ) -> Path:
     verdict = "PASSED" if report.get("passed") else "FAILED"
     colour = "#2a7" if report.get("passed") else "#d33"
@@ -86,6 +112,7 @@ code{{font-size:90%;word-break:break-all}} .verdict{{color:{colour};font-weight:
 <h2>Timeline per cell</h2>
 <p>Green: successful requests per second; red: errors per second; dashed: the fault and each cell's recovery.</p>
 {charts}
+{_trend(runs or [])}
 <h2>Figures</h2>
 <table>{rows}</table>
 </body></html>

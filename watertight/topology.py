@@ -63,6 +63,16 @@ class AppTuning(msgspec.Struct, forbid_unknown_fields=True):
     hold_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = 604_800
 
 
+class Fencing(msgspec.Struct, forbid_unknown_fields=True):
+    """What keeps a deposed primary from serving. Both on in every real topology; switched off only
+    to show that the drill's verdicts catch the split brain and stale reads that follow."""
+
+    # each member runs under watertight.runtime.guard: PostgreSQL never outlives its Patroni
+    member_guard: bool = True
+    # app servers use only the member whose Patroni holds the leader lock
+    app_leader_lock: bool = True
+
+
 class Slo(msgspec.Struct, forbid_unknown_fields=True):
     rto_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     rpo_transactions: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -78,6 +88,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True):
     patroni: PatroniTimings = msgspec.field(default_factory=PatroniTimings)
     postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
     app: AppTuning = msgspec.field(default_factory=AppTuning)
+    fencing: Fencing = msgspec.field(default_factory=Fencing)
     slo: Slo = msgspec.field(default_factory=Slo)
 
     # ---- derived views -----------------------------------------------------------------------
@@ -182,7 +193,7 @@ def _loopback(key: str, value: str) -> None:
 
 def parse(text: str, origin: str = "topology") -> Topology:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=yaml.CSafeLoader)  # libyaml: the runtime parses it on every call
     except yaml.YAMLError as error:
         raise TopologyError(f"{origin}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -1,5 +1,5 @@
 """The verdicts of a drill: recovery time, lost acknowledged transactions, isolation, ledger
-invariants and split brain, judged against the SLOs.
+invariants, split brain, stale reads and indeterminate requests, judged against the SLOs.
 
 Owns: the arithmetic of judging, over data the drill has already gathered (a success timeline per
 cell, the ack log, what the ledgers hold, trial balances, limits views, samples of writable
@@ -191,6 +191,103 @@ def split_brain_cells(samples: Iterable[WritableSample]) -> dict[int, float]:
     return seen
 
 
+def writable_primaries_max(samples: Iterable[WritableSample], cells: Iterable[int]) -> dict[str, int]:
+    """The most writable primaries any sample saw, per cell (0 for a cell never sampled): 1 is
+    the design, 2 or more a split brain, 0 a cell that never had one to write to."""
+    most = {cell: 0 for cell in cells}
+    for _, cell, count in samples:
+        most[cell] = max(most.get(cell, 0), count)
+    return {cell_key(cell): count for cell, count in sorted(most.items())}
+
+
+# ---- stale reads ----------------------------------------------------------------------------------
+
+STALE_EXAMPLES_MAX = 5
+
+
+def stale_reads(history: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Reads that missed a write acknowledged before they began, from the client's history (see
+    watertight_load.history): read-your-writes and monotonic reads per account.
+
+    A read of an account's newest transactions is stale when a transaction the read should show
+    is not in it:
+    - one whose write was acknowledged (to anyone) before the read was sent;
+    - one that a read which had ended before this read was sent already showed (monotonic reads).
+    A page with as many transactions as asked (``full``) may end before an older one: there the
+    missing transaction counts only if the database's own time of it (known from any read that
+    showed it, with its id breaking ties as the API orders them) sorts after the last transaction
+    on the page. Writes whose time is unknown
+    and that a full page does not show are not judged (never counted as stale).
+    """
+    entries = list(history)
+    created: dict[str, float] = {}
+    for entry in entries:
+        if entry.get("op") == "read":
+            for transaction_id, at in entry.get("transactions", []):
+                if at is not None:
+                    created[transaction_id] = float(at)
+    writes: dict[str, list[tuple[float, str]]] = {}
+    reads: dict[str, list[Mapping[str, Any]]] = {}
+    for entry in entries:
+        if entry.get("op") == "write":
+            writes.setdefault(entry["account"], []).append((float(entry["done"]), entry["transaction_id"]))
+        elif entry.get("op") == "read":
+            reads.setdefault(entry["account"], []).append(entry)
+    stale = 0
+    judged = 0
+    examples: list[dict[str, Any]] = []
+    for account, account_reads in reads.items():
+        # (when it became known that the transaction exists, id): acknowledged, or shown by a read
+        known = sorted(writes.get(account, []))
+        shown = sorted((float(r["done"]), t) for r in account_reads for t, _ in r.get("transactions", []))
+        facts = sorted(known + shown)
+        for read in account_reads:
+            judged += 1
+            sent = float(read["sent"])
+            page = {t for t, _ in read.get("transactions", [])}
+            # a page runs newest first by (time, id): what sorts below its last entry is beyond it
+            keys = [(float(at), t) for t, at in read.get("transactions", []) if at is not None]
+            oldest = min(keys) if read.get("full") and keys else None
+            missing = None
+            for known_at, transaction_id in facts:
+                if known_at >= sent:
+                    break
+                if transaction_id in page:
+                    continue
+                if oldest is not None:
+                    at = created.get(transaction_id)
+                    if at is None or (at, transaction_id) <= oldest:
+                        continue  # possibly beyond the page: not judged
+                missing = transaction_id
+                break
+            if missing is not None:
+                stale += 1
+                if len(examples) < STALE_EXAMPLES_MAX:
+                    examples.append({"account": account, "read_sent": sent, "missing": missing})
+    return {"stale": stale, "reads": judged, "examples": examples}
+
+
+# ---- indeterminate requests -----------------------------------------------------------------------
+
+
+def indeterminate(requests: Iterable[Mapping[str, Any]], outcomes: Mapping[str, str]) -> dict[str, Any]:
+    """Requests whose outcome their client could not know (``op: indeterminate`` of the history),
+    resolved against the ledgers: ``outcomes`` maps each idempotency key to ``applied`` (committed,
+    everything it wrote is there), ``absent`` (nothing of it is there) or ``partial`` (committed
+    in part: a bug). A key the ledgers were not asked about counts as unresolved."""
+    counts = {"requests": 0, "applied": 0, "absent": 0, "partial": 0, "unresolved": 0}
+    partial_keys: list[str] = []
+    for request in requests:
+        counts["requests"] += 1
+        outcome = outcomes.get(str(request.get("key")), "unresolved")
+        if outcome not in counts:
+            outcome = "unresolved"
+        counts[outcome] += 1
+        if outcome == "partial" and len(partial_keys) < MISSING_KEYS_SHOWN_MAX:
+            partial_keys.append(str(request.get("key")))
+    return {**counts, "partial_keys": partial_keys}
+
+
 # ---- the verdict ----------------------------------------------------------------------------------
 
 
@@ -208,6 +305,9 @@ def verdict(
     error_rate_max: float = 0.0,
     unaffected_rto: Mapping[int, float | None] | None = None,
     rto_measured_from: str = "fault",
+    stale: Mapping[str, Any] | None = None,
+    indeterminate_result: Mapping[str, Any] | None = None,
+    writable_max: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Combine the measures into the report's fields and judge them against the SLOs.
 
@@ -218,7 +318,10 @@ def verdict(
     was not sampled (not a failure). ``passed`` is true only when every affected cell recovered
     within ``slo_rto_seconds``, at most ``slo_rpo_missing`` acknowledged transactions are missing,
     the unaffected cells erred at most ``error_rate_max`` (and had traffic to judge), every
-    invariant holds and no cell had two writable primaries; ``reasons`` says why not.
+    invariant holds, no cell had two writable primaries (``split_brain_seen``, or a
+    ``writable_max`` above 1), no read was stale (``stale``, from ``stale_reads``; None: no history)
+    and no indeterminate request was partially applied or left unresolved
+    (``indeterminate_result``, from ``indeterminate``); ``reasons`` says why not.
     """
     reasons: list[str] = []
     assert rto_measured_from in ("fault", "rollback"), rto_measured_from
@@ -250,6 +353,25 @@ def verdict(
             reasons.append(f"ledger invariant {name} does not hold")
     if split_brain_seen:
         reasons.append("a cell had two writable primaries (split brain)")
+    for name, count in sorted((writable_max or {}).items()):
+        if count > 1 and not split_brain_seen:
+            reasons.append(f"{name} had {count} writable primaries at once (split brain)")
+    if stale is not None and int(stale["stale"]) > 0:
+        shown = "; ".join(f"account {e['account']} missed {e['missing']}" for e in stale.get("examples", []))
+        reasons.append(
+            f"{stale['stale']} of {stale['reads']} reads were stale (missed a write acknowledged, or "
+            f"a transaction shown, before they began)" + (f": {shown}" if shown else "")
+        )
+    if indeterminate_result is not None:
+        if int(indeterminate_result["partial"]) > 0:
+            reasons.append(
+                f"{indeterminate_result['partial']} indeterminate requests were applied in part: "
+                + ", ".join(indeterminate_result.get("partial_keys", []))
+            )
+        if int(indeterminate_result.get("unresolved", 0)) > 0:
+            reasons.append(
+                f"{indeterminate_result['unresolved']} indeterminate requests could not be resolved against the ledgers"
+            )
     return {
         "passed": not reasons,
         "reasons": reasons,
@@ -266,5 +388,12 @@ def verdict(
         },
         "invariants": dict(invariants_result),
         "split_brain": split_brain_seen,
+        "stale_reads": None if stale is None else int(stale["stale"]),
+        "stale_reads_detail": None if stale is None else dict(stale),
+        "indeterminate": None
+        if indeterminate_result is None
+        else {k: indeterminate_result[k] for k in ("requests", "applied", "absent", "partial")},
+        "indeterminate_detail": None if indeterminate_result is None else dict(indeterminate_result),
+        "writable_primaries_max": dict(writable_max) if writable_max is not None else None,
         "slo": {"rto_seconds": slo_rto_seconds, "rpo_missing": slo_rpo_missing},
     }

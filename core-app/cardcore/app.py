@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -17,9 +18,11 @@ from cardcore.authorization import api as authorization_api
 from cardcore.common import api as common_api
 from cardcore.installments import api as installments_api
 from cardcore.issuing import api as issuing_api
+from cardcore.issuing import keys as issuing_keys
 from cardcore.limits import api as limits_api
 from cardcore.platform import metrics
 from cardcore.platform import settings as settings_module
+from cardcore.platform.auth import AccessControl
 from cardcore.platform.engine import UNAVAILABLE_ERRORS
 from cardcore.platform.http import ApiError, JsonApp, RawText, Request, Route, RouteTable
 from cardcore.platform.service import CoreService
@@ -38,12 +41,17 @@ def outcome_of(status: int) -> str:
     return f"{status // 100}xx"
 
 
-def database_unavailable(error: Exception) -> ApiError | None:
+def database_unavailable(
+    error: Exception, on_unavailable: Callable[[int], None] | None = None
+) -> ApiError | None:
     """A cell's database lost in the middle of a request (a failover, a partition) makes the cell
-    unavailable: 503 ``cell_unavailable`` as CONTRACT says, not a 500. Anything else: None."""
+    unavailable: 503 ``cell_unavailable`` as CONTRACT says, not a 500; ``on_unavailable`` hears
+    which cell (its engine re-checks who leads at once). Anything else: None."""
     if not isinstance(error, UNAVAILABLE_ERRORS):
         return None
     cell = current_cell.get() or "?"
+    if on_unavailable is not None and cell.isdigit():
+        on_unavailable(int(cell))
     log.warning("cell %s: request failed, database unavailable: %s: %s", cell, type(error).__name__, error)
     return ApiError(
         503,
@@ -111,7 +119,15 @@ def build(service: CoreService) -> JsonApp:
         return 200, RawText(registry.render())
 
     routes: list[Route] = []
-    for module in (issuing_api, limits_api, authorization_api, installments_api, accounting_api, common_api):
+    for module in (
+        issuing_api,
+        issuing_keys,
+        limits_api,
+        authorization_api,
+        installments_api,
+        accounting_api,
+        common_api,
+    ):
         routes += module.routes(service)
 
     authorize_route = next(r for r in routes if r.template == "/v1/authorizations" and r.method == "POST")
@@ -134,7 +150,7 @@ def build(service: CoreService) -> JsonApp:
         Route("GET", "/metrics", metrics_text, "Prometheus metrics", tag="operations"),
         Route("GET", "/openapi.json", openapi, "This description", tag="operations"),
     ]
-    document = openapi_document(routes)
+    document = openapi_document(routes, service.settings.cell_count)
 
     def observe(route: Route | None, status: int, seconds: float) -> None:
         template = route.template if route is not None else "unmatched"
@@ -142,14 +158,108 @@ def build(service: CoreService) -> JsonApp:
         requests_total.inc((template, cell, site, outcome_of(status)))
         latency.observe((template, cell, site), seconds)
 
-    app = JsonApp(RouteTable(routes), observe, on_error=database_unavailable)
+    def suspect(cell: int) -> None:
+        if cell in service.engines:
+            service.engines[cell].suspect()
+
+    app = JsonApp(
+        RouteTable(routes),
+        observe,
+        on_error=lambda error: database_unavailable(error, suspect),
+        access=AccessControl(service.settings.api_tokens_file),
+        limits=service.settings.serve_limits(),
+    )
+    app.startup.append(service.keys.start)
     for engine in service.engines.values():
         app.startup.append(engine.start)
         app.shutdown.append(engine.stop)
+    app.shutdown.append(service.keys.stop)
     return app
 
 
-def openapi_document(routes: list[Route]) -> dict[str, Any]:
+# what the routes answer on success when it is not 200 (POST that creates; both when it may
+# find the thing there already)
+_CREATED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("POST", "/v1/applications"): ("201",),
+    ("POST", "/v1/cards/{card_id}/replace"): ("201",),
+    ("POST", "/v1/installments"): ("201",),
+    ("POST", "/v1/customers/{customer_id}/limits/temporary"): ("201",),
+    ("POST", "/v1/tags"): ("201", "200"),
+    ("POST", "/v1/pricing/rules"): ("201", "200"),
+}
+_CELL = {"name": "cell", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 99}}
+_QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("GET", "/v1/admin/trial-balance"): [{**_CELL, "required": True}],
+    ("GET", "/v1/admin/keys"): [{**_CELL, "required": True}],
+    ("POST", "/v1/admin/keys/rewrap"): [{**_CELL, "required": True}],
+    ("POST", "/v1/admin/cycle"): [{**_CELL, "required": False}],
+    ("POST", "/v1/tags"): [{**_CELL, "required": False}],
+    ("GET", "/v1/tags/{tag}/customers"): [
+        {**_CELL, "required": False},
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": common_api.CUSTOMERS_PER_PAGE_MAX},
+        },
+    ],
+    ("POST", "/v1/pricing/rules"): [{**_CELL, "required": False}],
+    ("GET", "/v1/pricing/rules"): [
+        {**_CELL, "required": False},
+        {
+            "name": "layer",
+            "in": "query",
+            "required": False,
+            "schema": {"enum": ["product", "account", "transaction"]},
+        },
+    ],
+    ("GET", "/v1/accounts/{account_id}/transactions"): [
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": accounting_api.PAGE_SIZE_MAX},
+        },
+        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+    ],
+}
+# ids carry their kind and cell: anything else is not one of ours (the core answers 404)
+_ID_PATTERN = {
+    "customer_id": "^CU[0-9]{2}[A-Z2-7]{16}$",
+    "account_id": "^AC[0-9]{2}[A-Z2-7]{16}$",
+    "card_id": "^CD[0-9]{2}[A-Z2-7]{16}$",
+    "auth_id": "^AU[0-9]{2}[A-Z2-7]{16}$",
+    "plan_id": "^IP[0-9]{2}[A-Z2-7]{16}$",
+}
+# links between operations, so a stateful client reaches deep: what an answer names, the routes
+# that take it
+_LINK_SOURCES: dict[tuple[str, str], dict[str, str]] = {
+    ("POST", "/v1/applications"): {
+        "card_id": "$response.body#/card_id",
+        "customer_id": "$response.body#/customer_id",
+        "account_id": "$response.body#/account_id",
+    },
+    ("POST", "/v1/cards/{card_id}/replace"): {"card_id": "$response.body#/card_id"},
+    ("POST", "/v1/authorizations"): {"auth_id": "$response.body#/auth_id"},
+    ("POST", "/v1/installments"): {"plan_id": "$response.body#/plan_id"},
+}
+_PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/openapi.json")}
+_ERRORS = {
+    "400": "Bad input: the field is named; nothing was written",
+    "401": "No bearer token, or not a valid one",
+    "403": "A token of another client kind",
+    "404": "Not found (an id that is not one of this core's, or no such route)",
+    "405": "Method not allowed (Allow lists the ones that are)",
+    "408": "The body did not arrive in time",
+    "409": "Conflict: an idempotency key reused with another body, or a state that does not allow it",
+    "413": "The body is too large",
+    "422": "Understood but not possible (e.g. more than the hold)",
+    "503": "The cell is unavailable, drained, or the server is shedding load (retry)",
+    "504": "The cell did not answer in time (retry with the same idempotency key)",
+}
+
+
+def openapi_document(routes: list[Route], cell_count: int = 99) -> dict[str, Any]:
     request_types = [r.request_type for r in routes if r.request_type is not None]
     refs, components = msgspec.json.schema_components(
         request_types, ref_template="#/components/schemas/{name}"
@@ -171,34 +281,91 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             }
         },
     }
+
+    def operation_id(method: str, template: str) -> str:
+        return f"{method.lower()}_{template.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
+
+    targets: dict[str, list[tuple[Route, str]]] = {}
+    for route in routes:
+        for segment in route.segments:
+            if segment.startswith("{"):
+                targets.setdefault(segment[1:-1], []).append((route, segment[1:-1]))
+
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
+        key = (route.method, route.template)
+        public = key in _PUBLIC
+        json_object = {"application/json": {"schema": {"type": "object"}}}
+        responses: dict[str, Any] = {}
+        for status in _CREATED.get(key, ("200",)):
+            responses[status] = {"description": "OK", "content": json_object}
+        if route.template == "/metrics":
+            responses["200"] = {
+                "description": "Prometheus text exposition format",
+                "content": {RawText.content_type.decode(): {"schema": {"type": "string"}}},
+            }
+        if route.template == "/readyz":
+            responses["503"] = {"description": "Cannot serve any cell", "content": json_object}
+        sources = _LINK_SOURCES.get(key)
+        if sources:
+            links: dict[str, Any] = {}
+            for name, expression in sources.items():
+                for target, parameter in targets.get(name, []):
+                    links[f"{operation_id(target.method, target.template)}_{parameter}"] = {
+                        "operationId": operation_id(target.method, target.template),
+                        "parameters": {parameter: expression},
+                    }
+            for status in _CREATED.get(key, ("200",))[:1]:
+                responses[status]["links"] = links
+        for status, description in _ERRORS.items():
+            if public and status in ("401", "403"):
+                continue
+            responses.setdefault(
+                status, {"description": description, "content": {"application/json": {"schema": error_ref}}}
+            )
+        if responses.get("405"):
+            responses["405"]["headers"] = {"Allow": {"schema": {"type": "string"}, "required": True}}
+        if responses.get("401"):
+            responses["401"]["headers"] = {
+                "WWW-Authenticate": {"schema": {"type": "string"}, "required": True}
+            }
+        if responses.get("503") and route.template not in ("/readyz",):
+            responses["503"]["headers"] = {"Retry-After": {"schema": {"type": "string"}, "required": False}}
         operation: dict[str, Any] = {
             "summary": route.summary,
             "tags": [route.tag],
-            "operationId": f"{route.method.lower()}_{route.template.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "4XX": {
-                    "description": "Rejected: nothing was written",
-                    "content": {"application/json": {"schema": error_ref}},
-                },
-                "5XX": {
-                    "description": "The cell is unavailable",
-                    "content": {"application/json": {"schema": error_ref}},
-                },
-            },
+            "operationId": operation_id(route.method, route.template),
+            "responses": responses,
         }
+        if public:
+            operation["security"] = []
         parameters = [
-            {"name": segment[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": segment[1:-1],
+                "in": "path",
+                "required": True,
+                "schema": {
+                    "type": "string",
+                    **(
+                        {"pattern": _ID_PATTERN[segment[1:-1]]}
+                        if segment[1:-1] in _ID_PATTERN
+                        else {"minLength": 1}
+                    ),
+                },
+            }
             for segment in route.segments
             if segment.startswith("{")
+        ] + [
+            {**query, "schema": {**query["schema"], "maximum": cell_count}}
+            if query["name"] == "cell"
+            else query
+            for query in _QUERY.get(key, [])
         ]
         if parameters:
             operation["parameters"] = parameters
         if route.request_type is not None:
             operation["requestBody"] = {
-                "required": True,
+                "required": key not in (("POST", "/v1/admin/keys/rewrap"),),
                 "content": {"application/json": {"schema": ref_of[route.request_type]}},
             }
         paths.setdefault(route.template, {})[route.method.lower()] = operation
@@ -207,10 +374,18 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         "info": {
             "title": "Watertight card core",
             "version": "1.0.0",
-            "description": "Money in fen (minor units, integers). Financial POSTs take an idempotency_key.",
+            "description": "Money in fen (minor units, integers). Financial POSTs take an idempotency_key. "
+            "Every request but GET /healthz, /readyz and /openapi.json carries the bearer token of its "
+            "client kind: acquirer (authorizations, reversals, clearing, refunds), channel "
+            "(applications, reads, repayments, installments, customer tags), operator (/v1/admin/*, "
+            "pricing rules, setting limits, tag definitions, /metrics).",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
     }
 
 

@@ -19,6 +19,7 @@ import msgspec
 import pulumi
 import pulumi_kubernetes as k8s
 import yaml
+from cardcore.platform import auth
 from pulumi_kubernetes.apps import v1 as apps
 from pulumi_kubernetes.autoscaling import v2 as autoscaling
 from pulumi_kubernetes.autoscaling import v2beta2 as autoscaling_v2beta2
@@ -29,7 +30,11 @@ from pulumi_kubernetes.networking import v1 as networking
 from watertight import render
 from watertight.kube_names import (
     ANNOTATION_ACTIVE_REPLICAS,
-    API_TOKENS_KEY,
+    API_CLIENTS_DIR,
+    API_CLIENTS_FILE,
+    API_CLIENTS_SECRET,
+    API_TOKENS_DIR,
+    API_TOKENS_SECRET,
     CREDENTIALS_SECRET,
     DEFAULT_DENY_POLICY,
     DRAIN_CONFIG_MAP,
@@ -38,14 +43,16 @@ from watertight.kube_names import (
     LOCUST_CONTAINER,
     LOCUST_MASTER,
     LOCUST_WORKER,
+    MEMBER_GUARD,
     PATRONI_CONFIG_DIR,
     PATRONI_CONTAINER,
     PATRONI_FILE,
+    WATCHDOG_PIPE,
 )
 from watertight.kube_names import POSTGRES_DATA_DIR as POSTGRES_DATA_PATH
 from watertight.topology import CENTERS, Topology
 from watertight_infra import kube, monitoring
-from watertight_infra.settings import API_TOKEN_KINDS, HPA_V2_SINCE, PodSize, SiteSettings, StackSettings
+from watertight_infra.settings import HPA_V2_SINCE, PodSize, SiteSettings, StackSettings
 from watertight_infra.sizing import Plan
 
 TYPE_PREFIX = "watertight:infra"
@@ -80,7 +87,14 @@ def gateway_command(config_file: str) -> list[str]:
 
 
 def patroni_command(config_file: str) -> list[str]:
-    return [PYTHON, "-m", PATRONI_MODULE, config_file]
+    """Patroni under the member guard, as the local runtime runs it (render.render_local): the
+    guard is the container's PID 1, so a Patroni that dies takes PostgreSQL with it (the guard
+    fences it and exits; the kubelet starts the container again), a Patroni that freezes while it
+    leads is fenced at ttl // 2 by its watchdog, and a guard that dies ends the container's PID
+    namespace, every process in it included."""
+    pid_file = render.pgdata(POSTGRES_DATA_DIR) / "postmaster.pid"
+    guard = [PYTHON, MEMBER_GUARD, "--watchdog", WATCHDOG_PIPE, "--pid-file", str(pid_file)]
+    return [*guard, "--", PYTHON, "-m", PATRONI_MODULE, config_file]
 
 
 # run by the patroni image's python before Patroni, at the first start of a standby-center member
@@ -119,8 +133,32 @@ class Secrets:
     superuser_password: pulumi.Output[str]
     replication_password: pulumi.Output[str]
     pan_key_hex: pulumi.Output[str]
-    # JSON {"acquirer": ..., "channel": ..., "operator": ...}: the clients' bearer tokens
-    api_tokens: pulumi.Output[str]
+    api_tokens: pulumi.Output[str]  # JSON {"acquirer": ..., "channel": ..., "operator": ...}
+    api_tokens_previous: pulumi.Output[str] | None = None  # the same, while a rotation is under way
+
+
+def api_tokens_of(text: str, key: str = "apiTokens") -> dict[str, str]:
+    """The token of each client kind in a ``watertight:apiTokens`` value; ValueError names what is wrong."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError(
+            f'watertight:{key} must be JSON: {{"acquirer": ..., "channel": ..., "operator": ...}}'
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"watertight:{key} must be a JSON object of the three client kinds")
+    missing = [kind for kind in auth.KINDS if not isinstance(value.get(kind), str) or not value[kind]]
+    if missing:
+        raise ValueError(f"watertight:{key}: no token for {', '.join(missing)}")
+    return {kind: value[kind] for kind in auth.KINDS}
+
+
+def _accepted_tokens(current: str, previous: str | None) -> str:
+    """The servers' tokens file: digests of the current tokens and, during a rotation, the previous."""
+    tokens = {render.SECRET_API_TOKENS: api_tokens_of(current)}
+    if previous:
+        tokens[render.SECRET_API_TOKENS_PREVIOUS] = api_tokens_of(previous, "apiTokensPrevious")
+    return render.api_tokens_document(tokens)
 
 
 @dataclass(frozen=True)
@@ -196,7 +234,32 @@ class Site(pulumi.ComponentResource):
             string_data={
                 render.SECRET_SUPERUSER_PASSWORD: context.secrets.superuser_password,
                 render.SECRET_REPLICATION_PASSWORD: context.secrets.replication_password,
-                API_TOKENS_KEY: context.secrets.api_tokens.apply(_api_tokens),
+            },
+            opts=_opts(self, self.provider),
+        )
+        tokens = context.secrets.api_tokens
+        previous = context.secrets.api_tokens_previous
+        accepted = (
+            pulumi.Output.all(tokens, previous).apply(lambda both: _accepted_tokens(both[0], both[1]))
+            if previous is not None
+            else tokens.apply(lambda current: _accepted_tokens(current, None))
+        )
+        self.api_tokens = core.Secret(
+            f"{name}-api-tokens",
+            metadata=kube.metadata(API_TOKENS_SECRET, self.namespace_name, kube.labels(name, "credentials")),
+            type="Opaque",
+            string_data={render.API_TOKENS_FILE: accepted},
+            opts=_opts(self, self.provider),
+        )
+        self.api_clients = core.Secret(
+            f"{name}-api-clients",
+            metadata=kube.metadata(API_CLIENTS_SECRET, self.namespace_name, kube.labels(name, "credentials")),
+            type="Opaque",
+            string_data={
+                API_CLIENTS_FILE: tokens.apply(
+                    lambda current: json.dumps({render.SECRET_API_TOKENS: api_tokens_of(current)})
+                ),
+                auth.OPERATOR: tokens.apply(lambda current: api_tokens_of(current)[auth.OPERATOR]),
             },
             opts=_opts(self, self.provider),
         )
@@ -393,9 +456,12 @@ class AppTier(pulumi.ComponentResource):
             file_name = "app.json"
             listen_port = topology.ports.app
             # the settings hold the PAN key: a Secret, never a ConfigMap
-            public = render.app_settings(topology, endpoints, site, "")
+            tokens_file = f"{API_TOKENS_DIR}/{render.API_TOKENS_FILE}"
+            public = render.app_settings(topology, endpoints, site, "", tokens_file)
             config_text = context.secrets.pan_key_hex.apply(
-                lambda key: settings_json(render.app_settings(topology, endpoints, site, _pan_key(key)))
+                lambda key: settings_json(
+                    render.app_settings(topology, endpoints, site, _pan_key(key), tokens_file)
+                )
             )
             settings_object: pulumi.Resource = core.Secret(
                 f"{component}-settings",
@@ -426,7 +492,13 @@ class AppTier(pulumi.ComponentResource):
             file_name = "gateway.json"
             listen_port = topology.ports.gateway
             text = settings_json(
-                render.gateway_settings(topology, endpoints, site, drain_file=f"{DRAIN_DIR}/{DRAIN_FILE}")
+                render.gateway_settings(
+                    topology,
+                    endpoints,
+                    site,
+                    drain_file=f"{DRAIN_DIR}/{DRAIN_FILE}",
+                    api_tokens_file=f"{API_TOKENS_DIR}/{render.API_TOKENS_FILE}",
+                )
             )
             settings_object = core.ConfigMap(
                 f"{component}-settings",
@@ -443,10 +515,18 @@ class AppTier(pulumi.ComponentResource):
             service_type = settings.gateway_service_type
             annotations = {}
             checksum = kube.checksum(text)
-        volumes = [settings_volume, kube.tmp_volume()]
+        volumes = [
+            settings_volume,
+            kube.tmp_volume(),
+            core.VolumeArgs(
+                name="api-tokens",
+                secret=core.SecretVolumeSourceArgs(secret_name=API_TOKENS_SECRET, default_mode=0o440),
+            ),
+        ]
         mounts = [
             core.VolumeMountArgs(name="settings", mount_path=CORE_CONFIG_DIR, read_only=True),
             kube.tmp_mount(),
+            core.VolumeMountArgs(name="api-tokens", mount_path=API_TOKENS_DIR, read_only=True),
         ]
         if kind == "gateway":
             volumes.append(
@@ -501,7 +581,7 @@ class AppTier(pulumi.ComponentResource):
             opts=_opts(
                 self,
                 parent.provider,
-                depends_on=[settings_object, parent.credentials, parent.drain],
+                depends_on=[settings_object, parent.credentials, parent.drain, parent.api_tokens],
                 ignore_changes=["spec.replicas"] if idle else None,
             ),
         )
@@ -576,21 +656,6 @@ class AppTier(pulumi.ComponentResource):
         )
 
 
-def _api_tokens(value: str) -> str:
-    """The tokens as the Secret holds them (compact JSON), after checking every kind has one."""
-    try:
-        tokens = json.loads(value)
-    except json.JSONDecodeError:
-        raise ValueError(
-            'watertight:apiTokens must be JSON: {"acquirer": ..., "channel": ..., "operator": ...}'
-        ) from None
-    if not isinstance(tokens, dict) or sorted(tokens) != sorted(API_TOKEN_KINDS):
-        raise ValueError(f"watertight:apiTokens must hold exactly the kinds {', '.join(API_TOKEN_KINDS)}")
-    if not all(isinstance(token, str) and len(token) >= 16 for token in tokens.values()):
-        raise ValueError("watertight:apiTokens: every token must be a string of at least 16 characters")
-    return json.dumps(tokens, sort_keys=True, separators=(",", ":"))
-
-
 def _pan_key(value: str) -> str:
     key = value.strip().lower()
     if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
@@ -628,7 +693,13 @@ class CellMember(pulumi.ComponentResource):
         super().__init__(f"{TYPE_PREFIX}:CellMember", component, None, pulumi.ResourceOptions(parent=parent))
         topology, settings = context.topology, context.settings
         self.config = render.patroni_config(
-            topology, context.endpoints, cell, site.name, POSTGRES_DATA_DIR, Path(settings.postgres_bin_dir)
+            topology,
+            context.endpoints,
+            cell,
+            site.name,
+            POSTGRES_DATA_DIR,
+            Path(settings.postgres_bin_dir),
+            watchdog_device=Path(WATCHDOG_PIPE),
         )
         text = yaml.safe_dump(self.config, sort_keys=False)
         namespace = site.namespace_name
@@ -826,13 +897,22 @@ class LoadGenerator(pulumi.ComponentResource):
                 image=settings.images.locust,
                 image_pull_policy=settings.images.pull_policy,
                 command=command,
-                env=[core.EnvVarArgs(name="HOME", value="/tmp")],
+                env=[
+                    core.EnvVarArgs(name="HOME", value="/tmp"),
+                    # every process reads the tokens itself: they never cross the master-worker wire
+                    core.EnvVarArgs(
+                        name="WATERTIGHT_API_TOKENS", value=f"{API_CLIENTS_DIR}/{API_CLIENTS_FILE}"
+                    ),
+                ],
                 ports=[kube.port(name, number) for name, number in ports.items()] or None,
                 readiness_probe=kube.tcp_probe("master", 5, 3) if ports else None,
                 liveness_probe=kube.http_probe("/", "web", 10, 6, 10) if ports else None,
                 resources=kube.resources(settings.resources.locust_worker),
                 security_context=kube.container_security(),
-                volume_mounts=[kube.tmp_mount()],
+                volume_mounts=[
+                    kube.tmp_mount(),
+                    core.VolumeMountArgs(name="api-clients", mount_path=API_CLIENTS_DIR, read_only=True),
+                ],
             )
             apps.Deployment(
                 f"{component}-deployment",
@@ -850,7 +930,19 @@ class LoadGenerator(pulumi.ComponentResource):
                             topology_spread_constraints=kube.spread(site.name, component),
                             automount_service_account_token=False,
                             containers=[container],
-                            volumes=[kube.tmp_volume()],
+                            volumes=[
+                                kube.tmp_volume(),
+                                core.VolumeArgs(
+                                    name="api-clients",
+                                    secret=core.SecretVolumeSourceArgs(
+                                        secret_name=API_CLIENTS_SECRET,
+                                        default_mode=0o440,
+                                        items=[
+                                            core.KeyToPathArgs(key=API_CLIENTS_FILE, path=API_CLIENTS_FILE)
+                                        ],
+                                    ),
+                                ),
+                            ],
                         ),
                     ),
                 ),

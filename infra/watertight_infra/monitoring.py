@@ -17,7 +17,7 @@ import pulumi_kubernetes as k8s
 from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.core import v1 as core
 
-from watertight.kube_names import LABEL_KIND, LABEL_PART_OF, PART_OF
+from watertight.kube_names import API_CLIENTS_SECRET, LABEL_KIND, LABEL_PART_OF, PART_OF
 from watertight.topology import Topology
 from watertight_infra import kube
 from watertight_infra.settings import StackSettings
@@ -29,8 +29,14 @@ DASHBOARD_FILE = "watertight.json"
 ERROR_RATIO_MAX = 0.01
 
 
-def service_monitor_spec(namespace: str) -> dict[str, Any]:
-    """App servers and gateways on their ``http`` port, Patroni on its ``patroni`` port."""
+__all__ = [
+    "API_CLIENTS_SECRET"
+]  # the clients' API tokens (components.Site makes it): Prometheus scrapes /metrics with the operator's
+
+
+def service_monitor_spec(namespace: str, token_secret: str = API_CLIENTS_SECRET) -> dict[str, Any]:
+    """App servers and gateways on their ``http`` port (their /metrics needs the operator's API
+    token: ``token_secret``, key ``operator``), Patroni on its ``patroni`` port."""
     return {
         "namespaceSelector": {"matchNames": [namespace]},
         "selector": {
@@ -40,7 +46,12 @@ def service_monitor_spec(namespace: str) -> dict[str, Any]:
             ],
         },
         "endpoints": [
-            {"port": "http", "path": "/metrics", "interval": SCRAPE_INTERVAL},
+            {
+                "port": "http",
+                "path": "/metrics",
+                "interval": SCRAPE_INTERVAL,
+                "authorization": {"type": "Bearer", "credentials": {"name": token_secret, "key": "operator"}},
+            },
             {"port": "patroni", "path": "/metrics", "interval": SCRAPE_INTERVAL},
         ],
     }

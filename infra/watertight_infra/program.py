@@ -62,6 +62,7 @@ def main() -> dict[str, Any]:
             replication_password=config.require_secret(settings_module.SECRET_REPLICATION_PASSWORD),
             pan_key_hex=config.require_secret(settings_module.SECRET_PAN_KEY),
             api_tokens=config.require_secret(settings_module.SECRET_API_TOKENS),
+            api_tokens_previous=config.get_secret(settings_module.SECRET_API_TOKENS_PREVIOUS),
         ),
     )
     pulumi.log.info(

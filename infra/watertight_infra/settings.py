@@ -29,10 +29,18 @@ INFRA_DIR = Path(__file__).resolve().parent.parent
 SECRET_SUPERUSER_PASSWORD = "superuserPassword"
 SECRET_REPLICATION_PASSWORD = "replicationPassword"
 SECRET_PAN_KEY = "panKeyHex"
-# {"acquirer": "...", "channel": "...", "operator": "..."}: the clients' bearer tokens (CONTRACT)
+# the API tokens clients send, one per client kind, as JSON: {"acquirer": ..., "channel": ...,
+# "operator": ...}; the servers get their SHA-256 digests only
 SECRET_API_TOKENS = "apiTokens"
-SECRET_KEYS = (SECRET_SUPERUSER_PASSWORD, SECRET_REPLICATION_PASSWORD, SECRET_PAN_KEY, SECRET_API_TOKENS)
-API_TOKEN_KINDS = ("acquirer", "channel", "operator")
+# optional, the same shape: the tokens of before a rotation, still accepted until it is removed
+SECRET_API_TOKENS_PREVIOUS = "apiTokensPrevious"
+SECRET_KEYS = (
+    SECRET_SUPERUSER_PASSWORD,
+    SECRET_REPLICATION_PASSWORD,
+    SECRET_PAN_KEY,
+    SECRET_API_TOKENS,
+    SECRET_API_TOKENS_PREVIOUS,
+)
 
 # the Kubernetes version the program is written against; an older cluster (kubernetesVersion)
 # gets the older API versions of the same objects, with the same fields

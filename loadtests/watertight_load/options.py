@@ -7,6 +7,7 @@ Never: default to a value the web UI cannot round-trip (every default is typed, 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,10 @@ class LoadOptions:
     max_p99_ms: float
     min_tps_ratio: float
     summary_json_path: str
+    api_tokens_path: str
+    history_path: str = ""
+    read_back_ratio: float = 1.0
+    timeline_path: str = ""
 
     def offered_tps(self) -> dict[str, float]:
         return {"financial": self.rate_financial_tps, "nonfinancial": self.rate_nonfinancial_tps}
@@ -57,6 +62,30 @@ def add_arguments(parser: Any, **_: Any) -> None:
         include_in_web_ui=True,
         help="append every acknowledged financial transaction to this file as a JSON line "
         "(worker processes write PATH.worker-<host>-<pid>); empty: no ack log",
+    )
+    group.add_argument(
+        "--history",
+        default="",
+        include_in_web_ui=True,
+        help="append the client's history to this file as JSON lines: acknowledged writes, reads "
+        "of accounts' transactions and indeterminate requests, for the stale-read and "
+        "indeterminate verdicts of a drill (workers write PATH.worker-<host>-<pid>); empty: none",
+    )
+    group.add_argument(
+        "--timeline",
+        default="",
+        include_in_web_ui=True,
+        help="append every request's outcome to this file as a JSON line {t, cell, ok}, as it "
+        "happens (the drill's safeguards read it mid-run; workers write PATH.worker-<host>-<pid>); "
+        "empty: none",
+    )
+    group.add_argument(
+        "--read-back-ratio",
+        type=float,
+        default=1.0,
+        include_in_web_ui=True,
+        help="with --history: the share of acknowledged clearings and repayments the cardholder "
+        "reads back at once (its account's newest transactions must show it), 0..1",
     )
     group.add_argument(
         "--customers",
@@ -97,6 +126,13 @@ def add_arguments(parser: Any, **_: Any) -> None:
         "class (successful requests only); 0 disables",
     )
     group.add_argument(
+        "--api-tokens",
+        default=os.environ.get("WATERTIGHT_API_TOKENS", ""),
+        include_in_web_ui=True,
+        help="the API tokens: a JSON file whose api_tokens holds one token per client kind (the "
+        "secrets file `watertight status --json` names; default $WATERTIGHT_API_TOKENS)",
+    )
+    group.add_argument(
         "--summary-json",
         default="",
         include_in_web_ui=True,
@@ -123,6 +159,10 @@ def read(parsed_options: argparse.Namespace | None) -> LoadOptions:
         max_p99_ms=number("max_p99_ms"),
         min_tps_ratio=number("min_tps_ratio"),
         summary_json_path=str(parsed_options.summary_json or ""),
+        api_tokens_path=str(getattr(parsed_options, "api_tokens", "") or ""),
+        history_path=str(getattr(parsed_options, "history", "") or ""),
+        read_back_ratio=float(getattr(parsed_options, "read_back_ratio", 1.0)),
+        timeline_path=str(getattr(parsed_options, "timeline", "") or ""),
     )
     for name, rate in options.offered_tps().items():
         if not 0 <= rate <= RATE_TPS_MAX:
@@ -133,6 +173,13 @@ def read(parsed_options: argparse.Namespace | None) -> LoadOptions:
         raise ValueError(f"--max-error-ratio must be within 0..1, got {options.max_error_ratio}")
     if options.max_p99_ms <= 0:
         raise ValueError(f"--max-p99-ms must be positive, got {options.max_p99_ms}")
+    if not 0 <= options.read_back_ratio <= 1:
+        raise ValueError(f"--read-back-ratio must be within 0..1, got {options.read_back_ratio}")
     if not 0 <= options.min_tps_ratio <= 1:
         raise ValueError(f"--min-tps-ratio must be within 0..1, got {options.min_tps_ratio}")
+    if not options.api_tokens_path:
+        raise ValueError(
+            "--api-tokens is required (or $WATERTIGHT_API_TOKENS): the core refuses requests without "
+            "a token; `watertight status --json` names the local topology's file under secrets"
+        )
     return options

@@ -4,8 +4,9 @@ Owns: opening customers (``POST /v1/applications`` then activating the card) spr
 cell the core serves, writing them to a population file a later run (e.g. a drill) can reuse,
 and loading that file. Applicants earn enough for the Gold product's top limit (500,000 CNY) so
 that a long run does not exhaust their lines.
-Never: log a full card number (``Customer`` masks it when printed); open more than
-``CUSTOMERS_MAX`` customers; write the file readable by others (it holds card numbers).
+Never: log a full card number or a CVV2 (``Customer`` masks them when printed); open more than
+``CUSTOMERS_MAX`` customers; write the file readable by others (it holds card numbers and CVV2s,
+as an acquirer's card store would: the one place outside the core's own answers that does).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from typing import Any
 
 from watertight_load.ack_log import now_rfc3339
 from watertight_load.options import CUSTOMERS_MAX
+from watertight_load.tokens import Tokens
 from watertight_load.traffic import cell_of_customer_id, mask_pan
 
 PRODUCT_CODE = "GOLD"
 ANNUAL_INCOME_FEN = 100_000_000  # 1,000,000 CNY: the Gold limit is capped at 500,000 CNY
 OPEN_CONCURRENCY = 16
 REQUEST_TIMEOUT_S = 10.0
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: each customer has the CVV2 of the card (card-not-present traffic needs it)
 
 logger = logging.getLogger("watertight.load")
 
@@ -49,6 +51,7 @@ class Customer:
     pan: str = field(repr=False)
     expiry: str
     cell: int
+    cvv2: str = field(default="", repr=False)
 
     def __repr__(self) -> str:
         return f"Customer({self.customer_id}, cell {self.cell}, card {mask_pan(self.pan)})"
@@ -111,11 +114,12 @@ class Population:
         return cls.from_dicts(document["customers"], document.get("host", ""))
 
 
-def _call(host: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def _call(
+    host: str, method: str, path: str, body: Any = None, tokens: Tokens | None = None
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        host.rstrip("/") + path, data=data, method=method, headers={"content-type": "application/json"}
-    )
+    headers = {"content-type": "application/json", **(tokens.headers(path) if tokens is not None else {})}
+    request = urllib.request.Request(host.rstrip("/") + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -149,16 +153,16 @@ def _applicant() -> dict[str, Any]:
     }
 
 
-def open_customer(host: str) -> Customer:
+def open_customer(host: str, tokens: Tokens) -> Customer:
     """Open one account (application, then card activation) and return its customer."""
     status, opened = _call(
-        host, "POST", "/v1/applications", {"applicant": _applicant(), "product_code": PRODUCT_CODE}
+        host, "POST", "/v1/applications", {"applicant": _applicant(), "product_code": PRODUCT_CODE}, tokens
     )
     if status != 201 or not isinstance(opened, dict):
         raise PopulationError(f"application answered {status}: {_error_code(opened)}")
     if opened.get("decision") != "approved":
         raise PopulationError(f"application declined: {opened.get('reasons')}")
-    status, card = _call(host, "POST", f"/v1/cards/{opened['card_id']}/activate")
+    status, card = _call(host, "POST", f"/v1/cards/{opened['card_id']}/activate", None, tokens)
     if status != 200:
         raise PopulationError(f"card activation answered {status}: {_error_code(card)}")
     return Customer(
@@ -168,6 +172,7 @@ def open_customer(host: str) -> Customer:
         pan=opened["pan"],
         expiry=opened["expiry"],
         cell=cell_of_customer_id(opened["customer_id"]),
+        cvv2=opened.get("cvv2") or "",
     )
 
 
@@ -177,16 +182,16 @@ def _error_code(body: Any) -> str:
     return "no error body"
 
 
-def open_population(host: str, count: int, concurrency: int = OPEN_CONCURRENCY) -> Population:
+def open_population(host: str, count: int, tokens: Tokens, concurrency: int = OPEN_CONCURRENCY) -> Population:
     """Open ``count`` customers, then more (at most ``count`` again) until every cell has one."""
     if not 1 <= count <= CUSTOMERS_MAX:
         raise PopulationError(f"customers must be within 1..{CUSTOMERS_MAX}, got {count}")
     cells = cells_served(host)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        customers = list(pool.map(lambda _: open_customer(host), range(count)))
+        customers = list(pool.map(lambda _: open_customer(host, tokens), range(count)))
     extra_max = count
     while cells and extra_max > 0 and set(cells) - {customer.cell for customer in customers}:
-        customers.append(open_customer(host))
+        customers.append(open_customer(host, tokens))
         extra_max -= 1
     population = Population(customers, host)
     missing = set(cells) - set(population.cells())
@@ -195,10 +200,24 @@ def open_population(host: str, count: int, concurrency: int = OPEN_CONCURRENCY) 
     return population
 
 
-def population_for_run(host: str, count: int, path: str = "") -> Population:
+def _stale(path: str) -> bool:
+    """A population file of an older version (e.g. without CVV2s) is opened again, not used."""
+    try:
+        version = json.loads(Path(path).read_text()).get("version")
+    except (OSError, ValueError):
+        return False  # let load() say what is wrong with it
+    if version != FILE_VERSION:
+        logger.warning(
+            "population %s is of version %s, not %d: opening a new one", path, version, FILE_VERSION
+        )
+        return True
+    return False
+
+
+def population_for_run(host: str, count: int, tokens: Tokens, path: str = "") -> Population:
     """The population of a run: the file at ``path`` when it exists, else ``count`` customers
     opened now (and written to ``path`` when one is given)."""
-    if path and Path(path).exists():
+    if path and Path(path).exists() and not _stale(path):
         population = Population.load(path)
         if population.host and population.host.rstrip("/") != host.rstrip("/"):
             logger.warning("population %s was opened against %s, not %s", path, population.host, host)
@@ -206,7 +225,7 @@ def population_for_run(host: str, count: int, path: str = "") -> Population:
             "loaded %d customers from %s (per cell: %s)", len(population.customers), path, population.cells()
         )
         return population
-    population = open_population(host, count)
+    population = open_population(host, count, tokens)
     logger.info(
         "opened %d customers through %s (per cell: %s)", len(population.customers), host, population.cells()
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from watertight_load import gates, options
 from watertight_load.ack_log import AckLog, worker_path
+from watertight_load.history import History
 from watertight_load.outstanding import Outstanding
 from watertight_load.pacing import IDLE_POLL_S, Pacer
 from watertight_load.population import Population, PopulationError, population_for_run
-from watertight_load.traffic import FINANCIAL, NONFINANCIAL
+from watertight_load.tokens import Tokens, TokensError
+from watertight_load.traffic import FINANCIAL, NONFINANCIAL, parse_request_name
 
 RUN_MESSAGE = "watertight-run"
 USERS_MESSAGE = "watertight-users"
@@ -54,8 +57,16 @@ class Session:
     users_total: dict[str, int] = field(default_factory=dict)  # users per class over all workers
     outstanding: Outstanding = field(default_factory=Outstanding)
     ack_log: AckLog | None = None
+    tokens: Tokens | None = None  # every process reads the file itself: tokens never cross the wire
+    history: History | None = None
+    timeline: AckLog | None = None
     setup_failures: list[str] = field(default_factory=list)
     environment: Environment | None = None  # spawning_complete does not carry it
+
+    def require_tokens(self) -> Tokens:
+        if self.tokens is None:
+            raise TokensError("no API tokens loaded (--api-tokens)")
+        return self.tokens
 
     def wait_for_population(self) -> Population:
         if not self.population_ready.wait(timeout=POPULATION_WAIT_S_MAX) or self.population is None:
@@ -80,7 +91,19 @@ def attach(events: Any) -> None:
     events.test_start.add_listener(_on_test_start)
     events.spawning_complete.add_listener(_on_spawning_complete)
     events.test_stop.add_listener(_on_test_stop)
+    events.request.add_listener(_on_request)
     events.quitting.add_listener(_on_quitting)
+
+
+def _load_tokens(environment: Environment) -> bool:
+    if SESSION.tokens is not None:
+        return True
+    try:
+        SESSION.tokens = Tokens.load(options.read(environment.parsed_options).api_tokens_path)
+    except (ValueError, TokensError) as error:
+        _fail_setup(environment, str(error))
+        return False
+    return True
 
 
 def _on_init(environment: Environment, **_: Any) -> None:
@@ -115,9 +138,13 @@ def _ensure_population(environment: Environment) -> bool:
     if not host:
         _fail_setup(environment, "no --host: give the gateway URL, e.g. http://127.0.0.1:18080")
         return False
+    if not _load_tokens(environment):
+        return False
     if SESSION.population is None or SESSION.population.host.rstrip("/") != host.rstrip("/"):
         try:
-            SESSION.population = population_for_run(host, load.customers, load.population_path)
+            SESSION.population = population_for_run(
+                host, load.customers, SESSION.require_tokens(), load.population_path
+            )
         except (PopulationError, OSError) as error:
             _fail_setup(environment, f"population: {error} (is the core up and answering at {host}?)")
             return False
@@ -145,6 +172,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     except ValueError as error:
         _fail_setup(environment, str(error))
         return
+    if not _load_tokens(environment):
+        return
     SESSION.users_total = {}
     for traffic, rate_tps in _rates_of_this_process(environment).items():
         SESSION.pacers[traffic].configure(rate_tps)
@@ -152,8 +181,26 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         path = worker_path(load.ack_log_path) if isinstance(runner, WorkerRunner) else Path(load.ack_log_path)
         SESSION.ack_log = AckLog(path)
         logger.info("acknowledged financial transactions are appended to %s", path)
+    if load.timeline_path and SESSION.timeline is None:
+        path = (
+            worker_path(load.timeline_path) if isinstance(runner, WorkerRunner) else Path(load.timeline_path)
+        )
+        SESSION.timeline = AckLog(path)
+    if load.history_path and SESSION.history is None:
+        path = worker_path(load.history_path) if isinstance(runner, WorkerRunner) else Path(load.history_path)
+        SESSION.history = History(path, load.read_back_ratio)
+        logger.info("the client's history (writes, reads, indeterminate requests) is appended to %s", path)
     SESSION.outstanding = Outstanding()
     _log_rates()
+
+
+def _on_request(name: str = "", exception: Any = None, **_: Any) -> None:
+    """One line per finished request of a cell, for the timeline (the drill's safeguards)."""
+    if SESSION.timeline is None:
+        return
+    cell = parse_request_name(name)[1]
+    if cell is not None:
+        SESSION.timeline.append({"t": time.time(), "cell": cell, "ok": exception is None})
 
 
 def _on_run_message(environment: Environment, msg: Any, **_: Any) -> None:
@@ -221,6 +268,12 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
     if SESSION.ack_log is not None:
         SESSION.ack_log.close()
         SESSION.ack_log = None
+    if SESSION.history is not None:
+        SESSION.history.close()
+        SESSION.history = None
+    if SESSION.timeline is not None:
+        SESSION.timeline.close()
+        SESSION.timeline = None
     if isinstance(environment.runner, WorkerRunner):
         return
     verdict = judge(environment)

@@ -2,13 +2,16 @@
 answers judged, acknowledged financial transactions written to the ack log.
 
 Owns: ``CardCoreUser`` (abstract) with ``call`` for any request and ``transact`` for a financial
-one (it adds the idempotency key and writes the ack log line).
+one (it adds the idempotency key and writes the ack log line, and with a history: the write, the
+read-back of the account's newest transactions, or the request as indeterminate when its outcome
+cannot be known from the answer).
 Never: retry a financial request with a new key (a lost answer may have been committed);
 put a PAN into a name, a failure message or the ack log.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, ClassVar
 
@@ -16,10 +19,11 @@ import gevent
 from locust import FastHttpUser
 
 from watertight_load.ack_log import now_rfc3339
+from watertight_load.history import READ_PAGE_SIZE
 from watertight_load.outstanding import Outstanding
 from watertight_load.population import Customer, Population
 from watertight_load.session import SESSION
-from watertight_load.traffic import NONFINANCIAL, failure_reason, request_name
+from watertight_load.traffic import ISSUER_UNAVAILABLE, NONFINANCIAL, failure_reason, request_name
 
 NETWORK_TIMEOUT_S = 5.0
 CONNECTION_TIMEOUT_S = 2.0
@@ -54,8 +58,20 @@ class CardCoreUser(FastHttpUser):
 
     def call(self, method: str, route: str, path: str, cell: int, body: Any = None) -> dict[str, Any] | None:
         """One request named ``<route> [cell N]``; the JSON answer, or None when it failed."""
+        _, answer, failed = self._request(method, route, path, cell, body)
+        return None if failed else answer
+
+    def _request(
+        self, method: str, route: str, path: str, cell: int, body: Any = None
+    ) -> tuple[int, dict[str, Any], bool]:
+        """(status, JSON answer, failed): status 0 when no answer came."""
         with self.client.request(
-            method, path, name=request_name(route, cell), json=body, catch_response=True
+            method,
+            path,
+            name=request_name(route, cell),
+            json=body,
+            headers=SESSION.require_tokens().headers(route),
+            catch_response=True,
         ) as response:
             try:
                 answer = response.json() if response.content else None
@@ -64,9 +80,13 @@ class CardCoreUser(FastHttpUser):
             reason = failure_reason(route, response.status_code, answer)
             if reason is not None:
                 response.failure(reason)
-                return None
-            response.success()
-            return answer if isinstance(answer, dict) else {}
+            else:
+                response.success()
+            return (
+                int(response.status_code or 0),
+                answer if isinstance(answer, dict) else {},
+                reason is not None,
+            )
 
     def transact(
         self, route: str, path: str, customer: Customer, amount_fen: int | None, body: dict[str, Any]
@@ -74,8 +94,18 @@ class CardCoreUser(FastHttpUser):
         """A financial request: sent with a fresh idempotency key; acknowledged answers are
         appended to the ack log before the task goes on."""
         key = idempotency_key()
-        answer = self.call("POST", route, path, customer.cell, {"idempotency_key": key, **body})
-        if answer is not None and SESSION.ack_log is not None:
+        sent = time.time()
+        status, answer, failed = self._request(
+            "POST", route, path, customer.cell, {"idempotency_key": key, **body}
+        )
+        history = SESSION.history
+        if failed:
+            if history is not None and indeterminate(status, answer):
+                history.indeterminate(
+                    key, f"POST {route}", customer.account_id, customer.cell, sent, _answer(status, answer)
+                )
+            return None
+        if SESSION.ack_log is not None:
             entry: dict[str, Any] = {
                 "idempotency_key": key,
                 "endpoint": f"POST {route}",
@@ -90,7 +120,38 @@ class CardCoreUser(FastHttpUser):
                 entry["response_code"] = answer["response_code"]
             entry["time"] = now_rfc3339()
             SESSION.ack_log.append(entry)
+        transaction_id = answer.get("transaction_id")
+        if history is not None and isinstance(transaction_id, str):
+            history.write(customer.account_id, customer.cell, sent, transaction_id, key)
+            if history.wants_read_back():
+                self.read_transactions(customer)  # read-your-writes: it must show this one
         return answer
+
+    def read_transactions(self, customer: Customer) -> dict[str, Any] | None:
+        """The account's newest transactions; recorded in the history for the stale-read verdict."""
+        route = "/v1/accounts/{account_id}/transactions"
+        path = f"/v1/accounts/{customer.account_id}/transactions?limit={READ_PAGE_SIZE}"
+        sent = time.time()
+        answer = self.call("GET", route, path, customer.cell)
+        if answer is not None and SESSION.history is not None:
+            SESSION.history.read(customer.account_id, customer.cell, sent, answer, READ_PAGE_SIZE)
+        return answer
+
+
+def indeterminate(status: int, answer: dict[str, Any]) -> bool:
+    """Whether a failed financial request may have been committed all the same: no answer, a 5xx
+    (the core may have committed before the answer was lost), or a decline 91. A 4xx is a
+    definite refusal: nothing was written."""
+    if status == 0 or status >= 500:
+        return True
+    return answer.get("response_code") == ISSUER_UNAVAILABLE
+
+
+def _answer(status: int, answer: dict[str, Any]) -> str:
+    if status == 0:
+        return "no answer"
+    code = answer.get("response_code") or (answer.get("error") or {}).get("code") or ""
+    return f"HTTP {status} {code}".rstrip()
 
 
 def _status(route: str, answer: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ options:
     description: the idempotency keys the cells' ledgers hold (kubernetes, where psql lists them)
     type: list
     elements: str
+  phase: {description: the phase of a rotation (begin or finish), type: str}
 """
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402 (DOCUMENTATION first, as Ansible modules do)
@@ -32,9 +33,9 @@ READ_ONLY = ("facts", "ack_log_window", "rpo_of_ack_log")  # every other step ta
 
 
 def main() -> None:
-    from watertight.runbooks import failback, ops
+    from watertight.runbooks import failback, ops, rotation
 
-    steps = {**ops.STEPS, **failback.STEPS}
+    steps = {**ops.STEPS, **failback.STEPS, **rotation.STEPS}
     module = AnsibleModule(
         argument_spec={
             "step": {"type": "str", "required": True, "choices": sorted(steps)},
@@ -45,13 +46,14 @@ def main() -> None:
             "drained": {"type": "bool"},
             "ack_log": {"type": "path"},
             "found_keys": {"type": "list", "elements": "str"},
+            "phase": {"type": "str"},
         },
         supports_check_mode=True,
     )
     params = module.params
     arguments = {
         name: params[name]
-        for name in ("cell", "site", "to_site", "drained", "ack_log", "found_keys")
+        for name in ("cell", "site", "to_site", "drained", "ack_log", "found_keys", "phase")
         if params[name] is not None
     }
     if params["step"] not in READ_ONLY:

@@ -3,8 +3,12 @@
 | fault | heal |
 | --- | --- |
 | kill_site (SIGKILL: the site is gone) | restart_site |
+| kill_listed_pids (SIGKILL of the PIDs `watertight status --json` lists for a site, as a user's script does) | restart_site |
 | freeze_site (SIGSTOP: a gray failure) | thaw_site |
 | kill_cell_primary (the member leading the cell) | restart_cell |
+| kill_leader_patroni (only the Patroni process of the cell's leader) | restart_cell |
+| kill_leader_postgres (only the postmaster of the cell's leader) | restart_cell |
+| kill_app_mid_batch (an app server while its group commits are in flight) | restart_component |
 | kill_cell (both centers' members; the dr copy too with include_dr) | restart_cell |
 | kill_etcd_member | restart_etcd_member |
 | kill_component (an app server or a gateway) | restart_component |
@@ -19,6 +23,7 @@ between calls. Each says what it did in its return value (the journal keeps it).
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -32,10 +37,14 @@ __all__ = [
     "freeze_site",
     "heal_everything",
     "heal_partition",
+    "kill_app_mid_batch",
     "kill_cell",
     "kill_cell_primary",
     "kill_component",
     "kill_etcd_member",
+    "kill_leader_patroni",
+    "kill_leader_postgres",
+    "kill_listed_pids",
     "kill_site",
     "partition_site",
     "remove_latency",
@@ -49,6 +58,7 @@ __all__ = [
 ]
 
 WAIT_S_DEFAULT = 120.0
+IN_FLIGHT_WAIT_S_MAX = 10.0
 WAIT_POLL_S = 0.5
 STEADY_TIMEOUT_S_MAX = 900.0
 
@@ -115,6 +125,30 @@ def kill_site(
     return {"site": site, "killed": targets.local_runtime(run_dir).kill(site=site)}
 
 
+def kill_listed_pids(
+    site: str, every_process: bool = False, target: str = "local", run_dir: str | None = None
+) -> dict[str, Any]:
+    """SIGKILL exactly the PIDs ``watertight status --json`` lists for ``site``: each component's
+    ``pid`` (with ``every_process``, also every PID of its ``processes``), one by one, as a
+    user's own fault injection does, and nothing else: no process tree, no cgroup. Whatever a
+    component started must not outlive it (a PostgreSQL must not outlive its Patroni). Heal with
+    restart_site."""
+    if _is_kubernetes(target):
+        raise kubernetes.unsupported("kill_listed_pids", "the kubernetes runtime's pods (delete them)")
+    runtime = targets.local_runtime(run_dir)
+    runtime.select(site=site)
+    listed: list[int] = []
+    for component in runtime.status()["components"]:
+        if component["site"] != site:
+            continue
+        if component["pid"]:
+            listed.append(int(component["pid"]))
+        if every_process:
+            listed += [int(p["pid"]) for p in component["processes"] if int(p["pid"]) not in listed]
+    killed = processes.signal_pids(listed, signal.SIGKILL)
+    return {"site": site, "listed": listed, "killed": killed}
+
+
 def restart_site(
     site: str,
     wait_s: float = WAIT_S_DEFAULT,
@@ -172,6 +206,86 @@ def kill_cell_primary(cell: int, target: str = "local", run_dir: str | None = No
         raise RuntimeError(f"cell {cell} has no leader to kill; see `watertight status`")
     member = render.pg_name(cell, site)
     return {"cell": cell, "site": site, "member": member, "killed": runtime.kill(component=member)}
+
+
+def _kill_leader_process(
+    cell: int, role: str, target: str, run_dir: str | None, fault: str
+) -> dict[str, Any]:
+    if _is_kubernetes(target):
+        raise kubernetes.unsupported(
+            fault, "the kubernetes runtime's per-process kill (exec in the member's pod)"
+        )
+    runtime = targets.local_runtime(run_dir)
+    site = runtime.leader_site(cell)
+    member = render.pg_name(cell, site)
+    return {"cell": cell, "site": site, "member": member, role: runtime.kill_process(member, role)}
+
+
+def kill_leader_patroni(cell: int, target: str = "local", run_dir: str | None = None) -> dict[str, Any]:
+    """SIGKILL only the Patroni process of the member leading ``cell`` (a crash, the OOM killer, an
+    operator's ``kill -9``); its PostgreSQL must not outlive it (the member guard fences it), and
+    the sync standby takes over once the leader key runs out. Heal with restart_cell."""
+    return _kill_leader_process(cell, "patroni", target, run_dir, "kill_leader_patroni")
+
+
+def kill_leader_postgres(cell: int, target: str = "local", run_dir: str | None = None) -> dict[str, Any]:
+    """SIGKILL only the postmaster of the member leading ``cell``; its Patroni restarts it in place
+    (crash recovery) or, past primary_start_timeout, gives the lock up. Heal with restart_cell."""
+    return _kill_leader_process(cell, "postgres", target, run_dir, "kill_leader_postgres")
+
+
+def _writers_in_flight(runtime: LocalRuntime, site: str) -> int:
+    """Group commits of ``site``'s app server running now: its writer sessions not idle on the
+    cells' leaders."""
+    from watertight import pg
+
+    password = runtime.superuser_password()
+    busy = 0
+    for cell in runtime.topology.cell_numbers:
+        try:
+            leader = runtime.leader_site(cell)
+            with pg.connect_superuser(
+                runtime.topology.address(leader), runtime.topology.postgres_port(cell), password, 2
+            ) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state <> 'idle'",
+                    (f"cardcore-{site}-cell{cell}-writer",),
+                ).fetchone()
+                busy += int(row[0]) if row else 0
+        except Exception:  # a cell without a leader has nothing in flight to catch
+            continue
+    return busy
+
+
+def kill_app_mid_batch(
+    site: str,
+    wait_s: float = IN_FLIGHT_WAIT_S_MAX,
+    target: str = "local",
+    run_dir: str | None = None,
+    configuration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """SIGKILL ``site``'s app server while one of its group commits is in flight (its writer
+    session busy on a cell's leader; waits at most ``wait_s`` for one, then kills anyway and says
+    so). The answers it owed are lost: the clients' requests are indeterminate, each committed
+    wholly or not at all. Heal with restart_component."""
+    component = render.app_name(site)
+    if _is_kubernetes(target):
+        return kill_component(component, target, run_dir, configuration)
+    assert 0 <= wait_s <= IN_FLIGHT_WAIT_S_MAX, wait_s
+    runtime = targets.local_runtime(run_dir)
+    runtime.component(component)
+    deadline = time.monotonic() + wait_s
+    in_flight = 0
+    while time.monotonic() < deadline:
+        in_flight = _writers_in_flight(runtime, site)
+        if in_flight:
+            break
+        time.sleep(0.01)
+    return {
+        "component": component,
+        "batches_in_flight": in_flight,
+        "killed": runtime.kill(component=component),
+    }
 
 
 def kill_cell(

@@ -3,8 +3,10 @@ nftables, cgroup v2 and (for latency) an NFQUEUE delayer.
 
 Every site is a loopback address of one machine and every connection between sites starts from
 127.0.0.1, so an address says who listens but not who connects. The connecting side is told by the
-cgroup v2 of its socket: each site's processes are placed in ``watertight/<run id>/<site>`` under
-the cgroup2 mount, and nftables matches ``socket cgroupv2``. Connections that already exist when a
+cgroup v2 of its socket: each site's processes are placed in ``watertight/<run id>/<site>/<component>``
+under the cgroup2 mount, and nftables matches ``socket cgroupv2`` at the site's level. The
+component's own cgroup also lets the runtime find and kill every process of a component, or of
+the run, that outlived its PID (``cgroup_pids``, ``kill_cgroup``). Connections that already exist when a
 fault starts are found in /proc (which process holds which end) and matched by their 4-tuple.
 
 - partition: new connections across the cut are dropped at their SYN, existing ones in both
@@ -45,6 +47,7 @@ IPTABLES = "iptables"
 NFT_TIMEOUT_S = 10.0
 SYS_CGROUP = Path("/sys/fs/cgroup")  # where nft resolves cgroupv2 paths from
 CGROUP_TOP = "watertight"
+ENTRY_GROUP = "entry"  # the cgroup of components of no site (the entry): no fault rule names it
 STATE_FILE = "network.json"
 DELAY_MS_MAX = 5_000
 DELAYER_START_TIMEOUT_S = 5.0
@@ -142,18 +145,37 @@ def require_root_tools() -> None:
         )
 
 
+def _cgroup_of(pid: int) -> str | None:
+    """The cgroup v2 path of a process (``0::/...``), or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError:
+        return None
+    return None
+
+
 def adopt(net: SiteNetwork) -> dict[str, int]:
-    """Place every process of each site in the site's cgroup (idempotent). Returns how many
-    processes each site has there. Sockets keep the cgroup they were made in, which is why
-    connections older than this are matched by their 4-tuple."""
+    """Place every process of each site in the site's cgroup (idempotent: one already inside the
+    site's cgroup, e.g. in its component's, stays where it is). Returns how many processes each
+    site has there. Sockets keep the cgroup they were made in, which is why connections older
+    than this are matched by their 4-tuple."""
     mount = cgroup2_mount()
     placed: dict[str, int] = {}
     for site, pids in net.pids.items():
         group = site_cgroup(net.run_dir, site, mount)
         group.directory.mkdir(parents=True, exist_ok=True)
+        inside = "/" + str(group.directory.relative_to(mount))
         procs = group.directory / "cgroup.procs"
         count = 0
         for pid in pids:
+            where = _cgroup_of(pid)
+            if where is None:
+                continue  # gone since it was listed
+            if where == inside or where.startswith(inside + "/"):
+                count += 1
+                continue
             try:
                 procs.write_text(str(pid))
                 count += 1
@@ -167,20 +189,71 @@ def adopt(net: SiteNetwork) -> dict[str, int]:
     return placed
 
 
-def place(run_dir: Path, site: str, pid: int) -> bool:
-    """Put a process that just started into its site's cgroup, so its sockets carry the site from
-    birth and a fault already in force covers it (a component restarted during a partition).
+def component_cgroup(run_dir: Path, site: str | None, component: str, mount: Path | None = None) -> Path:
+    """The cgroup of one component: inside its site's (so the site's fault rules cover it), or in
+    the run's ``entry`` group for a component of no site."""
+    mount = mount or cgroup2_mount()
+    return mount / CGROUP_TOP / run_id(run_dir) / (site or ENTRY_GROUP) / component
+
+
+def place(run_dir: Path, site: str | None, pid: int, component: str | None = None) -> bool:
+    """Put a process that just started into its component's cgroup (inside its site's), so its
+    sockets carry the site from birth and a fault already in force covers it (a component
+    restarted during a partition), and everything it ever starts can be found again.
     Best effort: False, changing nothing, without root or a cgroup v2 hierarchy nftables can name
     (the fault actions then place the site's processes themselves when they start)."""
     if os.geteuid() != 0:
         return False
     try:
-        group = site_cgroup(run_dir, site)
-        group.directory.mkdir(parents=True, exist_ok=True)
-        (group.directory / "cgroup.procs").write_text(str(pid))
+        if component is None:
+            assert site is not None, "a process of no site needs its component's name"
+            directory = site_cgroup(run_dir, site).directory
+        else:
+            site_cgroup(run_dir, site or ENTRY_GROUP)  # the mount is one nftables can name
+            directory = component_cgroup(run_dir, site, component)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cgroup.procs").write_text(str(pid))
     except (NetworkFaultError, OSError):
         return False
     return True
+
+
+def cgroup_pids(directory: Path) -> list[int]:
+    """Every process in a cgroup and the cgroups below it (none when it does not exist)."""
+    found: list[int] = []
+    if not directory.is_dir():
+        return found
+    for procs in [directory / "cgroup.procs", *sorted(directory.rglob("*/cgroup.procs"))]:
+        try:
+            found.extend(int(line) for line in procs.read_text().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def run_cgroup(run_dir: Path) -> Path | None:
+    """The run's cgroup (every component's is below it), or None without a cgroup v2 hierarchy."""
+    try:
+        return cgroup2_mount() / CGROUP_TOP / run_id(run_dir)
+    except NetworkFaultError:
+        return None
+
+
+def kill_cgroup(directory: Path) -> list[int]:
+    """SIGKILL every process in a cgroup and below (``cgroup.kill`` where the kernel has it, which
+    leaves no window for a fork; else each PID listed). Returns the PIDs that were there."""
+    pids = cgroup_pids(directory)
+    if not pids:
+        return []
+    try:
+        (directory / "cgroup.kill").write_text("1")
+    except OSError:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return pids
 
 
 def clear_run(run_dir: Path) -> dict[str, Any]:
@@ -205,7 +278,8 @@ def clear_run(run_dir: Path) -> dict[str, Any]:
 
 
 def release_cgroups(run_dir: Path) -> list[str]:
-    """Remove this run's cgroups that no process uses any more (after `down`). Returns those removed."""
+    """Remove this run's cgroups that no process uses any more (after `down`), deepest first.
+    Returns those removed, relative to the run's."""
     try:
         mount = cgroup2_mount()
     except NetworkFaultError:
@@ -214,13 +288,13 @@ def release_cgroups(run_dir: Path) -> list[str]:
     removed: list[str] = []
     if not top.is_dir():
         return removed
-    for child in sorted(top.iterdir()):
-        if child.is_dir():
-            try:
-                child.rmdir()
-                removed.append(child.name)
-            except OSError:
-                pass
+    below = sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts))
+    for child in below:
+        try:
+            child.rmdir()
+            removed.append(str(child.relative_to(top)))
+        except OSError:
+            pass
     for empty in (top, top.parent):  # the run's, then watertight/ when no other run uses it
         try:
             empty.rmdir()

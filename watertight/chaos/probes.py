@@ -167,7 +167,12 @@ def primaries(cell: int, target: str = "local", run_dir: str | None = None) -> l
     """Every member of ``cell`` (both centers and the dr copy): whether its PostgreSQL is out of
     recovery, whether it would acknowledge a write (None: it did not answer within
     MEMBER_PROBE_TIMEOUT_S), and the role its Patroni REST API reports."""
-    runtime = _local(target, run_dir, "primaries", "a SQL connection to every member of the cell")
+    return _primaries(
+        _local(target, run_dir, "primaries", "a SQL connection to every member of the cell"), cell
+    )
+
+
+def _primaries(runtime: LocalRuntime, cell: int) -> list[dict[str, Any]]:
     members = [c for c in runtime.select(cell=cell) if c.kind == "patroni"]
     password = runtime.superuser_password()
     endpoints = render.LocalEndpoints(runtime.topology)
@@ -213,9 +218,12 @@ def writable_primaries(cell: int, target: str = "local", run_dir: str | None = N
 def writable_primaries_by_cell(target: str = "local", run_dir: str | None = None) -> dict[str, int]:
     """``{"1": n, "2": n, ...}``: writable primaries of every cell (a split-brain sample)."""
     runtime = _local(target, run_dir, "writable_primaries_by_cell", "a SQL connection to every member")
+    runtime.components  # rendered once here, not once per cell's thread  # noqa: B018
     counts = _in_parallel(
         {
-            str(cell): functools.partial(writable_primaries, cell, target, run_dir)
+            str(cell): functools.partial(
+                lambda c: sum(1 for member in _primaries(runtime, c) if member["writable"]), cell
+            )
             for cell in runtime.topology.cell_numbers
         },
         2 * MEMBER_PROBE_TIMEOUT_S,

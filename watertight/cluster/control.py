@@ -98,7 +98,7 @@ def up(progress: Progress = print, root: Path | None = None) -> dict[str, Any]:
         ready = deploy.wait_pods_ready(client, progress)
         progress(f"all {ready} pods Ready")
         entry_file = layout.entry_dir / ENTRY_FILE
-        deploy.write_json(entry_file, deploy.entry_settings(client))
+        deploy.write_entry(entry_file, deploy.entry_settings(client), values)
         progress(
             f"starting the entry on {cluster_spec.entry_url} (in front of the centers' gateway NodePorts)"
         )

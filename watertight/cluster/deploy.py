@@ -164,6 +164,16 @@ def entry_settings(client: cluster_api.Cluster) -> dict[str, Any]:
     return settings
 
 
+def write_entry(settings_file: Path, settings: dict[str, Any], values: dict[str, Any]) -> None:
+    """The entry's settings and, where they name it, the digests of the tokens it accepts (as
+    the program gives every gateway; the entry checks them like the local runtime's)."""
+    tokens_file = settings_file.parent / str(settings.get("api_tokens_file") or render.API_TOKENS_FILE)
+    pki.write_private(
+        tokens_file, render.api_tokens_document({render.SECRET_API_TOKENS: values["apiTokens"]})
+    )
+    write_json(settings_file, settings)
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
         json.dump(document, handle, indent=1)

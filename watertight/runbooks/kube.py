@@ -35,6 +35,7 @@ from watertight.kube_names import (
     LABEL_KIND,
     LABEL_PART_OF,
     LABEL_SITE,
+    MEMBER_GUARD,
     NAMESPACE_DEFAULT,
     PART_OF,
     PATRONI_CONFIG,
@@ -42,6 +43,7 @@ from watertight.kube_names import (
     PATRONI_CONTAINER,
     PATRONI_FILE,
     POSTGRES_DATA_DIR,
+    WATCHDOG_PIPE,
 )
 from watertight.topology import SITE_NAMES, Topology
 
@@ -57,11 +59,13 @@ __all__ = [
     "DRAIN_CONFIG_MAP",
     "DRAIN_FILE",
     "ETCD_CONTAINER",
+    "MEMBER_GUARD",
     "PATRONI_CONFIG",
     "PATRONI_CONFIG_DIR",
     "PATRONI_CONTAINER",
     "PATRONI_FILE",
     "POSTGRES_DATA_DIR",
+    "WATCHDOG_PIPE",
     "KubeTarget",
     "KubeTargetError",
     "collection_path",

@@ -24,7 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from watertight import pg, render
+from cardcore.platform import auth
+
+from watertight import pg, private_files, render
 from watertight.chaos import network
 from watertight.runtime import processes
 from watertight.runtime.processes import ProcessRecord
@@ -49,10 +51,14 @@ def _quiet(_: str) -> None:
     pass
 
 
-def http_json(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, Any]:
-    """GET a JSON document; (status, body) with status 0 when nothing answered."""
+def http_json(
+    url: str, timeout_s: float = HTTP_TIMEOUT_S, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """GET a JSON document; (status, body) with status 0 when nothing answered. ``headers``: e.g.
+    the core's ``Authorization`` (``LocalRuntime.client_tokens().headers(...)``)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         try:
@@ -168,15 +174,63 @@ class LocalRuntime:
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_path)
 
-    def _secrets(self) -> dict[str, str]:
-        path = self.run_dir / "secrets.json"
-        if path.exists():
-            loaded: dict[str, str] = json.loads(path.read_text())
-            return loaded
-        values = render.generate_secrets()
-        path.touch(mode=0o600)
-        path.write_text(json.dumps(values))
-        return values
+    @property
+    def secrets_path(self) -> Path:
+        """The run's secrets (mode 0600): the PAN key, PostgreSQL's passwords and the API tokens
+        clients use (``api_tokens``, CONTRACT); ``status --json`` names it as ``secrets``."""
+        return self.run_dir / "secrets.json"
+
+    def _secrets(self) -> dict[str, Any]:
+        """The run's secrets; made on first use, and completed with any key a run directory of an
+        older version lacks (kept 0600 throughout)."""
+        path = self.secrets_path
+        loaded: dict[str, Any] = private_files.read_json(path) if path.exists() else {}
+        completed = render.complete_secrets(loaded)
+        missing = sorted(set(completed) - set(loaded))
+        if missing:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            private_files.write_private_json(path, completed)
+            log.info("secrets: made %s in %s (mode 0600)", ", ".join(missing), path)
+        return completed
+
+    def read_secrets(self) -> dict[str, Any]:
+        """The run's secrets, to change and give back to ``write_secrets`` (a rotation)."""
+        return dict(self._secrets())
+
+    def write_secrets(self, secrets: dict[str, Any]) -> None:
+        """Replace the run's secrets (a rotation); components read them again through
+        ``rewrite_files``."""
+        private_files.write_private_json(self.secrets_path, secrets)
+        self._components = None
+
+    def api_tokens(self) -> dict[str, str]:
+        """The token of each client kind, as clients send it (``Authorization: Bearer``)."""
+        return dict(self._secrets()[render.SECRET_API_TOKENS])
+
+    def client_tokens(self) -> auth.ClientTokens:
+        """The header each request to the core needs (the token of its route's client kind)."""
+        return auth.ClientTokens(self.api_tokens())
+
+    def rewrite_files(self, names: Iterable[str], kinds: Iterable[str] | None = None) -> list[str]:
+        """Write again, from the current secrets, the files ``names`` of every component of
+        ``kinds`` (all when None) without restarting anything: the servers read a changed file by
+        themselves (their API tokens file). Returns the components whose files were rewritten."""
+        self._components = None
+        wanted = set(names)
+        chosen = set(kinds) if kinds is not None else None
+        done = []
+        for component in self.components:
+            if chosen is not None and component.kind not in chosen:
+                continue
+            files = {name: text for name, text in component.files.items() if name in wanted}
+            if not files:
+                continue
+            directory = self.component_dir(component)
+            directory.mkdir(parents=True, exist_ok=True)
+            for relative, content in files.items():
+                private_files.write_private(directory / relative, content)
+            done.append(component.name)
+        return done
 
     @property
     def components(self) -> list[render.Component]:
@@ -288,9 +342,19 @@ class LocalRuntime:
             return []
         return [pid, *processes.descendants(pid, tree)]
 
+    def component_cgroup(self, component: render.Component) -> Path | None:
+        """The component's cgroup (root only; None without a cgroup v2 hierarchy)."""
+        try:
+            return network.component_cgroup(self.run_dir, component.site, component.name)
+        except network.NetworkFaultError:
+            return None
+
     def component_pids(
         self, component: render.Component, tree: dict[int, list[int]] | None = None
     ) -> list[int]:
+        """Every live process of the component: its own PID and descendants, the postmaster Patroni
+        started detached and its children, and anything else in the component's cgroup (a process
+        that outlived its parent)."""
         tree = tree if tree is not None else processes.children_map()
         record = self.records.get(component.name)
         pids: list[int] = []
@@ -299,7 +363,48 @@ class LocalRuntime:
         for pid in self._postmaster_pids(component, tree):
             if pid not in pids:
                 pids.append(pid)
+        group = self.component_cgroup(component)
+        if group is not None:
+            for pid in network.cgroup_pids(group):
+                if pid not in pids and processes.state_of(pid) not in (None, "Z", "X"):
+                    pids.append(pid)
         return pids
+
+    def processes_of(
+        self, component: render.Component, tree: dict[int, list[int]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every process of a component with its role, so an operator sees at a glance what runs:
+        a member's guard, keeper, Patroni, postmaster and PostgreSQL's own processes."""
+        tree = tree if tree is not None else processes.children_map()
+        record = self.records.get(component.name)
+        main_pid = record.pid if record is not None and processes.alive(record) else None
+        postmaster = self._postmaster_pids(component, tree)[:1]
+        postgres_children = set(processes.descendants(postmaster[0], tree)) if postmaster else set()
+        described = []
+        for pid in self.component_pids(component, tree):
+            line = processes.cmdline(pid)
+            if pid == main_pid and component.kind != "patroni":
+                role = component.kind
+            elif pid in postmaster:
+                role = "postgres"
+            elif pid in postgres_children:
+                role = "postgres-child"
+            elif "watertight.runtime.guard" in line or "/runtime/guard.py" in line:
+                # the keeper is started by the guard's file path (see watertight.runtime.guard)
+                role = "keeper" if "--keeper" in line else "guard"
+            elif " -m patroni " in f" {line} ":
+                role = "patroni"
+            else:
+                role = "child"
+            described.append(
+                {
+                    "pid": pid,
+                    "role": role,
+                    "state": processes.state_of(pid),
+                    "orphan": main_pid is None,
+                }
+            )
+        return described
 
     def pids(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
@@ -339,8 +444,7 @@ class LocalRuntime:
         for relative, content in component.files.items():
             path = directory / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-            path.chmod(0o600)
+            private_files.write_private(path, content)  # 0600 from its creation: some hold keys
             written.append(path)
         if component.data_dir is not None:
             component.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -358,9 +462,9 @@ class LocalRuntime:
         record = processes.spawn(
             component.argv, directory, self.log_path(component), component.env, component.service_user
         )
-        if component.site is not None:
-            # its sockets carry its site from birth: a network fault in force covers it at once
-            network.place(self.run_dir, component.site, record.pid)
+        # its sockets carry its site from birth (a network fault in force covers it at once), and
+        # whatever it ever starts stays findable in its component's cgroup
+        network.place(self.run_dir, component.site, record.pid, component.name)
         self.records[component.name] = record
         self._write_state()
         return record
@@ -382,6 +486,7 @@ class LocalRuntime:
             (self.run_dir / folder).chmod(0o755)
         self.run_dir.chmod(0o755)
         self._write_state()
+        self._refuse_taken_addresses([c for c in self.components if self.expected(c) and not self.running(c)])
         started: list[str] = []
         stages = sorted({c.stage for c in self.components})
         for stage in stages:
@@ -482,8 +587,7 @@ class LocalRuntime:
 
     def superuser_password(self) -> str:
         """The PostgreSQL superuser's password of this run (secrets.json, made by ``up``)."""
-        secrets = json.loads((self.run_dir / "secrets.json").read_text())
-        return str(secrets[render.SECRET_SUPERUSER_PASSWORD])
+        return str(self._secrets()[render.SECRET_SUPERUSER_PASSWORD])
 
     def cluster_members(self, cell: int, dr: bool = False) -> list[dict[str, Any]]:
         """Patroni's view of a cell's cluster (main, or the dr standby cluster), from every member
@@ -557,22 +661,28 @@ class LocalRuntime:
             healthy = None
             if component.kind in ("app", "gateway", "entry") and is_alive and component.ready_url:
                 healthy = http_json(component.ready_url, timeout_s=0.5)[0] == 200
-            components.append(
-                {
-                    "name": component.name,
-                    "kind": component.kind,
-                    "site": component.site,
-                    "cell": component.cell,
-                    "role": roles.get(component.name, component.kind),
-                    "pid": record.pid if record and is_alive else None,
-                    "alive": is_alive,
-                    "frozen": bool(record and processes.frozen(record)),
-                    "healthy": healthy,
-                    "expected": self.expected(component),
-                    "rss_bytes": rss,
-                    "log": str(self.log_path(component)),
-                }
-            )
+            described = self.processes_of(component, tree)
+            entry: dict[str, Any] = {
+                "name": component.name,
+                "kind": component.kind,
+                "site": component.site,
+                "cell": component.cell,
+                "role": roles.get(component.name, component.kind),
+                "pid": record.pid if record and is_alive else None,
+                "alive": is_alive,
+                "frozen": bool(record and processes.frozen(record)),
+                "healthy": healthy,
+                "expected": self.expected(component),
+                "rss_bytes": rss,
+                "log": str(self.log_path(component)),
+                # every process, so an orphan (alive while the component's PID is gone) shows
+                "processes": described,
+                "orphans": [p["pid"] for p in described if p["orphan"]],
+            }
+            if component.kind == "patroni":
+                entry["patroni_pid"] = next((p["pid"] for p in described if p["role"] == "patroni"), None)
+                entry["postgres_pid"] = next((p["pid"] for p in described if p["role"] == "postgres"), None)
+            components.append(entry)
         endpoints = render.LocalEndpoints(self.topology)
         sites = {}
         idle = {c.name for c in self.components if not self.expected(c)}
@@ -593,6 +703,7 @@ class LocalRuntime:
             "run_dir": str(self.run_dir),
             "logs": str(self.run_dir / "logs"),
             "entry": self.topology.entry_url,
+            "secrets": str(self.secrets_path),
             "sites": sites,
             "cells": cells,
             "components": components,
@@ -619,11 +730,44 @@ class LocalRuntime:
         for component in sorted(chosen, key=lambda c: -c.stage):
             record = self.records.get(component.name)
             pids = self.component_pids(component, tree)
-            if record is None or not pids:
+            if not pids:
                 continue
-            processes.stop_tree(record, [p for p in pids if p != record.pid], STOP_TIMEOUT_S, hard=hard)
+            if record is not None and processes.alive(record):
+                processes.stop_tree(record, [p for p in pids if p != record.pid], STOP_TIMEOUT_S, hard=hard)
+            else:
+                # what outlived the component's PID: nobody is left to ask politely
+                log.warning("%s: its PID is gone but PIDs %s of it run: killing them", component.name, pids)
+                processes.signal_pids(pids, signal.SIGCONT)
+                processes.signal_pids(pids, signal.SIGKILL)
+                processes.wait_gone(pids, STOP_TIMEOUT_S)
+            group = self.component_cgroup(component)
+            if group is not None:
+                # a process the tree no longer reached (reparented to init) is still in its cgroup
+                escaped = network.kill_cgroup(group)
+                if escaped:
+                    processes.wait_gone(escaped, STOP_TIMEOUT_S)
             hit.append(component.name)
         return hit
+
+    def kill_process(self, component: str, role: str) -> list[int]:
+        """SIGKILL only the processes of ``role`` within a component (``patroni``, ``postgres``,
+        ``keeper``, ``guard``...; see ``processes_of``): a crash of one process of several.
+        Returns the PIDs killed; raises when the component has none of that role."""
+        chosen = self.component(component)
+        self.reload()
+        pids = [p["pid"] for p in self.processes_of(chosen) if p["role"] == role]
+        if not pids:
+            roles = sorted({p["role"] for p in self.processes_of(chosen)}) or ["none: it is not running"]
+            raise RuntimeError_(f"{component} has no {role} process; its processes are {', '.join(roles)}")
+        return processes.signal_pids(pids, signal.SIGKILL)
+
+    def leader_site(self, cell: int) -> str:
+        """The site whose member leads ``cell`` now; raises when none does."""
+        self.select(cell=cell)
+        site = self.cell_view(cell)["leader_site"]
+        if site is None:
+            raise RuntimeError_(f"cell {cell} has no leader now; see `watertight status`")
+        return str(site)
 
     def freeze(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
@@ -675,6 +819,54 @@ class LocalRuntime:
             self.start_component(item)
         return [c.name for c in chosen]
 
+    # ---- strays ---------------------------------------------------------------------------------
+
+    def stray_pids(self) -> list[int]:
+        """Processes of this run that no running component accounts for: left in the run's
+        cgroups, or running one of its components' command lines (a component killed in an earlier
+        life of this run directory, a postmaster whose Patroni is long gone)."""
+        tree = processes.children_map()
+        accounted = {pid for c in self.components for pid in self.component_pids(c, tree)}
+        signatures = [" ".join(c.argv) for c in self.components]
+        signatures += [
+            f"-D {c.detached_pid_file.parent}" for c in self.components if c.detached_pid_file is not None
+        ]
+        found: set[int] = set()
+        group = network.run_cgroup(self.run_dir)
+        if group is not None:
+            found.update(network.cgroup_pids(group))
+        for pid in processes.pids_mentioning(str(self.run_dir)):
+            line = processes.cmdline(pid)
+            if any(line.startswith(sig) or f" {sig}" in line for sig in signatures):
+                found.add(pid)
+        for pid in list(found):
+            found.update(processes.descendants(pid, tree))
+        me = os.getpid()
+        return sorted(
+            pid
+            for pid in found
+            if pid not in accounted and pid != me and processes.state_of(pid) not in (None, "Z", "X")
+        )
+
+    def _refuse_taken_addresses(self, todo: list[render.Component]) -> None:
+        """`up` never starts a component beside a process that already holds one of its addresses
+        (an orphan of an earlier kill would take a share of its traffic, or its data)."""
+        wanted = {address: c for c in todo for address in c.listens}
+        if not wanted:
+            return
+        ours = {pid for c in self.components if self.running(c) for pid in self.component_pids(c)}
+        for (host, port), pids in sorted(processes.listeners(set(wanted)).items()):
+            strangers = [pid for pid in pids if pid not in ours]
+            if strangers:
+                component = wanted.get((host, port)) or next(c for a, c in wanted.items() if a[1] == port)
+                holders = "; ".join(f"PID {pid} ({processes.cmdline(pid)[:80]})" for pid in strangers)
+                raise RuntimeError_(
+                    f"{host}:{port}, where {component.name} must listen, is held by {holders}: "
+                    "no process of this run's components; if it is left from an earlier run of this "
+                    f"directory `watertight down` stops it, otherwise stop it by its PID, then run "
+                    "`watertight up` again"
+                )
+
     # ---- down -----------------------------------------------------------------------------------
 
     def down(self, purge: bool = False, progress: Progress = _quiet) -> list[str]:
@@ -684,7 +876,16 @@ class LocalRuntime:
             progress(f"stopped {len(stopped)} components: {', '.join(stopped)}")
         else:
             progress("nothing was running")
-        left = self.pids()
+        strays = self.stray_pids()
+        if strays:
+            described = ", ".join(f"{pid} ({processes.cmdline(pid)[:60]})" for pid in strays)
+            progress(
+                f"found {len(strays)} processes of this run no component accounts for: {described}; killing them"
+            )
+            processes.signal_pids(strays, signal.SIGCONT)
+            processes.signal_pids(strays, signal.SIGKILL)
+            processes.wait_gone(strays, STOP_TIMEOUT_S)
+        left = self.pids() + self.stray_pids()
         if left:
             raise RuntimeError_(
                 f"processes {left} survived the stop; stop them by PID and run `watertight down` again"

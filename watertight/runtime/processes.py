@@ -184,3 +184,74 @@ def stop_tree(record: ProcessRecord, extra_pids: list[int], timeout_s: float, ha
     if left or rest:
         signal_pids(rest, signal.SIGKILL)
         wait_gone(rest, timeout_s)
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line, arguments joined by spaces ('' when it is gone or a kernel thread)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Every live process whose command line contains ``text`` (e.g. a run directory: a process
+    of the run that outlived its component). Never this process."""
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != me and text in cmdline(int(name)):
+            if state_of(int(name)) not in (None, "Z", "X"):
+                found.append(int(name))
+    return found
+
+
+def _listening_inodes(addresses: set[tuple[str, int]]) -> dict[int, tuple[str, int]]:
+    """Socket inodes of TCP listeners on any of ``addresses`` (IPv4; 0.0.0.0 counts for every
+    address of its port)."""
+    ports = {port for _, port in addresses}
+    inodes: dict[int, tuple[str, int]] = {}
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return inodes
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
+            continue
+        hex_address, hex_port = fields[1].split(":")
+        port = int(hex_port, 16)
+        if port not in ports:
+            continue
+        address = ".".join(str(b) for b in bytes.fromhex(hex_address)[::-1])
+        if (address, port) in addresses or address == "0.0.0.0":
+            inodes[int(fields[9])] = (address, port)
+    return inodes
+
+
+def listeners(addresses: set[tuple[str, int]]) -> dict[tuple[str, int], list[int]]:
+    """Which processes listen on which of ``addresses`` (``(ip, port)``), from /proc/net/tcp and
+    each process's open sockets. Processes whose descriptors we may not read are not seen."""
+    inodes = _listening_inodes(addresses)
+    found: dict[tuple[str, int], list[int]] = {}
+    if not inodes:
+        return found
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in inodes:
+                    pids = found.setdefault(inodes[inode], [])
+                    if int(name) not in pids:
+                        pids.append(int(name))
+    return found

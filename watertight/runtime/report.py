@@ -23,6 +23,32 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _state(component: dict[str, Any]) -> str:
+    if not component["alive"]:
+        return "ORPHANED" if component.get("orphans") else "stopped"
+    if component["frozen"]:
+        return "frozen"
+    if component["healthy"]:
+        return "healthy"
+    return "unhealthy" if component["healthy"] is False else "running"
+
+
+def _processes(described: list[dict[str, Any]]) -> str:
+    """``guard 101, keeper 102, patroni 103, postgres 140 (+7)``: every process by role."""
+    parts = []
+    children = sum(1 for p in described if p["role"] == "postgres-child")
+    for process in described:
+        if process["role"] == "postgres-child":
+            continue
+        text = f"{process['role']} {process['pid']}"
+        if process.get("state") in ("T", "t"):
+            text += " (stopped)"
+        if process["role"] == "postgres" and children:
+            text += f" (+{children})"
+        parts.append(text)
+    return ", ".join(parts) or "-"
+
+
 def status_table(status: dict[str, Any]) -> str:
     parts = [f"{status['name']}  entry {status['entry']}  run dir {status['run_dir']}", ""]
     parts.append(
@@ -59,30 +85,24 @@ def status_table(status: dict[str, Any]) -> str:
     parts.append("")
     parts.append(
         _table(
-            ["COMPONENT", "SITE", "ROLE", "PID", "STATE", "RSS"],
+            ["COMPONENT", "SITE", "ROLE", "PID", "STATE", "RSS", "PROCESSES"],
             [
                 [
                     c["name"],
                     c["site"] or "-",
                     c["role"],
                     str(c["pid"] or "-"),
-                    (
-                        "frozen"
-                        if c["frozen"]
-                        else (
-                            "healthy"
-                            if c["healthy"]
-                            else ("unhealthy" if c["healthy"] is False else "running")
-                        )
-                    )
-                    if c["alive"]
-                    else "stopped",
+                    _state(c),
                     human_bytes(c["rss_bytes"]),
+                    _processes(c.get("processes", [])),
                 ]
                 for c in status["components"]
             ],
         )
     )
+    orphans = [(c["name"], c["orphans"]) for c in status["components"] if c.get("orphans")]
+    for name, pids in orphans:
+        parts.append(f"ORPHANS of {name}: PIDs {', '.join(map(str, pids))} run while its PID is gone")
     parts.append("")
     parts.append(
         f"total RSS of the topology: {human_bytes(status['rss_total_bytes'])}; logs in {status['logs']}"

@@ -1,8 +1,12 @@
 """Authorization, reversal and clearing: the financial heart, run inside group-commit batches.
 
-Decision order: format -> duplicate key (replayed before we get here) -> card status -> expiry ->
-channel / MCC rules -> single-amount limit -> credit on the line and every ancestor.
-Never: approve beyond any line; mutate state before the request is known to be valid.
+Decision order: format -> duplicate key (replayed before we get here) -> card status -> (online:
+card-not-present lock) -> expiry -> (online: CVV2) -> channel / MCC rules -> single-amount limit
+-> credit on the line and every ancestor. Online, a wrong expiry date or CVV2 counts against the
+card: ``cnp_failures_max`` in a row lock it for online use for ``cnp_lock_seconds`` (59, suspected
+fraud); an online request that passes both checks starts the count again.
+Never: approve beyond any line; mutate state before the request is known to be valid; store or
+log a CVV2 (it is derived again from the PAN and checked).
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from cardcore.accounting import journal
 from cardcore.common import catalogue, ids
 from cardcore.common.crypto import PanVault
 from cardcore.common.pricing import PriceContext, price
-from cardcore.common.types import AmountFen, Currency, Expiry, IdempotencyKey, Mcc, PanText, ShortText
+from cardcore.common.types import (
+    AmountFen,
+    Currency,
+    Cvv2,
+    Expiry,
+    IdempotencyKey,
+    Mcc,
+    PanText,
+    ShortText,
+)
 from cardcore.limits.lines import AccountState
 from cardcore.platform.engine import BatchContext, Needs, Op, register
 from cardcore.platform.http import bad_request, conflict, not_found, unprocessable
@@ -30,6 +43,9 @@ INSUFFICIENT = "51"
 EXPIRED = "54"
 NOT_PERMITTED = "57"
 EXCEEDS_AMOUNT = "61"
+SUSPECTED_FRAUD = "59"  # ISO 8583: locked for card-not-present use after repeated wrong CVV2 / expiry
+CVV2_FAILED = "N7"  # ISO 8583 (as card networks use it): decline for CVV2 failure
+CARD_NOT_PRESENT = "online"
 
 # cash is not given online, and an ATM does not sell goods
 NOT_PERMITTED_CHANNELS = frozenset({("cash", "online"), ("purchase", "atm")})
@@ -50,6 +66,7 @@ class AuthorizationRequest(msgspec.Struct, forbid_unknown_fields=True):
     mcc: Mcc
     merchant_id: ShortText
     channel: Literal["pos", "online", "atm"]
+    cvv2: Cvv2 | None = None  # required when channel is online
     kind: Literal["purchase", "cash"] = "purchase"
     currency: Currency = "CNY"
 
@@ -69,6 +86,8 @@ class ClearingRequest(msgspec.Struct, forbid_unknown_fields=True):
 def check_authorization_format(request: AuthorizationRequest) -> None:
     if not ids.pan_well_formed(request.pan):
         raise bad_request("pan", "pan must be 16 digits with a valid Luhn check digit")
+    if request.channel == CARD_NOT_PRESENT and request.cvv2 is None:
+        raise bad_request("cvv2", "cvv2 is required when channel is online (card not present)")
     if request.currency != "CNY":
         raise bad_request(
             "currency", f"currency {request.currency} is not supported (CNY only)", "unsupported_currency"
@@ -84,13 +103,15 @@ def expiry_end(expiry: str) -> date:
 
 class Authorize:
     def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
-        needs.pan_tokens.add(vault.token(op.request.pan))
+        needs.pan_tokens.update(vault.tokens(op.request.pan))
 
     def apply(self, ctx: BatchContext, op: Op) -> tuple[int, dict[str, Any]]:
         request: AuthorizationRequest = op.request
-        card = ctx.cards.get(ctx.vault.token(request.pan))
+        card = ctx.card_for_pan(request.pan)
         state = ctx.account(card["account_id"]) if card is not None else None
         code = self._decide(ctx, request, card, state)
+        if card is not None and request.channel == CARD_NOT_PRESENT:
+            self._count_card_not_present(ctx, request, card, code)
         auth_id = ctx.new_id(ids.PREFIX_AUTHORIZATION)
         line = request.kind
         hold = 0
@@ -137,8 +158,13 @@ class Authorize:
             return status_code
         if state.status != "open":
             return DO_NOT_HONOR
+        online = request.channel == CARD_NOT_PRESENT
+        if online and card["cnp_locked"]:
+            return SUSPECTED_FRAUD
         if request.expiry != card["expiry"] or expiry_end(card["expiry"]) < ctx.now.date():
             return EXPIRED
+        if online and not _cvv2_holds(ctx.vault, request, card):
+            return CVV2_FAILED
         params = ctx.catalogue.products[state.product_code]
         if request.mcc in params["blocked_mccs"]:
             return NOT_PERMITTED
@@ -152,6 +178,25 @@ class Authorize:
         if not state.can_hold(request.kind, request.amount):
             return INSUFFICIENT
         return APPROVED
+
+    @staticmethod
+    def _count_card_not_present(
+        ctx: BatchContext, request: AuthorizationRequest, card: dict[str, Any], code: str
+    ) -> None:
+        """A wrong expiry or CVV2 online counts against the card (enough in a row lock it); an
+        online request that got past both checks starts the count again."""
+        guessed = code == CVV2_FAILED or (code == EXPIRED and request.expiry != card["expiry"])
+        if guessed:
+            card["cnp_failures"] += 1
+            locked_until = None
+            if card["cnp_failures"] >= ctx.settings.cnp_failures_max:
+                locked_until = ctx.now + timedelta(seconds=ctx.settings.cnp_lock_seconds)
+                card["cnp_locked"] = True
+            ctx.writes.card_cnp[card["card_id"]] = (card["cnp_failures"], locked_until)
+        elif card["cnp_failures"] and code not in _BEFORE_CARD_NOT_PRESENT_CHECKS:
+            card["cnp_failures"] = 0
+            card["cnp_locked"] = False
+            ctx.writes.card_cnp[card["card_id"]] = (0, None)
 
     @staticmethod
     def _offer(
@@ -186,6 +231,21 @@ class Authorize:
             "fee_rate": fee_rate.value,
             "pricing_trace": fee_rate.trace,
         }
+
+
+# answers decided before the expiry and CVV2 are looked at: they neither count nor clear failures
+_BEFORE_CARD_NOT_PRESENT_CHECKS = frozenset(
+    {INVALID_CARD, DO_NOT_HONOR, LOST, STOLEN, SUSPECTED_FRAUD, EXPIRED}
+)
+
+
+def _cvv2_holds(vault: PanVault, request: AuthorizationRequest, card: dict[str, Any]) -> bool:
+    """The CVV2 offered is the card's (derived again, under the key version it was issued with; a
+    card issued before CVV2 existed has none and cannot be used card-not-present)."""
+    version = card["cvv_key_version"]
+    if version is None or request.cvv2 is None:
+        return False
+    return vault.cvv2_matches(request.pan, card["expiry"], version, request.cvv2)
 
 
 def _auth_of(ctx: BatchContext, auth_id: str) -> tuple[dict[str, Any], AccountState]:

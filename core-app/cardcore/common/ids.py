@@ -5,7 +5,7 @@ PANs (Luhn-valid, the cell in fixed digits after the BIN). Never: look anything 
 
 Formats (cell in two decimal digits, 1..99):
 - ids: ``<prefix><cell:02d><16 chars of base32>``, e.g. ``CU01K3Z...``; prefixes below.
-- PAN: 16 digits: BIN (6) + cell (2) + serial (7) + Luhn check digit.
+- PAN: 16 digits: BIN (6) + cell (2) + serial (7, random: see issuing) + Luhn check digit.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import re
 
 CELL_MAX = 99
 BIN = "625977"  # a made-up BIN for the model issuer
+SERIAL_MAX = 10_000_000  # serials are 0 .. SERIAL_MAX - 1, drawn at random by issuing
 
 PREFIX_CUSTOMER = "CU"
 PREFIX_ACCOUNT = "AC"
@@ -80,7 +81,7 @@ def luhn_valid(pan: str) -> bool:
 
 def new_pan(cell: int, serial: int) -> str:
     assert 1 <= cell <= CELL_MAX, cell
-    assert 0 <= serial < 10_000_000, serial
+    assert 0 <= serial < SERIAL_MAX, serial
     body = f"{BIN}{cell:02d}{serial:07d}"
     return body + luhn_check_digit(body)
 

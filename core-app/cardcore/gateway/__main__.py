@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # one process, as the app server: the runtime's PID is the whole gateway, so SIGKILL of it
     # leaves no worker listening behind (granian's Granian() forks a worker that outlives its master)
-    serve(TARGET, settings.host, settings.port)
+    serve(TARGET, settings.host, settings.port, settings.serve_limits())
     return 0
 
 

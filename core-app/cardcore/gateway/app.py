@@ -17,6 +17,7 @@ Serve it with granian: ``python -m cardcore.gateway --config FILE.json``, or
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -33,6 +34,8 @@ from cardcore.gateway.health import HealthMonitor, Upstream
 from cardcore.gateway.routes import Kind, Route, classify
 from cardcore.gateway.settings import GatewaySettings, load_from_env
 from cardcore.platform import metrics
+from cardcore.platform.admission import BODY_TIMEOUT_CODE, SHED_BODY, Admission
+from cardcore.platform.auth import AccessControl
 from cardcore.platform.http import lifespan
 from cardcore.platform.upstream import (
     Response,
@@ -43,6 +46,10 @@ from cardcore.platform.upstream import (
 )
 
 log = logging.getLogger("cardcore.gateway")
+
+# headers of an app server's answer the gateway passes on (the rest it sets itself)
+PASSED_ON = (b"allow", b"retry-after", b"www-authenticate")
+_passed_on: contextvars.ContextVar[list[tuple[bytes, bytes]]] = contextvars.ContextVar("passed_on")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -118,6 +125,10 @@ class _TooLarge(Exception):
     pass
 
 
+class _BodyTimeout(Exception):
+    """The client did not send the whole body in time."""
+
+
 def error_body(code: str, message: str, field: str | None = None) -> bytes:
     return _encode({"error": {"code": code, "message": message, "field": field}})
 
@@ -149,11 +160,14 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-def _content_type(scope: Scope) -> bytes | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-type":
-            return bytes(value)
-    return None
+_FORWARDED = (b"content-type", b"authorization")
+
+
+def _forwarded_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The request headers an app server needs: its content type, and the client's credentials
+    (checked again there: a request that reaches an app server across sites is refused there
+    without them)."""
+    return [(name, bytes(value)) for name, value in scope.get("headers", ()) if name in _FORWARDED]
 
 
 def _path_target(scope: Scope) -> str:
@@ -213,6 +227,10 @@ class Gateway:
             gauge=self.m_healthy,
         )
         self.drain = DrainControl(settings.drain_file, settings.drain_poll_ms / 1000, self.cells)
+        self.access = AccessControl(settings.api_tokens_file)
+        limits = settings.serve_limits()
+        self.admission = Admission(limits)
+        self.body_timeout_s = limits.body_read_timeout_ms / 1000
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -224,6 +242,7 @@ class Gateway:
             if not self._started:
                 await self.health.start()
                 await self.drain.start()
+                await self.access.start()
                 self._started = True
                 log.info(
                     "gateway %s: %d cells, upstreams %s",
@@ -233,6 +252,7 @@ class Gateway:
                 )
 
     async def shutdown(self) -> None:
+        await self.access.stop()
         await self.drain.stop()
         await self.health.stop()
         self._started = False
@@ -250,21 +270,28 @@ class Gateway:
     # -- one request ----------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        if not self._started:
-            await self.startup()
-        route = classify(scope["method"], scope["path"])
-        cell = "none"
+        client = self.admission.enter(scope)
+        if client is None:
+            # shed at once, nothing read: a client cannot hold the others back by opening requests
+            await self._send(send, 503, JSON, SHED_BODY, "none", [(b"retry-after", b"1")])
+            self.m_requests.inc(
+                (classify(scope["method"], scope["path"]).template, "none", self.site, "shed")
+            )
+            return
         try:
-            body = await _read_body(receive)
-            status, content_type, data, cell, outcome = await self._dispatch(route, scope, body)
-        except _TooLarge:
-            status, content_type, outcome = 413, JSON, "4xx"
-            data = error_body("body_too_large", f"the body exceeds {BODY_BYTES_MAX} bytes", "body")
-        except Exception:  # a gateway bug: say so, keep serving
-            log.exception("gateway: unexpected error on %s %s", scope["method"], route.template)
-            status, content_type, outcome = 500, JSON, "5xx"
-            data = error_body("internal", "the gateway failed to handle the request")
+            await self._admitted(scope, receive, send)
+        finally:
+            self.admission.leave(client)
+
+    async def _send(
+        self,
+        send: Send,
+        status: int,
+        content_type: bytes,
+        data: bytes,
+        cell: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -274,10 +301,45 @@ class Gateway:
                     (b"content-length", b"%d" % len(data)),
                     (b"x-watertight-cell", cell.encode("ascii")),
                     (b"x-watertight-site", self._site_header),
+                    *(extra or ()),
                 ],
             }
         )
         await send({"type": "http.response.body", "body": data})
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        _passed_on.set([])
+        if not self._started:
+            await self.startup()
+        route = classify(scope["method"], scope["path"])
+        cell = "none"
+        extra: list[tuple[bytes, bytes]] = []
+        refused = self.access.check(scope["method"], scope["path"], scope.get("headers", ()))
+        try:
+            if refused is not None:
+                # nothing read, nothing forwarded: the body stays unread
+                status, content_type, data, outcome = refused.status, JSON, refused.body(), "4xx"
+                extra = refused.headers()
+            else:
+                try:
+                    async with asyncio.timeout(self.body_timeout_s):
+                        body = await _read_body(receive)
+                except TimeoutError:
+                    raise _BodyTimeout from None
+                status, content_type, data, cell, outcome = await self._dispatch(route, scope, body)
+        except _BodyTimeout:
+            status, content_type, outcome = 408, JSON, "4xx"
+            message = f"the body did not arrive within {self.body_timeout_s:g} s"
+            data = error_body(BODY_TIMEOUT_CODE, message, "body")
+        except _TooLarge:
+            status, content_type, outcome = 413, JSON, "4xx"
+            data = error_body("body_too_large", f"the body exceeds {BODY_BYTES_MAX} bytes", "body")
+        except Exception:  # a gateway bug: say so, keep serving
+            log.exception("gateway: unexpected error on %s %s", scope["method"], route.template)
+            status, content_type, outcome = 500, JSON, "5xx"
+            data = error_body("internal", "the gateway failed to handle the request")
+        await self._send(send, status, content_type, data, cell, extra + _passed_on.get([]))
         self.m_requests.inc((route.template, cell, self.site, outcome))
         if route.kind is Kind.BODY_PAN and status == 200:
             self.m_decisions.inc((cell, self.site, _response_code(data)))
@@ -329,7 +391,7 @@ class Gateway:
             return await self._to_cell(None, scope, body)
         if kind in (Kind.FANOUT_FIRST, Kind.FANOUT_TAG_CUSTOMERS, Kind.FANOUT_RULES, Kind.FANOUT_CYCLE):
             return await self._fanout(kind, route, scope, body)
-        if kind is Kind.TRIAL_BALANCE:
+        if kind is Kind.CELL_QUERY:
             values = parse_qs(_query_of(scope)).get("cell")
             raw = values[-1].strip() if values else ""
             if not raw.isdigit() or int(raw) not in self.cells:
@@ -379,7 +441,7 @@ class Gateway:
                 scope["method"],
                 target,
                 body,
-                _content_type(scope),
+                _forwarded_headers(scope),
                 deadline,
                 replayable=_replayable(scope["method"], scope["path"]),
             )
@@ -389,6 +451,7 @@ class Gateway:
             return failed.status, JSON, failed.body(), label, failed.outcome
         finally:
             self.drain.end(cell)
+        _passed_on.set([(name, value) for name, value in response.headers if name in PASSED_ON])
         return (
             response.status,
             response.header(b"content-type") or JSON,
@@ -404,7 +467,7 @@ class Gateway:
         method: str,
         target: str,
         body: bytes,
-        content_type: bytes | None,
+        headers: list[tuple[bytes, bytes]],
         deadline: float,
         replayable: bool = False,
     ) -> Response:
@@ -418,7 +481,6 @@ class Gateway:
                 code,
                 f"{what} is unavailable: no healthy app server; retry later or through another site",
             )
-        headers = [(b"content-type", content_type)] if content_type else None
         last: UpstreamError | None = None
         for upstream in candidates:
             try:
@@ -460,7 +522,7 @@ class Gateway:
                 message = f"query parameter cell must be a cell number in 1..{len(self.cells)}"
                 return 400, JSON, error_body("invalid", message, "cell"), "none", "4xx"
             return await self._to_cell(int(raw), scope, body)
-        content_type = _content_type(scope)
+        headers = _forwarded_headers(scope)
         deadline = asyncio.get_running_loop().time() + self.request_timeout
 
         async def one(cell: int) -> Response | _Failed:
@@ -472,7 +534,7 @@ class Gateway:
                     method,
                     target,
                     body,
-                    content_type,
+                    headers,
                     deadline,
                 )
             except _Failed as failed:

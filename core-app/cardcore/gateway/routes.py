@@ -25,7 +25,7 @@ class Kind(IntEnum):
     FANOUT_TAG_CUSTOMERS = 8  # every cell; merge "customers"
     FANOUT_RULES = 9  # every cell; merge "rules" by rule_id
     FANOUT_CYCLE = 10  # every cell; {"business_date", "cells": {...}}
-    TRIAL_BALANCE = 11  # ?cell=N
+    CELL_QUERY = 11  # the cell named by ?cell=N (trial balance, the key ring of a cell)
     ROUTING_CUSTOMER = 12
     ROUTING_CARD = 13
     HEALTHZ = 14
@@ -61,7 +61,9 @@ _FIXED: dict[tuple[str, str], tuple[Kind, str]] = {
     ("POST", "/v1/pricing/rules"): (Kind.PRICING_RULE, "/v1/pricing/rules"),
     ("GET", "/v1/pricing/rules"): (Kind.FANOUT_RULES, "/v1/pricing/rules"),
     ("POST", "/v1/admin/cycle"): (Kind.FANOUT_CYCLE, "/v1/admin/cycle"),
-    ("GET", "/v1/admin/trial-balance"): (Kind.TRIAL_BALANCE, "/v1/admin/trial-balance"),
+    ("GET", "/v1/admin/trial-balance"): (Kind.CELL_QUERY, "/v1/admin/trial-balance"),
+    ("GET", "/v1/admin/keys"): (Kind.CELL_QUERY, "/v1/admin/keys"),
+    ("POST", "/v1/admin/keys/rewrap"): (Kind.CELL_QUERY, "/v1/admin/keys/rewrap"),
     ("GET", "/v1/products"): (Kind.ANY, "/v1/products"),
     ("GET", "/openapi.json"): (Kind.ANY, "/openapi.json"),
     ("GET", "/healthz"): (Kind.HEALTHZ, "/healthz"),

@@ -4,7 +4,8 @@ Example::
 
     {"site": "prod", "host": "127.0.0.1", "port": 8001, "cell_count": 2,
      "upstreams": {"1": ["http://127.0.0.1:8101", "http://127.0.0.1:8201"],
-                   "2": ["http://127.0.0.1:8101", "http://127.0.0.1:8201"]}}
+                   "2": ["http://127.0.0.1:8101", "http://127.0.0.1:8201"]},
+     "api_tokens_file": "api-tokens.json"}
 
 Every cell 1..cell_count needs at least one upstream; the same URL may serve several cells.
 """
@@ -18,6 +19,8 @@ from typing import Annotated
 import msgspec
 
 from cardcore.common.routing import Router
+from cardcore.platform import auth
+from cardcore.platform.admission import ServeLimits
 from cardcore.platform.upstream import parse_base_url
 
 ENV_CONFIG = "WATERTIGHT_GATEWAY_CONFIG"
@@ -33,6 +36,9 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     site: str
     cell_count: Annotated[int, msgspec.Meta(ge=1, le=99)]
     upstreams: dict[str, list[str]]
+    # the accepted API tokens (cardcore.platform.auth.TokensFile), read again when it changes;
+    # relative to the settings file when not absolute
+    api_tokens_file: str
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
     slot_overrides: dict[int, int] = {}
@@ -45,6 +51,23 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     # drain-cell runbook) rewrite; read again when it changes, checked every drain_poll_ms
     drain_file: str | None = None
     drain_poll_ms: Millis = 250
+    # hostile clients (cardcore.platform.admission): connections in total and the time to read a
+    # request's headers (granian), the time to read its body, requests in flight per client
+    # address and in total (above them: 503 overloaded at once)
+    connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 16384
+    header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
+    body_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
+    requests_in_flight_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    requests_per_client_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+
+    def serve_limits(self) -> ServeLimits:
+        return ServeLimits(
+            connections_max=self.connections_max,
+            header_read_timeout_ms=self.header_read_timeout_ms,
+            body_read_timeout_ms=self.body_read_timeout_ms,
+            requests_in_flight_max=self.requests_in_flight_max,
+            requests_per_client_max=self.requests_per_client_max,
+        )
 
     def validate(self) -> None:
         """Checks msgspec cannot express; raises GatewayConfigError naming the key."""
@@ -97,7 +120,15 @@ def load(path: str | Path) -> GatewaySettings:
         data = Path(path).read_bytes()
     except OSError as error:
         raise GatewayConfigError(f"{path}: cannot read: {error.strerror or error}") from None
-    return parse(data, str(path))
+    settings = parse(data, str(path))
+    tokens = Path(settings.api_tokens_file)
+    if not tokens.is_absolute():
+        settings.api_tokens_file = str(Path(path).resolve().parent / tokens)
+    try:
+        auth.read_tokens_file(settings.api_tokens_file)
+    except auth.TokensFileError as error:
+        raise GatewayConfigError(f"{path}: api_tokens_file: {error}") from None
+    return settings
 
 
 def load_from_env() -> GatewaySettings:

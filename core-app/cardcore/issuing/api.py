@@ -1,10 +1,17 @@
 """Issuing: real-time account opening and the card life cycle.
 
-Never: return a full PAN except in the application's answer; log one anywhere.
+PANs are the BIN, the cell and a random serial (never the next of a sequence: a PAN must not
+tell the next one); their CVV2 is derived under the current key and never stored. A national id
+is kept as a keyed hash (to recognise a returning applicant under any key version) and as a
+ciphertext bound to its customer (so a key rotation can hash it again).
+Never: return a full PAN or a CVV2 except in the answers of an application and a replacement;
+log one anywhere.
 """
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
@@ -12,10 +19,9 @@ import asyncpg
 import msgspec
 
 from cardcore.common import ids
-from cardcore.common.crypto import hash_id_number
 from cardcore.common.types import AMOUNT_FEN_MAX
 from cardcore.issuing.decision import decide
-from cardcore.platform.http import Request, Route, bad_request, conflict, not_found
+from cardcore.platform.http import ApiError, Request, Route, bad_request, conflict, not_found
 from cardcore.platform.service import CoreService, mask_name
 from cardcore.platform.state import load_accounts, write_rule_tags
 
@@ -66,25 +72,45 @@ def new_expiry(today: date, years: int) -> str:
     return f"{today.month:02d}/{(today.year + years) % 100:02d}"
 
 
+# random serials: with 10 million per cell, a few tries find a free one long before a cell is full
+SERIAL_TRIES_MAX = 20
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    card_id: str
+    pan: str
+    expiry: str
+    cvv2: str
+
+
 async def insert_card(
     conn: asyncpg.Connection, service: CoreService, cell: int, account_id: str, customer_id: str, years: int
-) -> tuple[str, str, str]:
-    serial = await conn.fetchval("SELECT nextval('pan_serial')")
-    pan = ids.new_pan(cell, serial)
+) -> IssuedCard:
+    vault = service.vault
     card_id = ids.new_id(ids.PREFIX_CARD, cell)
     expiry = new_expiry(datetime.now(UTC).date(), years)
-    await conn.execute(
-        "INSERT INTO cards (card_id, account_id, customer_id, pan_token, pan_cipher, pan_masked, expiry, status)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, 'inactive')",
-        card_id,
-        account_id,
-        customer_id,
-        service.vault.token(pan),
-        service.vault.encrypt(pan),
-        ids.mask_pan(pan),
-        expiry,
-    )
-    return card_id, pan, expiry
+    for _ in range(SERIAL_TRIES_MAX):
+        pan = ids.new_pan(cell, secrets.randbelow(ids.SERIAL_MAX))
+        tokens = vault.tokens(pan)
+        if await conn.fetchval("SELECT 1 FROM cards WHERE pan_token = ANY($1::bytea[])", tokens):
+            continue  # taken (under this key or another): draw again
+        inserted = await conn.fetchval(
+            "INSERT INTO cards (card_id, account_id, customer_id, pan_token, pan_cipher, pan_masked, expiry,"
+            " status, key_version, cvv_key_version) VALUES ($1, $2, $3, $4, $5, $6, $7, 'inactive', $8, $8)"
+            " ON CONFLICT (pan_token) DO NOTHING RETURNING 1",
+            card_id,
+            account_id,
+            customer_id,
+            tokens[0],
+            vault.encrypt(pan, card_id),
+            ids.mask_pan(pan),
+            expiry,
+            vault.current,
+        )
+        if inserted:
+            return IssuedCard(card_id, pan, expiry, vault.cvv2(pan, expiry, vault.current))
+    raise ApiError(503, "pan_space_exhausted", f"no free card number found in {SERIAL_TRIES_MAX} tries")
 
 
 def routes(service: CoreService) -> list[Route]:
@@ -129,6 +155,7 @@ def routes(service: CoreService) -> list[Route]:
             "card_id": None,
             "pan": None,
             "expiry": None,
+            "cvv2": None,
             "credit_limit": 0,
             "cell": engine.cell,
         }
@@ -137,19 +164,28 @@ def routes(service: CoreService) -> list[Route]:
         cell = engine.cell
         customer_id = ids.new_id(ids.PREFIX_CUSTOMER, cell)
         account_id = ids.new_id(ids.PREFIX_ACCOUNT, cell)
-        id_hash = hash_id_number(applicant.id_number)
+        vault = service.vault
+        id_hashes = vault.id_hashes(applicant.id_number)
         limit = decision.credit_limit_fen
         async with pool.acquire() as conn, conn.transaction():
-            inserted = await conn.fetchval(
-                "INSERT INTO customers (customer_id, name, id_number_hash, mobile, birth_date, annual_income_fen)"
-                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id_number_hash) DO NOTHING RETURNING 1",
-                customer_id,
-                applicant.name,
-                id_hash,
-                applicant.mobile,
-                applicant.birth_date,
-                applicant.annual_income,
+            known = await conn.fetchval(
+                "SELECT 1 FROM customers WHERE id_number_hash = ANY($1::bytea[])", id_hashes
             )
+            inserted = None
+            if not known:
+                inserted = await conn.fetchval(
+                    "INSERT INTO customers (customer_id, name, id_number_hash, id_number_cipher, key_version,"
+                    " mobile, birth_date, annual_income_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    " ON CONFLICT (id_number_hash) DO NOTHING RETURNING 1",
+                    customer_id,
+                    applicant.name,
+                    id_hashes[0],
+                    vault.encrypt_id(applicant.id_number, customer_id),
+                    vault.current,
+                    applicant.mobile,
+                    applicant.birth_date,
+                    applicant.annual_income,
+                )
             if not inserted:
                 return 201, {
                     **declined,
@@ -160,7 +196,8 @@ def routes(service: CoreService) -> list[Route]:
                 account_id,
                 customer_id,
                 product_code,
-                int.from_bytes(id_hash[:2], "big") % 28 + 1,
+                # spread over the month by the keyed hash (after its 2-byte key version)
+                int.from_bytes(id_hashes[0][2:4], "big") % 28 + 1,
             )
             await conn.execute(
                 "INSERT INTO lines (account_id, line, limit_fen) SELECT $1, l, x FROM unnest($2::text[], $3::bigint[]) AS u(l, x)",
@@ -168,9 +205,7 @@ def routes(service: CoreService) -> list[Route]:
                 ["total", "purchase", "cash", "installment"],
                 [limit, limit, int(limit * float(params["cash_share"])), limit],
             )
-            card_id, pan, expiry = await insert_card(
-                conn, service, cell, account_id, customer_id, int(params["card_years"])
-            )
+            card = await insert_card(conn, service, cell, account_id, customer_id, int(params["card_years"]))
             states = await load_accounts(conn, [account_id], datetime.now(UTC), lock=False)
             await write_rule_tags(conn, list(states.values()), catalogue.tag_rules)
         return 201, {
@@ -178,9 +213,10 @@ def routes(service: CoreService) -> list[Route]:
             "reasons": decision.reasons,
             "customer_id": customer_id,
             "account_id": account_id,
-            "card_id": card_id,
-            "pan": pan,
-            "expiry": expiry,
+            "card_id": card.card_id,
+            "pan": card.pan,
+            "expiry": card.expiry,
+            "cvv2": card.cvv2,
             "credit_limit": limit,
             "product_code": product_code,
             "cell": cell,
@@ -243,14 +279,19 @@ def routes(service: CoreService) -> list[Route]:
                 "SELECT product_code FROM accounts WHERE account_id = $1", row["account_id"]
             )
             years = int(engine.catalogue.products[product]["card_years"])
-            new_id, _pan, _expiry = await insert_card(
+            issued = await insert_card(
                 conn, service, engine.cell, row["account_id"], row["customer_id"], years
             )
             await conn.execute(
-                "UPDATE cards SET status = 'closed', replaced_by = $2 WHERE card_id = $1", card_id, new_id
+                "UPDATE cards SET status = 'closed', replaced_by = $2 WHERE card_id = $1",
+                card_id,
+                issued.card_id,
             )
-            new_row = await conn.fetchrow(f"SELECT {CARD_COLUMNS} FROM cards WHERE card_id = $1", new_id)
-        return 201, {**card_view(new_row), "replaces": card_id}
+            new_row = await conn.fetchrow(
+                f"SELECT {CARD_COLUMNS} FROM cards WHERE card_id = $1", issued.card_id
+            )
+        # the new card's number and CVV2 appear in this answer only (CONTRACT)
+        return 201, {**card_view(new_row), "replaces": card_id, "pan": issued.pan, "cvv2": issued.cvv2}
 
     async def get_customer(request: Request) -> tuple[int, Any]:
         customer_id = request.params["customer_id"]

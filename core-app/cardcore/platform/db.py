@@ -10,6 +10,7 @@ the one that serves; report as done a commit PostgreSQL stopped waiting on the s
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,18 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def migration_files() -> list[tuple[int, str, str]]:
+    """Every migration, in order. Two files with one number would apply only the first one a
+    database saw (a version is applied once): that is refused, naming both."""
     found = []
     for item in MIGRATIONS_DIR.glob("*.sql"):
         found.append((int(item.name.split("_", 1)[0]), item.name, item.read_text(encoding="utf-8")))
-    return sorted(found)
+    found.sort()
+    for (version, first, _), (other, second, _) in itertools.pairwise(found):
+        if version == other:
+            raise RuntimeError(
+                f"migrations {first} and {second} share the number {version}: renumber the newer one"
+            )
+    return found
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:

@@ -5,13 +5,20 @@ one synchronous-replication round trip) for up to ``batch_size_max`` requests, g
 most ``batch_wait_ms_max``. Inside a batch every account is locked in id order, decisions are
 made in Python over the loaded state, and the effects are written with set-based SQL.
 
-Never: answer a financial request before its commit; post twice for one idempotency key.
+Fencing: where the cell's members run under Patroni (``patroni_urls``), the engine serves only
+from the member whose Patroni says it holds the leader lock (``GET /primary``: 200 only for a
+running primary with the lock), re-asks every ``probe_interval_ms`` and at once after any database
+error, and drops every connection to a member the moment it is no longer the one: "not in
+recovery" is not enough, a deposed primary whose Patroni died or froze is writable too. ``epoch``
+changes with every change of member, so nothing cached outlives a failover.
+
+Never: answer a financial request before its commit; post twice for one idempotency key; read or
+write through a member that does not hold the leader lock when Patroni runs the cell.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +30,7 @@ import asyncpg
 import msgspec
 
 from cardcore.common import catalogue, ids
-from cardcore.common.crypto import PanVault
+from cardcore.common.crypto import PanVault, version_of
 from cardcore.common.pricing import PricingRule, rule_id_of
 from cardcore.common.tags import BUILTIN_TAGS, TagRule
 from cardcore.limits.lines import AccountState
@@ -31,11 +38,19 @@ from cardcore.platform import db
 from cardcore.platform.http import ApiError, encode
 from cardcore.platform.settings import AppSettings, CellSettings
 from cardcore.platform.state import Writes, state_from_row
+from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("cardcore.engine")
 
 BATCH_RETRIES_MAX = 3
 SUBMIT_TIMEOUT_S = 10.0
+LEADER_PROBE_TIMEOUT_S = 0.5
+
+
+class NoLeaderError(Exception):
+    """No member holds the cell's leader lock (a failover under way), or more than one says so."""
+
+
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ConnectionError,
@@ -53,6 +68,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TargetServerAttributeNotMatched,
     # committed on the primary only: PostgreSQL stopped waiting for the sync standby
     db.CommitNotConfirmedError,
+    # fenced: no member holds the leader lock, or the connection is not to the one that does
+    NoLeaderError,
 )
 RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
@@ -81,10 +98,18 @@ class Needs:
 class Op:
     kind: str
     key: str
-    request_hash: bytes
+    request_hash: bytes  # the keyed digest of ``canonical`` under the current key version
     request: Any
     path_id: str | None
     future: asyncio.Future[Result]
+    canonical: bytes = b""  # kind, path id and the encoded request: digested again under an older key
+
+
+class VaultSource(Protocol):
+    """Where an engine finds the keys as they are now (``service.KeyRing``: a rotation changes them)."""
+
+    @property
+    def vault(self) -> PanVault: ...
 
 
 class OpHandler(Protocol):
@@ -124,7 +149,7 @@ class BatchContext:
         self.catalogue = engine.catalogue
         self.vault = engine.vault
         self.settings = engine.settings
-        self.cards: dict[bytes, dict[str, Any]] = {}
+        self.cards: dict[bytes, dict[str, Any]] = {}  # by PAN token (of any key version)
         self.auths: dict[str, dict[str, Any]] = {}
         self.plans: dict[str, dict[str, Any]] = {}
         self.transactions: dict[str, dict[str, Any]] = {}
@@ -134,6 +159,14 @@ class BatchContext:
 
     def new_id(self, prefix: str) -> str:
         return ids.new_id(prefix, self.cell)
+
+    def card_for_pan(self, pan: str) -> dict[str, Any] | None:
+        """The card of a PAN among those loaded, found by its token under any key version."""
+        for token in self.vault.tokens(pan):
+            card = self.cards.get(token)
+            if card is not None:
+                return card
+        return None
 
     def account(self, account_id: str) -> AccountState | None:
         return self.accounts.get(account_id)
@@ -152,12 +185,15 @@ class BatchContext:
             self.now,
         )
         loaded = _decode_loaded(raw)
-        for token, card_id, account_id, status, expiry in loaded.cards or ():
+        for token, card_id, account_id, status, expiry, cvv_version, failures, locked in loaded.cards or ():
             self.cards[bytes.fromhex(token)] = {
                 "card_id": card_id,
                 "account_id": account_id,
                 "status": status,
                 "expiry": expiry,
+                "cvv_key_version": cvv_version,
+                "cnp_failures": failures,
+                "cnp_locked": bool(locked),
             }
         for auth_id, auth_account, auth_card, line, amount, hold, status, expired in loaded.auths or ():
             self.auths[auth_id] = {
@@ -202,7 +238,7 @@ class BatchContext:
 
 class _Loaded(msgspec.Struct):
     idem: list[tuple[str, str, int, str]] | None = None
-    cards: list[tuple[str, str, str, str, str]] | None = None
+    cards: list[tuple[str, str, str, str, str, int | None, int, bool | None]] | None = None
     auths: list[tuple[str, str | None, str | None, str, int, int, str, bool]] | None = None
     plans: list[tuple[str, str, int, int, list[dict[str, int]], int, str]] | None = None
     txns: list[tuple[str, str, str, int, str | None, str | None]] | None = None
@@ -214,23 +250,36 @@ _decode_loaded = msgspec.json.Decoder(_Loaded).decode
 
 class CellEngine:
     def __init__(
-        self, cell: int, cell_settings: CellSettings, settings: AppSettings, vault: PanVault
+        self, cell: int, cell_settings: CellSettings, settings: AppSettings, keys: VaultSource
     ) -> None:
         self.cell = cell
         self.cell_settings = cell_settings
         self.settings = settings
-        self.vault = vault
+        self.keys = keys
         self.catalogue = Catalogue()
         self.pool: asyncpg.Pool | None = None
         self.ready = False
         self.leader_site: str | None = cell_settings.leader_site
         self.last_error = "not started"
         self._writer_conn: asyncpg.Connection | None = None
+        # fencing: the member (host:port) every connection goes to, and a change counter
+        self.serving_member: str | None = None
+        self.epoch = 0
+        self._patroni = {
+            member: UpstreamPool(url, size_max=2, connect_timeout=LEADER_PROBE_TIMEOUT_S)
+            for member, url in cell_settings.patroni_urls.items()
+        }
+        self._probe_now = asyncio.Event()
         self._queue: asyncio.Queue[Op] = asyncio.Queue(maxsize=settings.queue_depth_max)
         self._tasks: list[asyncio.Task[None]] = []
         self.batches_committed = 0
         self.ops_committed = 0
         self.on_batch: Callable[[int, float], None] | None = None
+
+    @property
+    def vault(self) -> PanVault:
+        """The keys as they are now; a batch takes them once (``BatchContext.vault``)."""
+        return self.keys.vault
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -241,10 +290,19 @@ class CellEngine:
             "application_name": f"cardcore-{self.settings.site}-cell{self.cell}-{role}",
         }
 
+    def _members(self) -> list[str]:
+        """Where connections may go: the lock holder when Patroni runs the cell (none while no
+        member holds it), else every member (the writable one is chosen)."""
+        if self._patroni:
+            if self.serving_member is None:
+                raise NoLeaderError("no member holds the leader lock")
+            return [self.serving_member]
+        return list(self.cell_settings.member_sites)
+
     async def _connect(self, role: str) -> asyncpg.Connection:
         return await db.connect_writable(
             self.cell_settings.dsn,
-            list(self.cell_settings.member_sites),
+            self._members(),
             timeout=self.settings.connect_timeout_ms / 1000,
             command_timeout=self.settings.statement_timeout_ms / 1000,
             server_settings=self._server_settings(role),
@@ -253,7 +311,7 @@ class CellEngine:
     async def _pool_connect(self, dsn: str, **kwargs: Any) -> asyncpg.Connection:
         """The pool's way to open a connection: to the writable member, as ``_connect``."""
         kwargs.pop("loop", None)
-        return await db.connect_writable(dsn, list(self.cell_settings.member_sites), **kwargs)
+        return await db.connect_writable(dsn, self._members(), **kwargs)
 
     async def start(self) -> None:
         """Connect, migrate, seed the catalogue; keeps going in the background if the cell is down."""
@@ -304,26 +362,92 @@ class CellEngine:
             await self._writer_conn.close()
         if self.pool is not None:
             await self.pool.close()
+        for patroni in self._patroni.values():
+            await patroni.close()
+
+    async def _holds_lock(self, member: str) -> bool:
+        try:
+            response = await self._patroni[member].request("GET", "/primary", seconds=LEADER_PROBE_TIMEOUT_S)
+        except UpstreamError:
+            return False
+        return response.status == 200
+
+    async def leader_member(self) -> str:
+        """The member whose Patroni says it is the running primary holding the cell's leader lock;
+        raises NoLeaderError when none does or several do."""
+        members = list(self._patroni)
+        answers = await asyncio.gather(*(self._holds_lock(member) for member in members))
+        holders = [member for member, holds in zip(members, answers, strict=True) if holds]
+        if len(holders) == 1:
+            return holders[0]
+        if not holders:
+            raise NoLeaderError("no member holds the leader lock")
+        raise NoLeaderError(f"members {', '.join(holders)} all say they hold the leader lock")
+
+    async def _fence(self, member: str | None, why: str) -> None:
+        """Serve from ``member`` from now on: every connection to another member is dropped."""
+        if member == self.serving_member:
+            return
+        previous, self.serving_member = self.serving_member, member
+        self.epoch += 1
+        self.ready = False
+        if previous is not None:
+            log.warning(
+                "cell %s: leaving %s (%s); serving from %s, epoch %d",
+                self.cell,
+                previous,
+                why,
+                member or "nobody",
+                self.epoch,
+            )
+        await self._drop_writer()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.terminate()
+
+    def suspect(self) -> None:
+        """A request just failed on the database: check who leads now rather than at the next tick."""
+        self._probe_now.set()
+
+    async def _probe_once(self) -> None:
+        if self._patroni:
+            try:
+                holder = await self.leader_member()
+            except NoLeaderError as error:
+                await self._fence(None, str(error))
+                raise
+            await self._fence(holder, "another member holds the leader lock")
+        pool = await asyncio.wait_for(
+            self._ensure_pool(), timeout=self.settings.connect_timeout_ms / 1000 + 5
+        )
+        async with pool.acquire(timeout=1.0) as conn:
+            row = await conn.fetchrow(
+                "SELECT pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()",
+                timeout=1.0,
+            )
+        assert row is not None
+        member = f"{row[1]}:{row[2]}"
+        if self._patroni and member != self.serving_member:
+            await self._fence(None, f"connected to {member}, not the lock holder")
+            raise NoLeaderError(f"connected to {member}, not the lock holder {self.serving_member}")
+        self.leader_site = self.cell_settings.member_sites.get(member, self.cell_settings.leader_site)
+        was_ready, self.ready = self.ready, not row[0]
+        self.last_error = "" if self.ready else "connected to a replica"
+        if self.ready and not was_ready:
+            log.info(
+                "cell %s: ready, primary at %s (site %s), epoch %d",
+                self.cell,
+                member,
+                self.leader_site,
+                self.epoch,
+            )
 
     async def _probe_loop(self) -> None:
         interval = self.settings.probe_interval_ms / 1000
         while True:
+            self._probe_now.clear()
             try:
-                pool = await asyncio.wait_for(
-                    self._ensure_pool(), timeout=self.settings.connect_timeout_ms / 1000 + 5
-                )
-                async with pool.acquire(timeout=1.0) as conn:
-                    row = await conn.fetchrow(
-                        "SELECT pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()",
-                        timeout=1.0,
-                    )
-                assert row is not None
-                member = f"{row[1]}:{row[2]}"
-                self.leader_site = self.cell_settings.member_sites.get(member, self.cell_settings.leader_site)
-                was_ready, self.ready = self.ready, not row[0]
-                self.last_error = "" if self.ready else "connected to a replica"
-                if self.ready and not was_ready:
-                    log.info("cell %s: ready, primary at %s (site %s)", self.cell, member, self.leader_site)
+                await self._probe_once()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # any failure means: not ready, say why once
@@ -331,7 +455,10 @@ class CellEngine:
                     log.warning("cell %s: not ready: %s: %s", self.cell, type(error).__name__, error)
                 self.ready = False
                 self.last_error = f"{type(error).__name__}: {error}"
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._probe_now.wait(), timeout=interval)
+            except TimeoutError:
+                pass
 
     async def _catalogue_loop(self) -> None:
         """Catalogue rows may be changed through another app server: reload them periodically."""
@@ -375,12 +502,13 @@ class CellEngine:
         """Queue a financial request; resolves after its batch commits (or is answered from the
         idempotency record)."""
         self.require_ready()
-        digest = hashlib.sha256(
-            kind.encode() + b"\0" + (path_id or "").encode() + b"\0" + encode(request)
-        ).digest()
+        # keyed: the body may hold a PAN, and an unkeyed digest of it would give the PAN back to
+        # anyone who tries the few candidates its masked form leaves
+        canonical = kind.encode() + b"\0" + (path_id or "").encode() + b"\0" + encode(request)
+        digest = self.vault.request_digest(canonical)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future))
+            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future, canonical))
         except asyncio.QueueFull:
             raise ApiError(
                 503, "overloaded", f"cell {self.cell} write queue is full; retry later", None
@@ -435,6 +563,7 @@ class CellEngine:
                 )
                 continue
             except UNAVAILABLE_ERRORS as error:
+                self.suspect()
                 await self._drop_writer()
                 reason = f"{type(error).__name__}: {error}"
                 log.warning("cell %s: batch of %d not committed: %s", self.cell, len(batch), reason)
@@ -487,14 +616,14 @@ class CellEngine:
             ctx = BatchContext(self, conn, datetime.now(UTC))
             needs = Needs()
             for op in batch:
-                HANDLERS[op.kind].needs(op, needs, self.vault)
+                HANDLERS[op.kind].needs(op, needs, ctx.vault)
             stored = await ctx.load(needs, [op.key for op in batch])
             first_of_key: dict[str, int] = {}
             live: list[int] = []
             for index, op in enumerate(batch):
                 previous = stored.get(op.key)
                 if previous is not None:
-                    results[index] = replay(op, previous[0], previous[1], previous[2])
+                    results[index] = replay(op, previous[0], previous[1], previous[2], ctx.vault)
                 elif op.key in first_of_key:
                     continue  # answered after the first request with this key
                 else:
@@ -532,8 +661,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     is a round trip per request. (asyncpg still rolls back an open transaction.)"""
 
 
-def replay(op: Op, request_hash: bytes, status: int, response: bytes) -> Result:
-    if request_hash != op.request_hash:
+def replay(
+    op: Op, request_hash: bytes, status: int, response: bytes, vault: PanVault | None = None
+) -> Result:
+    """The stored answer of ``op``'s key, or 409 when the key came with another request. A record
+    made under an older key version is compared under that version; one of version 0 (written
+    before digests were keyed, see migration 003) is answered without the body check."""
+    same = request_hash == op.request_hash
+    if not same and vault is not None and request_hash:
+        same = version_of(request_hash) == 0 or vault.same_request(request_hash, op.canonical)
+    if not same:
         error = ApiError(
             409,
             "idempotency_key_reused",

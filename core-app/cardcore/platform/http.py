@@ -6,6 +6,7 @@ Never: echo a request body into a log or an error message (it may hold a card nu
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,6 +15,9 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import msgspec
+
+from cardcore.platform.admission import BODY_TIMEOUT_CODE, SHED_BODY, Admission, ServeLimits
+from cardcore.platform.auth import AccessControl
 
 BODY_BYTES_MAX = 64 * 1024
 
@@ -28,12 +32,20 @@ _encoder = msgspec.json.Encoder()
 class ApiError(Exception):
     """An error the client gets as ``{"error": {code, message, field}}``."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers or []
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "field": self.field}}
@@ -148,16 +160,19 @@ class RouteTable:
 
     def resolve(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         parts = path.strip("/").split("/")
-        allowed = False
+        allowed: list[str] = []
         for route in self._by_length.get(len(parts), ()):
             params = route.match(parts)
             if params is None:
                 continue
             if route.method == method:
                 return route, params
-            allowed = True
+            allowed.append(route.method)
         if allowed:
-            raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}", None)
+            methods = ", ".join(sorted(set(allowed))).encode("ascii")
+            raise ApiError(
+                405, "method_not_allowed", f"{method} is not allowed on {path}", None, [(b"allow", methods)]
+            )
         raise ApiError(404, "not_found", f"no such endpoint: {method} {path}", "path")
 
 
@@ -176,6 +191,17 @@ async def read_body(receive: Receive) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
+
+
+async def read_body_within(receive: Receive, seconds: float) -> bytes:
+    """``read_body``, or 408 when the client has not sent the whole body after ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await read_body(receive)
+    except TimeoutError:
+        raise ApiError(
+            408, BODY_TIMEOUT_CODE, f"the body did not arrive within {seconds:g} s", "body"
+        ) from None
 
 
 async def send_bytes(
@@ -228,9 +254,16 @@ class JsonApp:
         routes: RouteTable,
         observe: Observer | None = None,
         on_error: Callable[[Exception], ApiError | None] | None = None,
+        access: AccessControl | None = None,
+        limits: ServeLimits | None = None,
     ) -> None:
         self.routes = routes
         self.observe = observe
+        limits = limits or ServeLimits()
+        self.admission = Admission(limits)
+        self.body_timeout_s = limits.body_read_timeout_ms / 1000
+        # the bearer tokens (None only for a bare JsonApp in a unit test: the app server always has one)
+        self.access = access
         # turns an exception a handler let through into the answer it stands for (a database
         # that went away mid-request is a 503, not a 500); None: it is a bug, let it be a 500
         self.on_error = on_error
@@ -246,21 +279,45 @@ class JsonApp:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         async def startup() -> None:
+            if self.access is not None:
+                await self.access.start()
             for hook in self.startup:
                 await hook()
 
         async def shutdown() -> None:
             for hook in self.shutdown:
                 await hook()
+            if self.access is not None:
+                await self.access.stop()
 
         await lifespan(receive, send, startup, shutdown)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = self.admission.enter(scope)
+        if client is None:
+            await send_bytes(send, 503, SHED_BODY, [*_JSON_HEADERS, (b"retry-after", b"1")])
+            if self.observe is not None:
+                self.observe(None, 503, 0.0)
+            return
+        try:
+            await self._admitted(scope, receive, send)
+        finally:
+            self.admission.leave(client)
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         route: Route | None = None
+        if self.access is not None:
+            refused = self.access.check(scope["method"], scope["path"], scope.get("headers", ()))
+            if refused is not None:
+                # before the route is resolved (no hint of what exists) and the body read
+                await send_bytes(send, refused.status, refused.body(), _JSON_HEADERS + refused.headers())
+                if self.observe is not None:
+                    self.observe(None, refused.status, time.perf_counter() - started)
+                return
         try:
             route, params = self.routes.resolve(scope["method"], scope["path"])
-            body = await read_body(receive)
+            body = await read_body_within(receive, self.body_timeout_s)
             request = Request(
                 scope["method"],
                 scope["path"],
@@ -276,7 +333,7 @@ class JsonApp:
                 headers = [(b"content-type", payload.content_type)]
                 data = payload.data
         except ApiError as error:
-            status, data, headers = error.status, encode(error.body()), _JSON_HEADERS
+            status, data, headers = error.status, encode(error.body()), _JSON_HEADERS + error.headers
         except Exception as error:
             mapped = self.on_error(error) if self.on_error is not None else None
             if mapped is None:

@@ -1,6 +1,9 @@
 """Run an ASGI app in this process with granian's embedded server on uvloop: one process per
 server, so the runtime's PID is the server (kill -9 of that PID is the loss of that server).
 
+Owns: the connection bounds granian enforces (``ServeLimits``: connections in total, the time to
+read a request's headers, after which a client that never finishes them is disconnected) and
+the open-files limit they need.
 Never: fork workers (the topology counts and signals processes by PID).
 """
 
@@ -8,9 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
+import resource
 import signal
 from collections.abc import Callable
 from typing import Any
+
+from cardcore.platform.admission import ServeLimits
+
+log = logging.getLogger("cardcore.serve")
+FILES_SPARE = 512  # open files beyond the client connections: upstreams, databases, logs
+
+
+def _connections_allowed(wanted: int) -> int:
+    """Raise the open-files limit as far as the hard limit allows; the connections that fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted + FILES_SPARE if hard == resource.RLIM_INFINITY else min(hard, wanted + FILES_SPARE)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    allowed = wanted if soft == resource.RLIM_INFINITY else max(64, min(wanted, soft - FILES_SPARE))
+    if allowed < wanted:
+        log.warning("open files limited to %d: at most %d client connections (not %d)", soft, allowed, wanted)
+    return allowed
 
 
 def load_factory(target: str) -> Callable[[], Any]:
@@ -19,11 +42,14 @@ def load_factory(target: str) -> Callable[[], Any]:
     return factory
 
 
-def serve(target: str, host: str, port: int) -> None:
+def serve(target: str, host: str, port: int, limits: ServeLimits | None = None) -> None:
     """Serve ``module:factory`` on host:port until SIGTERM or SIGINT."""
     from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
     from granian.server.embed import Server
 
+    limits = limits or ServeLimits()
+    connections_max = _connections_allowed(limits.connections_max)
     app = load_factory(target)()
 
     async def main() -> None:
@@ -34,6 +60,11 @@ def serve(target: str, host: str, port: int) -> None:
             interface=Interfaces.ASGI,
             http=HTTPModes.http1,
             backlog=2048,
+            # granian holds one permit per connection from accept to close: the total bound
+            backpressure=connections_max,
+            # a client that does not send a request's headers in time (or stays idle that long
+            # between requests) is disconnected, and its permit freed
+            http1_settings=HTTP1Settings(header_read_timeout=limits.header_read_timeout_ms),
             log_access=False,
         )
         loop = asyncio.get_running_loop()

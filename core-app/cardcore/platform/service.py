@@ -11,18 +11,50 @@ from cardcore.common.crypto import PanVault
 from cardcore.common.routing import Router
 from cardcore.platform.engine import CellEngine
 from cardcore.platform.http import ApiError, not_found
-from cardcore.platform.settings import AppSettings
+from cardcore.platform.settings import AppSettings, parse_key_ring
+from cardcore.platform.watched import WatchedFile
+
+
+class KeyRing:
+    """The app server's keys (``vault``): from the key ring file, read again when it changes (a
+    rotation), or the one key of ``pan_key_hex``."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self._file: WatchedFile[PanVault] | None = None
+        if settings.keys_file is not None:
+            path = settings.keys_file
+            self._file = WatchedFile(path, lambda data: parse_key_ring(data, path), "key ring")
+            self._fixed = self._file.value
+        else:
+            self._fixed = PanVault.single(settings.pan_key())
+
+    @property
+    def vault(self) -> PanVault:
+        return self._file.value if self._file is not None else self._fixed
+
+    async def start(self) -> None:
+        if self._file is not None:
+            await self._file.start()
+
+    async def stop(self) -> None:
+        if self._file is not None:
+            await self._file.stop()
 
 
 class CoreService:
     def __init__(self, settings: AppSettings) -> None:
         self.settings = settings
         self.router = Router(settings.cell_count, settings.slot_overrides)
-        self.vault = PanVault(settings.pan_key())
+        self.keys = KeyRing(settings)
         self.engines: dict[int, CellEngine] = {
-            cell: CellEngine(cell, settings.cells[str(cell)], settings, self.vault)
+            cell: CellEngine(cell, settings.cells[str(cell)], settings, self.keys)
             for cell in settings.cell_numbers()
         }
+
+    @property
+    def vault(self) -> PanVault:
+        """The keys as they are now (a rotation changes them while the server runs)."""
+        return self.keys.vault
 
     def engine_for_cell(self, cell: int) -> CellEngine:
         engine = self.engines.get(cell)
@@ -52,7 +84,14 @@ class CoreService:
             }
             for cell, engine in self.engines.items()
         }
-        return {"ready": any(c["ready"] for c in cells.values()), "site": self.settings.site, "cells": cells}
+        vault = self.vault
+        return {
+            "ready": any(c["ready"] for c in cells.values()),
+            "site": self.settings.site,
+            "cells": cells,
+            # versions only, never keys: a key rotation waits until every app server knows the new one
+            "keys": {"current": vault.current, "versions": sorted(vault.versions)},
+        }
 
 
 def cell_param(service: CoreService, query: dict[str, str], required: bool = True) -> list[CellEngine]:

@@ -1,6 +1,8 @@
 """App server settings, read from a JSON file (rendered by the topology) or built in tests.
 
-Never: print ``pan_key``.
+The keys of card and identity data come either from ``keys_file`` (a key ring, versioned, read
+again when it changes: rotation without restart) or from ``pan_key_hex`` (one key, version 1).
+Never: print a key.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from typing import Annotated
 
 import msgspec
 
+from cardcore.common.crypto import KeyRingError, PanVault, parse_ring
+from cardcore.platform import auth
+from cardcore.platform.admission import ServeLimits
+
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
@@ -18,13 +24,22 @@ class CellSettings(msgspec.Struct, forbid_unknown_fields=True):
     # host:port of each database member -> its site, so readyz can say where the leader is
     member_sites: dict[str, str] = {}
     leader_site: str | None = None
+    # host:port of each database member -> the base URL of its Patroni REST API: when given, the
+    # app server serves only from the member holding the leader lock (see cardcore.platform.engine)
+    patroni_urls: dict[str, str] = {}
 
 
 class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
     site: str
     cells: dict[str, CellSettings]
     cell_count: Positive
-    pan_key_hex: str
+    # the accepted API tokens (cardcore.platform.auth.TokensFile: SHA-256 digests per client
+    # kind), read again when it changes; relative to this settings file when not absolute
+    api_tokens_file: str
+    # one of the two: the key ring file ({"current": N, "keys": {"N": "<64 hex>", ...}}, relative
+    # to this file when not absolute), or a single key (version 1)
+    keys_file: str | None = None
+    pan_key_hex: str | None = None
     host: str = "127.0.0.1"
     port: int = 8100
     slot_overrides: dict[int, int] = {}
@@ -37,6 +52,26 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
     connect_timeout_ms: Positive = 2000
     probe_interval_ms: Positive = 500
     catalogue_refresh_ms: Positive = 1000
+    # card-not-present: this many wrong CVV2 or expiry dates in a row lock a card for online use
+    cnp_failures_max: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    cnp_lock_seconds: Annotated[int, msgspec.Meta(ge=1, le=30 * 24 * 3600)] = 1800
+    # hostile clients (cardcore.platform.admission): connections in total and the time to read a
+    # request's headers (granian), the time to read its body, requests in flight per client
+    # address and in total (above them: 503 overloaded at once)
+    connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4096
+    header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
+    body_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
+    requests_in_flight_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    requests_per_client_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+
+    def serve_limits(self) -> ServeLimits:
+        return ServeLimits(
+            connections_max=self.connections_max,
+            header_read_timeout_ms=self.header_read_timeout_ms,
+            body_read_timeout_ms=self.body_read_timeout_ms,
+            requests_in_flight_max=self.requests_in_flight_max,
+            requests_per_client_max=self.requests_per_client_max,
+        )
 
     def cell_numbers(self) -> list[int]:
         numbers = []
@@ -47,6 +82,8 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
         return sorted(numbers)
 
     def pan_key(self) -> bytes:
+        if self.pan_key_hex is None:
+            raise ValueError("pan_key_hex: not set (the keys come from keys_file)")
         try:
             key = bytes.fromhex(self.pan_key_hex)
         except ValueError:
@@ -54,6 +91,12 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
         if len(key) != 32:
             raise ValueError("pan_key_hex: must be 64 hex characters (32 bytes)")
         return key
+
+    def check_keys(self) -> None:
+        if (self.keys_file is None) == (self.pan_key_hex is None):
+            raise ValueError("give exactly one of keys_file (a key ring) and pan_key_hex (one key)")
+        if self.pan_key_hex is not None:
+            self.pan_key()
 
 
 def load(path: str | Path) -> AppSettings:
@@ -63,5 +106,35 @@ def load(path: str | Path) -> AppSettings:
     except msgspec.ValidationError as error:
         raise ValueError(f"{path}: {error}") from None
     settings.cell_numbers()
-    settings.pan_key()
+    settings.check_keys()
+    here = Path(path).resolve().parent
+    tokens = Path(settings.api_tokens_file)
+    if not tokens.is_absolute():
+        settings.api_tokens_file = str(here / tokens)
+    auth.read_tokens_file(settings.api_tokens_file)  # a TokensFileError (ValueError) names it
+    if settings.keys_file is not None:
+        if not Path(settings.keys_file).is_absolute():
+            settings.keys_file = str(here / settings.keys_file)
+        read_key_ring(settings.keys_file)  # a KeyRingError (ValueError) names what is wrong
     return settings
+
+
+def parse_key_ring(data: bytes, source: str) -> PanVault:
+    try:
+        document = msgspec.json.decode(data)
+    except msgspec.DecodeError as error:
+        raise KeyRingError(f"{source}: not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise KeyRingError(f'{source}: expected {{"current": N, "keys": {{...}}}}')
+    try:
+        return parse_ring(document)
+    except KeyRingError as error:
+        raise KeyRingError(f"{source}: {error}") from None
+
+
+def read_key_ring(path: str) -> PanVault:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise KeyRingError(f"{path}: cannot read the key ring: {error.strerror or error}") from None
+    return parse_key_ring(data, path)

@@ -134,6 +134,9 @@ class Writes:
     plan_inserts: list[tuple[Any, ...]] = field(default_factory=list)
     plan_updates: dict[str, tuple[int, str]] = field(default_factory=dict)
     idempotency: list[tuple[str, bytes, int, bytes]] = field(default_factory=list)
+    # card-not-present failures: card_id -> (failures in a row, locked until); written apart, only
+    # when a batch has some (a wrong CVV2 or expiry, or the first success after one)
+    card_cnp: dict[str, tuple[int, datetime | None]] = field(default_factory=dict)
 
     async def flush(
         self, conn: asyncpg.Connection, accounts: Iterable[AccountState], tag_rules: dict[str, Any]
@@ -184,6 +187,15 @@ class Writes:
             ],
         }
         await conn.execute("SELECT cardcore_apply_batch($1::json)", msgspec.json.encode(document).decode())
+        if self.card_cnp:
+            await conn.execute(
+                "UPDATE cards c SET cnp_failures = u.failures, cnp_locked_until = u.locked_until"
+                " FROM unnest($1::text[], $2::smallint[], $3::timestamptz[]) AS u(card_id, failures, locked_until)"
+                " WHERE c.card_id = u.card_id",
+                list(self.card_cnp),
+                [failures for failures, _ in self.card_cnp.values()],
+                [locked for _, locked in self.card_cnp.values()],
+            )
 
 
 def rule_tag_changes(

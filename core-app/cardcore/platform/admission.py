@@ -1,0 +1,91 @@
+"""Hostile and careless clients: what a server lets in, and for how long it waits on a client.
+
+Owns: the serving limits (``ServeLimits``: connections in total, the time to read a request's
+headers, both enforced by granian; the time to read its body; requests in flight per client
+address and in total) and ``Admission``, which sheds the requests above the in-flight bounds at
+once (503 ``overloaded`` with Retry-After) instead of queueing them, so a client that opens many
+requests and never finishes them cannot starve the others. The probes (``/healthz``,
+``/readyz``) are never shed: an orchestrator must see the process alive while it sheds.
+
+What is not here, and why: granian takes a connection permit before it accepts, so connections
+cannot be counted per client address before their headers arrive; a client that holds many
+connections without finishing its headers is bounded by the header read time (each such
+connection is closed after it) and by the total (``connections_max``, far above what it takes
+to hold the normal load).
+Never: read a body without a deadline; let the in-flight count of a client leak (``leave`` in a
+``finally``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+@dataclass(frozen=True, slots=True)
+class ServeLimits:
+    connections_max: int = 8192
+    header_read_timeout_ms: int = 5000
+    body_read_timeout_ms: int = 5000
+    requests_in_flight_max: int = 4096
+    requests_per_client_max: int = 512
+
+
+SHED_BODY = msgspec.json.encode(
+    {
+        "error": {
+            "code": "overloaded",
+            "message": "too many requests in flight from this client or in total; retry in a second",
+            "field": None,
+        }
+    }
+)
+BODY_TIMEOUT_CODE = "body_timeout"
+
+
+class Admission:
+    """Requests in flight, per client address and in total; ``enter`` says whether one may start."""
+
+    def __init__(self, limits: ServeLimits) -> None:
+        self.total_max = limits.requests_in_flight_max
+        self.per_client_max = limits.requests_per_client_max
+        self.total = 0
+        self.by_client: dict[str, int] = {}
+        self.shed = 0
+
+    def enter(self, scope: dict[str, Any]) -> str | None:
+        """The client key when the request may go on (give it to ``leave`` after; "" for a probe,
+        which is neither counted nor shed), None when it is shed."""
+        if scope.get("path") in PROBES:
+            return ""
+        client = scope.get("client")
+        key = str(client[0]) if client else "-"
+        mine = self.by_client.get(key, 0)
+        if self.total >= self.total_max or mine >= self.per_client_max:
+            self.shed += 1
+            return None
+        self.total += 1
+        self.by_client[key] = mine + 1
+        return key
+
+    def leave(self, key: str) -> None:
+        if not key:
+            return
+        self.total -= 1
+        left = self.by_client[key] - 1
+        if left:
+            self.by_client[key] = left
+        else:
+            del self.by_client[key]
+
+
+async def within(seconds: float, read: Callable[[], Awaitable[bytes]]) -> bytes:
+    """``read()`` (a request body), or TimeoutError after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        return await read()
