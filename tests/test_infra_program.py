@@ -138,6 +138,18 @@ def test_every_object_is_a_child_of_a_topology_component(stack: str) -> None:
 
 
 @pytest.mark.parametrize("stack", STACKS)
+def test_an_etcd_member_is_ready_with_a_leader_and_alive_as_its_etcd_version_allows(stack: str) -> None:
+    run = run_of(stack)
+    for member in [r for r in run.of_kind("StatefulSet") if r.labels[LABEL_KIND] in ("etcd", "etcd-dr")]:
+        container = pod_spec(member)["containers"][0]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health?serializable=true"
+        assert container["livenessProbe"]["httpGet"]["path"] == settings_of(stack).etcd_liveness_path
+    # etcd 3.4 (the local stack's Debian image) needs a leader for /health: it is alive when it answers
+    assert settings_of("local").etcd_liveness_path == "/version"
+    assert settings_of("dev").etcd_liveness_path == "/health?serializable=true"
+
+
+@pytest.mark.parametrize("stack", STACKS)
 def test_one_etcd_member_per_site_and_the_dr_copies_own_etcd_at_dr(stack: str) -> None:
     run = run_of(stack)
     members = [r for r in run.of_kind("StatefulSet") if r.labels[LABEL_KIND] == "etcd"]

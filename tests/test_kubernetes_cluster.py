@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from cardcore.platform import auth
 
-from tests import cards
+from tests import api_auth, cards, topologies
 from watertight import render
 from watertight.cluster import api as cluster_api
 from watertight.cluster import hoststate, node, spec
@@ -52,10 +53,16 @@ def _cluster_command(
         )  # fmt: skip
 
 
+def cluster_directory() -> Path:
+    """The test cluster's directory: not under pytest's temporary directories, which every pytest
+    run on this machine (other checkouts' too) prunes to the last three while this one may run."""
+    return node.DIR_DEFAULT.parent / f"test-cluster-{topologies.test_net()}"
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    directory = tmp_path_factory.mktemp("cluster")
-    log = directory.parent / "cluster-progress.log"
+    directory = cluster_directory()
+    log = tmp_path_factory.mktemp("cluster") / "progress.log"
     layout = node.Layout(directory.resolve())
     before = hoststate.record(layout.mount_prefixes(), spec.BRIDGE)
     up = _cluster_command("up", directory, log, UP_TIMEOUT_S, "--json")
@@ -65,7 +72,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         status["_directory"] = directory
         yield status
     finally:
-        down = _cluster_command("down", directory, log, DOWN_TIMEOUT_S)
+        down = _cluster_command("down", directory, log, DOWN_TIMEOUT_S, "--purge")
         after = hoststate.record(layout.mount_prefixes(), spec.BRIDGE)
         assert down.returncode == 0, f"watertight cluster down failed:\n{log.read_text()[-3000:]}"
         assert hoststate.differences(before, after) == []
@@ -182,16 +189,14 @@ def test_each_cell_leads_from_its_center_with_the_sync_standby_in_the_other_and_
 
 
 def test_the_entry_opens_a_customer_authorizes_and_reads_the_balance(cluster: dict[str, Any]) -> None:
-    tokens = json.loads(Path(cluster["secrets"]).read_text())["api_tokens"]
-
-    def by_route(request: httpx.Request) -> None:
-        kind = (
-            "acquirer" if request.url.path.startswith(("/v1/authorizations", "/v1/clearing")) else "channel"
-        )
-        request.headers["Authorization"] = f"Bearer {tokens[kind]}"
-
-    with httpx.Client(base_url=cluster["entry"], timeout=30, event_hooks={"request": [by_route]}) as entry:
+    tokens = auth.ClientTokens.from_secrets(json.loads(Path(cluster["secrets"]).read_text()))
+    with httpx.Client(base_url=cluster["entry"], timeout=30, auth=api_auth.RouteTokenAuth(tokens)) as entry:
         assert entry.get("/readyz").status_code == 200
+        # the entry checks the tokens the cluster generated, as the gateways in the pods do
+        refused = httpx.post(
+            f"{cluster['entry']}/v1/applications", json={}, auth=api_auth.ANONYMOUS, timeout=30
+        )
+        assert refused.status_code == 401, refused.text
         opened = cards.open_account(entry)
         answer = cards.authorize(entry, opened, 12_345)
         assert answer.status_code == 200, answer.text

@@ -360,10 +360,11 @@ class EtcdMember(pulumi.ComponentResource):
                                 args=argv[1:],
                                 ports=[kube.port("client", client_port), kube.port("peer", peer_port)],
                                 # serializable: the member itself answers, with or without quorum
-                                # (a partitioned member is not restarted for it)
+                                # (a partitioned member is not restarted for it); etcd 3.4 ignores
+                                # it, so its liveness asks another path (etcdLivenessPath)
                                 readiness_probe=kube.http_probe("/health?serializable=true", "client", 5, 3),
                                 liveness_probe=kube.http_probe(
-                                    "/health?serializable=true", "client", 10, 6, 10
+                                    settings.etcd_liveness_path, "client", 10, 6, 10
                                 ),
                                 resources=kube.resources(settings.resources.etcd),
                                 security_context=kube.container_security(),

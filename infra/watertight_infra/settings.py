@@ -169,6 +169,10 @@ class StackSettings(msgspec.Struct, forbid_unknown_fields=True, rename="camel", 
     # member in its leader center to lead, so the cells start led as the topology says
     leader_bootstrap_wait_seconds: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 600
     etcd_binary: str = "/usr/local/bin/etcd"
+    # what the kubelet asks an etcd member to see it alive: etcd 3.5 answers this without quorum;
+    # etcd 3.4 (Debian's, the local stack) ignores `serializable` and needs a leader, so a member
+    # cut off or starved would be restarted for it: there, /version
+    etcd_liveness_path: str = "/health?serializable=true"
     cross_site_service_type: ServiceType = "ClusterIP"
     cross_site_service_annotations: dict[str, str] = {}
     gateway_service_type: ServiceType = "LoadBalancer"
@@ -256,6 +260,7 @@ _STRING_KEYS = frozenset(
         "entryUrl",
         "postgresBinDir",
         "etcdBinary",
+        "etcdLivenessPath",
         "crossSiteServiceType",
         "gatewayServiceType",
     )

@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# a Service's name answers within this long of its creation; claims are provisioned as soon
 POLL_INTERVAL_S = 1.0
+# released volumes are rare (a runbook deleting a claim): looked for every this many polls
+RELEASED_EVERY_POLLS = 10
 REQUEST_TIMEOUT_S = 10.0
 TTL_S = 5
 DNS_MESSAGE_BYTES_MAX = 4096
@@ -281,7 +284,7 @@ class Provisioner:
                     return True, (spec.get("securityContext") or {}).get("fsGroup")
         return False, None
 
-    def provision(self) -> None:
+    def provision(self, look_for_released: bool = True) -> None:
         claims = self.api.call("GET", "/api/v1/persistentvolumeclaims")["items"]
         pending = [
             c for c in claims
@@ -293,6 +296,8 @@ class Provisioner:
             pods = self.api.call("GET", "/api/v1/pods")["items"]
             for claim in pending:
                 self._provision_one(claim, pods)
+        if not look_for_released:
+            return
         volumes = self.api.call("GET", "/api/v1/persistentvolumes")["items"]
         for volume in volumes:
             spec = volume.get("spec") or {}
@@ -370,12 +375,14 @@ def run(config: AgentConfig) -> None:
     say(f"DNS for *.{records.domain} on {config.dns_address}:{config.dns_port} (udp, tcp)")
     provisioner = Provisioner(config, api)
     failing_since: float | None = None
+    polls = 0
     while True:
         started = time.monotonic()
         try:
             if records.refresh(api):
                 say(f"DNS: {len(records._names)} service names")
-            provisioner.provision()
+            polls += 1
+            provisioner.provision(look_for_released=polls % RELEASED_EVERY_POLLS == 0)
             if failing_since is not None:
                 say("the API server answers again")
             failing_since = None
