@@ -553,8 +553,14 @@ def test_a_frozen_cell_is_detected_by_polling_and_a_slow_one_times_out() -> None
             assert auth.status == 200 and auth.data["response_code"] == "91"
             b.delay = 0.0
 
+            # one readyz that times out is a miss, not a verdict: a starved app server is still up
+            b.frozen = True
+            await asyncio.sleep(0.25)  # one poll (interval 100 ms) timed out (200 ms)
+            b.frozen = False
+            assert (await call(gateway, "GET", cell_2)).status == 200
+
             b.frozen = True  # SIGSTOP: connections are accepted, nothing answers, readyz neither
-            await asyncio.sleep(0.7)  # interval 100 ms + poll timeout 200 ms, with room
+            await asyncio.sleep(1.0)  # two polls in a row time out: interval 100 ms + timeout 200 ms each
             frozen, fine = await asyncio.gather(call(gateway, "GET", cell_2), call(gateway, "GET", cell_1))
             assert frozen.status == 503 and frozen.elapsed < 0.5  # the request timeout is 1 s
             assert fine.status == 200

@@ -13,7 +13,10 @@ The app server's readyz body (status 200 when any cell is ready, else 503; read 
 
 (upstream, cell) is healthy when the last poll of the upstream succeeded and it reported that
 cell ready; a connection refused on the request path marks the upstream down until its next
-successful poll.
+successful poll. A poll that only timed out counts against an upstream when ``POLL_MISSES_MAX``
+in a row did (as a load balancer's fall count): on a starved machine one slow answer marked both
+app servers down at once and a cell answered 503 with both alive; a refused or broken poll, or an
+answer that says not ready, counts at once.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import time
 import msgspec
 
 from cardcore.platform.metrics import Gauge
-from cardcore.platform.upstream import UpstreamError, UpstreamPool
+from cardcore.platform.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("cardcore.gateway.health")
+
+POLL_MISSES_MAX = 2
 
 
 class CellReport(msgspec.Struct):
@@ -58,6 +63,7 @@ class Upstream:
         self.ready_cells: frozenset[int] = frozenset()
         self.leader_sites: dict[int, str | None] = {}
         self.last_error = "not polled yet"
+        self.misses = 0  # polls in a row that timed out
         self.last_ok_at = 0.0
 
     def healthy_for(self, cell: int) -> bool:
@@ -190,9 +196,15 @@ class HealthMonitor:
     async def poll(self, upstream: Upstream) -> None:
         try:
             response = await upstream.probe.request("GET", "/readyz", seconds=self.timeout)
+        except UpstreamTimeout as error:
+            upstream.misses += 1
+            if upstream.misses >= POLL_MISSES_MAX or not upstream.ok:
+                self._set_down(upstream, f"{error} ({upstream.misses} polls in a row)")
+            return
         except UpstreamError as error:
             self._set_down(upstream, str(error))
             return
+        upstream.misses = 0
         if response.status not in (200, 503):
             self._set_down(upstream, f"readyz answered {response.status}")
             return

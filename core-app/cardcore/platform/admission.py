@@ -28,10 +28,18 @@ import msgspec
 PROBES = frozenset({"/healthz", "/readyz"})
 
 
+# granian closes a connection whose next request's headers have not all arrived this long after
+# the last answer: it bounds a slow client, and it is also the idle keep-alive timeout. Clients
+# must not reuse a connection idle that long (the gateways' pools drop theirs after 10 s, httpx
+# after 5 s): at 5 s, a client's 5 s expiry met the server's close in flight ("server
+# disconnected without sending a response" in the tests on a loaded machine)
+HEADER_READ_TIMEOUT_MS = 15_000
+
+
 @dataclass(frozen=True, slots=True)
 class ServeLimits:
     connections_max: int = 8192
-    header_read_timeout_ms: int = 5000
+    header_read_timeout_ms: int = HEADER_READ_TIMEOUT_MS
     body_read_timeout_ms: int = 5000
     requests_in_flight_max: int = 4096
     requests_per_client_max: int = 512

@@ -14,7 +14,7 @@ import msgspec
 
 from cardcore.common.crypto import KeyRingError, PanVault, parse_ring
 from cardcore.platform import auth
-from cardcore.platform.admission import ServeLimits
+from cardcore.platform.admission import HEADER_READ_TIMEOUT_MS, ServeLimits
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -59,7 +59,7 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
     # request's headers (granian), the time to read its body, requests in flight per client
     # address and in total (above them: 503 overloaded at once)
     connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4096
-    header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
+    header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = HEADER_READ_TIMEOUT_MS
     body_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
     requests_in_flight_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
     requests_per_client_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
