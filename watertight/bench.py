@@ -30,8 +30,7 @@ import msgspec
 from cardcore.platform.auth import ClientTokens
 from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
-from watertight.runtime import processes
-from watertight.runtime.local import LocalRuntime
+from watertight.runtime.target import Target
 
 HEADLINE_FINANCIAL_TPS = 10_000
 HEADLINE_NONFINANCIAL_TPS = 50_000
@@ -227,30 +226,12 @@ async def offer(
         await asyncio.wait(in_flight, timeout=REQUEST_TIMEOUT_S + 1)
 
 
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # utime, stime, and the time of children already reaped (PostgreSQL backends that exited)
-    return sum(int(value) for value in fields[11:15]) / processes.CLOCK_TICKS
-
-
-def sample(runtime: LocalRuntime) -> dict[int, tuple[str, float]]:
+def sample(runtime: Target) -> dict[Any, tuple[str, float]]:
     """CPU seconds so far of every process of the topology, with its component kind."""
-    tree = processes.children_map()
-    found: dict[int, tuple[str, float]] = {}
-    for component in runtime.components:
-        kind = "postgres+patroni" if component.kind == "patroni" else component.kind
-        for pid in runtime.component_pids(component, tree):
-            seconds = cpu_seconds(pid)
-            if seconds is not None:
-                found[pid] = (kind, seconds)
-    return found
+    return runtime.cpu_sample()
 
 
-def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+def cpu_delta(before: dict[Any, tuple[str, float]], after: dict[Any, tuple[str, float]]) -> dict[str, float]:
     by_kind: dict[str, float] = {}
     for pid, (kind, seconds) in after.items():
         start = before.get(pid, (kind, 0.0))[1]
@@ -285,14 +266,14 @@ def machine() -> dict[str, Any]:
 
 
 async def measure(
-    runtime: LocalRuntime,
+    runtime: Target,
     seconds: float,
     rate_financial: float,
     rate_nonfinancial: float,
     customers: int,
     progress: Progress,
 ) -> dict[str, Any]:
-    gateways = [runtime.topology.gateway_url(site) for site in ("prod", "samecity")]
+    gateways = list(runtime.gateway_urls().values())
     traffic = Traffic(gateways, runtime.client_tokens())
     try:
         await traffic.open_population(customers, progress)
@@ -375,7 +356,7 @@ async def measure(
 
 
 def run(
-    runtime: LocalRuntime,
+    runtime: Target,
     seconds: float = 15.0,
     rate_financial: float = 500.0,
     rate_nonfinancial: float = 2_500.0,

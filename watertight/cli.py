@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.add_argument(
+        "--target",
+        choices=("local", "kubernetes"),
+        default=os.environ.get("WATERTIGHT_TARGET") or "local",
+        help="the local topology of the run directory, or the cluster of `watertight cluster` (default: $WATERTIGHT_TARGET or local)",
+    )
+    bench.add_argument(
         "--rate-financial",
         type=_positive_float,
         default=500.0,
@@ -271,16 +277,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_drill(args: argparse.Namespace) -> int:
     from watertight import drill
     from watertight.chaos import safeguards
+    from watertight.runtime.kubernetes import KubernetesRuntimeError
+    from watertight.runtime.target import TargetUnsupported
 
     if args.stop:
         return drill.stop(_run_dir(args), _say)
-    if args.target != "local":
-        print(
-            "watertight drill --target kubernetes is not built yet: it needs the kubernetes runtime "
-            "behind the Target interface (issue 18)",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_BUILT
     experiments = list(args.experiments)
     if args.all:
         experiments += [name for name in drill.catalogue() if name not in experiments]
@@ -288,7 +289,11 @@ def cmd_drill(args: argparse.Namespace) -> int:
     if args.dry_run:
         for name in experiments:
             drill.load_experiment(name)
-        print(drill.dry_run(experiments, _run_dir(args)))
+        try:
+            print(drill.dry_run(experiments, _run_dir(args), args.target))
+        except TargetUnsupported as error:
+            print(f"watertight drill: {error}", file=sys.stderr)
+            return EXIT_NOT_BUILT
         return 0
     try:
         limits = safeguards.parse_limits(",".join(args.safeguard))
@@ -308,16 +313,21 @@ def cmd_drill(args: argparse.Namespace) -> int:
         during=args.during,
         history_path=Path(args.history) if args.history else drill.HISTORY_DEFAULT,
     )
-    code = drill.run(
-        experiments,
-        options.rate_financial,
-        options.rate_nonfinancial,
-        report_dir.absolute(),
-        _run_dir(args),
-        _say,
-        options,
-        Path(args.junit).absolute() if args.junit else None,
-    )
+    try:
+        code = drill.run(
+            experiments,
+            options.rate_financial,
+            options.rate_nonfinancial,
+            report_dir.absolute(),
+            _run_dir(args),
+            _say,
+            options,
+            Path(args.junit).absolute() if args.junit else None,
+            target=args.target,
+        )
+    except (TargetUnsupported, KubernetesRuntimeError) as error:
+        print(f"watertight drill --target {args.target}: {error}", file=sys.stderr)
+        return 2
     verdict = {drill.EXIT_PASSED: "PASSED", drill.EXIT_ABORTED: "ABORTED"}.get(code, "FAILED")
     _say(f"{verdict}: see {report_dir.absolute()}/*/report.html")
     return code
@@ -341,13 +351,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from watertight import bench
-    from watertight.runtime.local import LocalRuntime
+    from watertight.chaos import targets
+    from watertight.runtime.target import TargetUnsupported
 
-    runtime = LocalRuntime(_run_dir(args))
+    runtime = targets.runtime(getattr(args, "target", targets.LOCAL), str(_run_dir(args)))
     say = (lambda line: print(f"==> {line}", file=sys.stderr, flush=True)) if args.json else _say
-    result = bench.run(
-        runtime, args.seconds, args.rate_financial, args.rate_nonfinancial, args.customers, say
-    )
+    try:
+        result = bench.run(
+            runtime, args.seconds, args.rate_financial, args.rate_nonfinancial, args.customers, say
+        )
+    except TargetUnsupported as error:
+        print(f"watertight bench: {error}", file=sys.stderr)
+        return EXIT_NOT_BUILT
     print(json.dumps(result, indent=2) if args.json else bench.table(result))
     return 0
 

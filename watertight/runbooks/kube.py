@@ -12,6 +12,7 @@ Never: guess a context; every missing piece is named in the error, before anythi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -138,6 +139,20 @@ class KubeTarget:
         return cls(
             parse_contexts(text), namespace or os.environ.get(NAMESPACE_ENV) or NAMESPACE_DEFAULT, topology
         )
+
+    def runbook_vars(self) -> dict[str, Any]:
+        """The extra variables, once the collection and the client the tasks drive are there."""
+        if collection_path() is None:
+            raise KubeTargetError(
+                f"target kubernetes needs the {COLLECTION} collection: run `make venv` (or "
+                f"`python -m watertight.runbooks.kube`, or ansible-galaxy collection install -r runbooks/collections/requirements.yml)"
+            )
+        if importlib.util.find_spec("kubernetes") is None:
+            raise KubeTargetError(
+                "target kubernetes needs the kubernetes Python client that kubernetes.core drives: "
+                "pip install 'watertight[kubernetes]'"
+            )
+        return self.extravars()
 
     def extravars(self) -> dict[str, Any]:
         """What every kubernetes task file of runbooks/kubernetes/ reads."""

@@ -29,7 +29,9 @@ from cardcore.platform import auth
 from watertight import pg, private_files, render
 from watertight.chaos import network
 from watertight.runtime import processes
+from watertight.runtime.common import writers_in_flight
 from watertight.runtime.processes import ProcessRecord
+from watertight.runtime.target import Member
 from watertight.topology import CENTERS, Topology, parse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -818,6 +820,154 @@ class LocalRuntime:
         for item in sorted(chosen, key=lambda c: c.stage):
             self.start_component(item)
         return [c.name for c in chosen]
+
+    # ---- the rest of the Target interface (watertight.runtime.target) --------------------------
+
+    name = "local"
+
+    @property
+    def entry_url(self) -> str:
+        return self.topology.entry_url
+
+    def gateway_urls(self) -> dict[str, str]:
+        return {site: self.topology.gateway_url(site) for site in CENTERS}
+
+    def api_tokens_file(self) -> Path:
+        self._secrets()  # made on first use
+        return self.secrets_path
+
+    def components_of(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return [c.name for c in self.select(site, cell, component)]
+
+    def instances(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        tree = processes.children_map()
+        return [
+            f"{c.name} pid {pid}"
+            for c in self.select(site, cell, component)
+            for pid in self.component_pids(c, tree)
+        ]
+
+    def members(self, cell: int) -> list[Member]:
+        self.select(cell=cell)  # names the cells when there is no such cell
+        endpoints = render.LocalEndpoints(self.topology)
+        return [
+            Member(
+                name=c.name,
+                site=c.site or "",
+                postgres_host=endpoints.postgres_host(cell, c.site or ""),
+                postgres_port=endpoints.postgres_port(cell),
+                patroni_url=endpoints.patroni_api_url(cell, c.site or ""),
+            )
+            for c in self.components
+            if c.kind == "patroni" and c.cell == cell
+        ]
+
+    def primary_hosts(self, cell: int) -> list[str]:
+        return [self.topology.address(site) for site in self.primary_sites()]
+
+    def ready_urls(self) -> dict[str, str]:
+        return {
+            c.name: c.ready_url or ""
+            for c in self.components
+            if c.kind in ("gateway", "entry") and self.expected(c)
+        }
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why the topology is not in its steady state: every cell has a running leader and a
+        streaming sync standby, every expected gateway and the entry answer ready."""
+        self.reload()
+        reasons = []
+        for cell in self.topology.cell_numbers:
+            view = self.cell_view(cell)
+            if view["leader_site"] is None:
+                reasons.append(f"cell {cell} has no leader")
+            elif view["sync_standby"] is None:
+                reasons.append(f"cell {cell} has no streaming sync standby")
+        for name, url in self.ready_urls().items():
+            if http_json(url)[0] != 200:
+                reasons.append(f"{name} is not ready")
+        return reasons
+
+    def frozen(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return [
+            c.name
+            for c in self.select(site, cell, component)
+            if (record := self.records.get(c.name)) is not None and processes.frozen(record)
+        ]
+
+    def kill_listed_pids(self, site: str, every_process: bool = False) -> dict[str, Any]:
+        """SIGKILL exactly the PIDs ``status()`` lists for ``site`` (each component's ``pid``;
+        with ``every_process`` also every PID of its ``processes``), one by one, as a user's own
+        script does: no process tree, no cgroup."""
+        self.select(site=site)
+        listed: list[int] = []
+        for component in self.status()["components"]:
+            if component["site"] != site:
+                continue
+            if component["pid"]:
+                listed.append(int(component["pid"]))
+            if every_process:
+                listed += [int(p["pid"]) for p in component["processes"] if int(p["pid"]) not in listed]
+        killed = processes.signal_pids(listed, signal.SIGKILL)
+        return {"site": site, "listed": listed, "killed": killed}
+
+    def writers_in_flight(self, site: str) -> int:
+        """Group commits of ``site``'s app server running now: its writer sessions not idle on the
+        cells' leaders."""
+        return writers_in_flight(self, site)
+
+    def site_network(self) -> network.SiteNetwork:
+        """The sites' addresses and the PIDs of each site's processes, for network faults."""
+        return network.SiteNetwork(
+            self.run_dir,
+            {name: site.address for name, site in self.topology.sites.items()},
+            {name: self.pids(site=name) for name in self.topology.sites},
+        )
+
+    def partition(self, site: str) -> dict[str, Any]:
+        """nftables with cgroup v2 matching (root): packets between ``site`` and the others dropped."""
+        self.select(site=site)
+        return network.partition(self.site_network(), site)
+
+    def heal_partition(self) -> dict[str, Any]:
+        return network.heal_partition(self.site_network())
+
+    def add_latency(self, delay_ms: int, sites: list[str] | None = None) -> dict[str, Any]:
+        """An NFQUEUE delayer (the kernel here has no netem)."""
+        return network.add_latency(self.site_network(), delay_ms, sites)
+
+    def remove_latency(self) -> dict[str, Any]:
+        return network.remove_latency(self.site_network())
+
+    def heal_network(self) -> dict[str, Any]:
+        return network.heal_all(self.site_network()) if network.read_state(self.run_dir) else {}
+
+    def switchover(self, cell: int, to_site: str) -> dict[str, Any]:
+        from watertight.runbooks import ops
+
+        return ops.switchover(self, cell, to_site)
+
+    def cpu_sample(self) -> dict[Any, tuple[str, float]]:
+        """CPU seconds so far of every process of the topology, with its component kind
+        (``postgres+patroni`` for a member), by PID."""
+        tree = processes.children_map()
+        found: dict[Any, tuple[str, float]] = {}
+        for component in self.components:
+            kind = "postgres+patroni" if component.kind == "patroni" else component.kind
+            for pid in self.component_pids(component, tree):
+                seconds = processes.cpu_seconds(pid)
+                if seconds is not None:
+                    found[pid] = (kind, seconds)
+        return found
+
+    def runbook_vars(self) -> dict[str, Any]:
+        return {"watertight_target": self.name}
 
     # ---- strays ---------------------------------------------------------------------------------
 
