@@ -289,12 +289,24 @@ def roles_of(listed: Sequence[Sequence[Any]]) -> dict[int, str]:
     def is_postgres(pid: int) -> bool:
         return pid in procs and os.path.basename(argv0(pid)) in ("postgres", "postmaster")
 
+    postmasters = {pid for pid, (parent, _) in procs.items() if is_postgres(pid) and not is_postgres(parent)}
+
+    def under_postmaster(pid: int) -> bool:
+        seen = 0
+        while pid in procs and seen <= len(procs):  # bounded: a listing is a snapshot, not a tree
+            pid, seen = procs[pid][0], seen + 1
+            if pid in postmasters:
+                return True
+        return False
+
     roles: dict[int, str] = {}
-    for pid, (parent, line) in procs.items():
+    for pid, (_, line) in procs.items():
         if MEMBER_GUARD in line or "watertight.runtime.guard" in line:
             roles[pid] = "keeper" if "--keeper" in line else "guard"
-        elif is_postgres(pid):
-            roles[pid] = "postgres-child" if is_postgres(parent) else "postgres"
+        elif pid in postmasters:
+            roles[pid] = "postgres"
+        elif under_postmaster(pid):
+            roles[pid] = "postgres-child"
         elif " -m patroni" in f" {line} " or os.path.basename(argv0(pid)) == "patroni":
             roles[pid] = "patroni"
         else:
@@ -385,11 +397,15 @@ class KubernetesRuntime:
         contexts = configuration.get("kube_contexts")
         if not contexts:
             return cls.local_cluster(run_dir)
-        if not isinstance(contexts, Mapping) or any(site not in contexts for site in SITE_NAMES):
+        if not isinstance(contexts, Mapping):
             raise KubernetesRuntimeError(
                 'target kubernetes needs the configuration key kube_contexts: {"prod": "<context>", '
                 '"samecity": "<context>", "dr": "<context>"}, one per site'
             )
+        from watertight.runbooks import kube
+
+        # the runbooks' rule: every site has one (raises KubeTargetError naming the missing ones)
+        contexts = kube.parse_contexts(",".join(f"{site}={context}" for site, context in contexts.items()))
         namespace = str(configuration.get("kube_namespace") or NAMESPACE_DEFAULT)
         per_site = configuration.get("kube_namespaces") or {}
         namespaces = {site: str(per_site.get(site) or namespace) for site in SITE_NAMES}
