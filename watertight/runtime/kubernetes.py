@@ -691,12 +691,11 @@ class KubernetesRuntime:
 
     # ---- the members and what Patroni says -----------------------------------------------------
 
-    def member_endpoints(
-        self, cell: int, pods: Mapping[str, dict[str, Any] | None] | None = None
-    ) -> list[Member]:
+    def members(self, cell: int) -> list[Member]:
+        """Each member of ``cell`` at its pod's address (empty while it has no pod or address)."""
         found = []
         for component in self.select(cell=cell):
-            pod = (pods or {}).get(component.name) if pods is not None else self._pod(component)
+            pod = self._pod(component)
             address = str(((pod or {}).get("status") or {}).get("podIP") or "")
             found.append(
                 Member(
@@ -709,9 +708,6 @@ class KubernetesRuntime:
                 )
             )
         return found
-
-    def members(self, cell: int) -> list[Member]:
-        return self.member_endpoints(cell)
 
     def _cluster_members(self, members: Sequence[Member]) -> list[dict[str, Any]]:
         urls = {m.name: m.patroni_url for m in members}
@@ -738,7 +734,7 @@ class KubernetesRuntime:
         return next((site for site in SITE_NAMES if name.endswith(f"-{site}")), None)
 
     def cell_view(self, cell: int) -> dict[str, Any]:
-        endpoints = self.member_endpoints(cell)
+        endpoints = self.members(cell)
         members = self._cluster_members([m for m in endpoints if m.site != DR_SITE])
         dr_members = self._cluster_members([m for m in endpoints if m.site == DR_SITE])
         leader = next((m for m in members if m.get("role") == "leader" and m.get("state") == "running"), None)
