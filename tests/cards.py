@@ -139,6 +139,7 @@ WRITTEN_TABLES = (
     "installment_plans",
     "statements",
     "cycle_runs",
+    "business_clock",
     "tag_definitions",
     "customer_tags",
     "pricing_rules",

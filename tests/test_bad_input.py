@@ -34,6 +34,7 @@ class World:
     pan: str
     expiry: str
     auth_id: str  # an open hold of 10,000 fen
+    auth_key: str  # the idempotency key of its authorization
     transaction_id: str  # a posted purchase of 100,000 fen, not converted
     plan_id: str
 
@@ -151,6 +152,25 @@ def authorization(world: World) -> dict[str, Any]:
 
 def reversal(world: World) -> dict[str, Any]:
     return {"idempotency_key": key(), "amount": 1_000}
+
+
+def reversal_by_key(world: World) -> dict[str, Any]:
+    return {"idempotency_key": key(), "original_idempotency_key": world.auth_key, "amount": 1_000}
+
+
+def increment(world: World) -> dict[str, Any]:
+    return {"idempotency_key": key(), "amount": 1_000}
+
+
+def refund(world: World) -> dict[str, Any]:
+    return {
+        "idempotency_key": key(),
+        "pan": world.pan,
+        "expiry": world.expiry,
+        "amount": 1_000,
+        "merchant_id": "M-0001",
+        "original_transaction_id": world.transaction_id,
+    }
 
 
 def clearing(world: World) -> dict[str, Any]:
@@ -548,6 +568,83 @@ CASES: list[Case] = [
         "amount",
     ),
     *body_cases(
+        "reversal-by-key",
+        "POST",
+        "/v1/authorizations/reversal",
+        reversal_by_key,
+        [
+            *key_cases(),
+            ("original_idempotency_key", DROP, "original_idempotency_key"),
+            ("original_idempotency_key", "", "original_idempotency_key"),
+            ("original_idempotency_key", "k" * 65, "original_idempotency_key"),
+            ("original_idempotency_key", 7, "original_idempotency_key"),
+            *[("amount", v, "amount") for v in AMOUNT_ERRORS if v is not None],
+            ("pan", "1234", "pan"),
+            ("pan", lambda w: w.pan[:-1] + str((int(w.pan[-1]) + 1) % 10), "pan"),  # Luhn fails
+        ],
+    ),
+    Case(
+        "reversal-by-key-more-than-the-hold",
+        "POST",
+        "/v1/authorizations/reversal",
+        edit(reversal_by_key, "amount", 10_001),
+        422,
+        "amount",
+    ),
+    Case(
+        "reversal-by-key-naming-itself",
+        "POST",
+        "/v1/authorizations/reversal",
+        edit(reversal_by_key, "idempotency_key", lambda w: w.auth_key),
+        400,
+        "original_idempotency_key",
+    ),
+    *body_cases(
+        "increment",
+        "POST",
+        "/v1/authorizations/{auth_id}/increment",
+        increment,
+        [*key_cases(), *amount_cases(), ("currency", "USD", "currency")],
+    ),
+    Case(
+        "increment-unknown-authorization",
+        "POST",
+        "/v1/authorizations/" + fake("AU") + "/increment",
+        increment,
+        404,
+        "auth_id",
+    ),
+    *body_cases(
+        "refund",
+        "POST",
+        "/v1/refunds",
+        refund,
+        [
+            *key_cases(),
+            ("pan", DROP, "pan"),
+            ("pan", "1234", "pan"),
+            ("pan", lambda w: w.pan[:-1] + str((int(w.pan[-1]) + 1) % 10), "pan"),  # Luhn fails
+            ("expiry", DROP, "expiry"),
+            ("expiry", "13/30", "expiry"),
+            *amount_cases(),
+            ("merchant_id", DROP, "merchant_id"),
+            ("merchant_id", "", "merchant_id"),
+            ("original_transaction_id", 17, "original_transaction_id"),
+            ("currency", "USD", "currency"),
+        ],
+    ),
+    Case("refund-unknown-card", "POST", "/v1/refunds", edit(refund, "pan", "6259770199999999"), 404, "pan"),
+    Case("refund-another-expiry", "POST", "/v1/refunds", edit(refund, "expiry", "01/99"), 422, "expiry"),
+    Case(
+        "refund-unknown-purchase",
+        "POST",
+        "/v1/refunds",
+        edit(refund, "original_transaction_id", fake("TX")),
+        404,
+        "original_transaction_id",
+    ),
+    Case("refund-more-than-bought", "POST", "/v1/refunds", edit(refund, "amount", 100_001), 422, "amount"),
+    *body_cases(
         "clearing",
         "POST",
         "/v1/clearing",
@@ -760,7 +857,8 @@ def world(core: CoreStack) -> World:
         },
     )
     assert response.status_code in (200, 201), response.text
-    hold = approved(core.client, opened, 10_000)
+    hold_key = key()
+    hold = approved(core.client, opened, 10_000, idempotency_key=hold_key)
     return World(
         customer_id=opened["customer_id"],
         account_id=opened["account_id"],
@@ -768,6 +866,7 @@ def world(core: CoreStack) -> World:
         pan=opened["pan"],
         expiry=opened["expiry"],
         auth_id=hold["auth_id"],
+        auth_key=hold_key,
         transaction_id=cleared["transaction_id"],
         plan_id=response.json()["plan_id"],
     )

@@ -204,6 +204,7 @@ def test_two_holds_clear_independently(core: CoreStack) -> None:
         (300_000, 3_000),  # 1 % of the amount
         (50_000, 1_000),  # 1 % would be 500: the minimum of 10 CNY applies
         (100_000, 1_000),  # exactly at the minimum
+        (100_250, 1_003),  # 1,002.5 rounds half up (not to the even 1,002)
     ],
 )
 def test_clearing_cash_posts_the_cash_and_charges_the_cash_fee_to_the_fees_ledger(

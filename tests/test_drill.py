@@ -65,10 +65,16 @@ def test_the_default_drill_passes_and_reports_as_the_contract_says(
     )
     assert report["writable_primaries_max"] == {"cell-1": 1, "cell-2": 1}
     assert report["slo"] == {"rto_seconds": 30.0, "rpo_missing": 0}
+    # monitoring told of the lost site within 15 s, said nothing before it, and fell silent after
+    detection = report["detection"]
+    assert detection["first_alert"] and 0 < detection["seconds_to_detect"] <= 15, detection
+    assert detection["false_alarms"] == 0 and detection["unresolved"] == [], detection
+    assert {"CellLeaderMissing", "PatroniMemberDown"} <= {a["alert"] for a in detection["alerts"]}
     assert set(report["load"]) >= {"financial_tps", "nonfinancial_tps", "p50_ms", "p99_ms", "errors"}
     assert (tmp_path / "site-loss-prod" / report["journal"]).exists()
     page = (tmp_path / "site-loss-prod" / report["html"]).read_text()
     assert "<svg" in page and "cell-1" in page and "site-loss prod" in page
+    assert f"alert {detection['first_alert']}" in page
     # the rollback brought prod back, and the drill left the topology whole
     assert all(site["up"] for site in runtime.status()["sites"].values())
 

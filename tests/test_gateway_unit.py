@@ -60,6 +60,7 @@ class FakeApp:
         self.frozen = False
         self.delay = 0.0  # seconds before answering anything but /readyz
         self.requests: list[tuple[str, str, str, bytes]] = []  # method, path, query, body
+        self.known_keys: set[str] = set()  # idempotency keys of originals a reversal finds here
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -147,6 +148,18 @@ class FakeApp:
                 {"rules": [{"rule_id": "shared", "layer": "product"}, {"rule_id": f"acct-{cell}"}]},
                 False,
             )
+        if path == "/v1/authorizations/reversal":
+            original = json.loads(body)["original_idempotency_key"]
+            if original in self.known_keys:
+                return 200, {"original": "approved", "status": "reversed", "upstream": self.name}, False
+            if params.get("known") == "only":
+                error = {
+                    "code": "original_unknown",
+                    "message": "unknown",
+                    "field": "original_idempotency_key",
+                }
+                return 404, {"error": error}, False
+            return 200, {"original": "absent", "status": "recorded", "upstream": self.name}, False
         if path == "/v1/admin/cycle":
             return 200, {"cell": int(cell), "business_date": json.loads(body)["business_date"]}, False
         if path == "/v1/tags" and method == "POST":
@@ -422,6 +435,75 @@ def test_fan_out_reaches_every_cell_and_merges_the_answers() -> None:
 
 
 # -- failure isolation ------------------------------------------------------------------------
+
+
+def test_a_reversal_by_key_without_a_card_goes_where_the_original_is_known_before_it_is_claimed() -> None:
+    async def scenario() -> None:
+        async with two_cells() as (gateway, a, b):
+            path = "/v1/authorizations/reversal"
+            b.known_keys.add("k-of-cell-2")
+            found = await call(
+                gateway, "POST", path, {"idempotency_key": "r1", "original_idempotency_key": "k-of-cell-2"}
+            )
+            assert (found.status, found.data["upstream"], found.data["original"]) == (200, "b", "approved")
+            asked = [
+                (upstream.name, query)
+                for upstream in (a, b)
+                for _, p, query, _ in upstream.requests
+                if p == path
+            ]
+            assert sorted(asked) == [
+                ("a", "known=only&cell=1"),
+                ("b", "known=only&cell=2"),
+            ]  # nothing claimed
+            a.requests.clear()
+            b.requests.clear()
+
+            unknown = await call(
+                gateway, "POST", path, {"idempotency_key": "r2", "original_idempotency_key": "nowhere"}
+            )
+            assert (unknown.status, unknown.data["status"]) == (200, "recorded")
+            asked = sorted(
+                (upstream.name, query)
+                for upstream in (a, b)
+                for _, p, query, _ in upstream.requests
+                if p == path
+            )
+            assert asked == [
+                ("a", "cell=1"),
+                ("a", "known=only&cell=1"),
+                ("b", "cell=2"),
+                ("b", "known=only&cell=2"),
+            ]
+            a.requests.clear()
+            b.requests.clear()
+
+            body = {"idempotency_key": "r3", "original_idempotency_key": "k", "pan": ids.new_pan(1, 17)}
+            with_card = await call(gateway, "POST", path, body)
+            assert (with_card.status, with_card.data["upstream"]) == (200, "a")
+            assert [query for _, p, query, _ in a.requests if p == path] == [""] and not b.requests
+
+            a.requests.clear()
+            await b.stop()
+            cut = await call(
+                gateway, "POST", path, {"idempotency_key": "r4", "original_idempotency_key": "nowhere"}
+            )
+            assert cut.status == 503 and cut.data["error"]["code"] == "cells_unavailable"
+            assert not [1 for _, p, query, _ in a.requests if p == path and "known" not in query]  # no claim
+
+            increment = await call(
+                gateway,
+                "POST",
+                f"/v1/authorizations/{ids.new_id(ids.PREFIX_AUTHORIZATION, 2)}/increment",
+                {"amount": 1},
+            )
+            assert increment.status == 200 and increment.data["response_code"] == "91"
+            refund = await call(gateway, "POST", "/v1/refunds", {"pan": ids.new_pan(2, 5), "amount": 1})
+            assert refund.status == 503 and refund.data["error"]["code"] == "cell_unavailable"
+            refund_1 = await call(gateway, "POST", "/v1/refunds", {"pan": ids.new_pan(1, 5), "amount": 1})
+            assert (refund_1.status, refund_1.data["upstream"]) == (200, "a")
+
+    run(scenario())
 
 
 def test_a_stopped_cell_fails_fast_and_the_other_cell_keeps_answering() -> None:

@@ -37,6 +37,11 @@ HELD_MEAN_SHARE_MIN = 0.5
 # the same machine runs the servers, the load, the slow clients and (here) other work: what the
 # attacked run may lose against the quiet one before the attack counts as having cost something
 NOISE_FACTOR_MAX = 3.0
+# and what it may add outright: the servers close every stuck connection at the header deadline
+# (15 s) and the slow clients reopen all 4,000 within about a second, a burst of accepts that shows
+# in the p99 of a 15 s run on 2 cores (150 ms once in CI against a quiet 36 ms, no error); the
+# stall this guards against was seconds and then errors
+ATTACK_ALLOWANCE_MS = 200.0
 
 
 def start_entry(stack: CoreStack, gateway: ServerProcess, **overrides: Any) -> ServerProcess:
@@ -173,7 +178,9 @@ def test_two_thousand_stuck_connections_on_the_entry_and_a_gateway_do_not_stop_n
     assert min(peak.values()) >= STUCK_PER_TARGET * 0.95, peak
     assert min(held_mean.values()) >= STUCK_PER_TARGET * HELD_MEAN_SHARE_MIN, held_mean
     assert attacked["error_ratio"] <= 0.01, attacked
-    p99_allowed_ms = max(P99_MS_MAX, NOISE_FACTOR_MAX * quiet["p99_ms"])
+    p99_allowed_ms = max(
+        P99_MS_MAX, NOISE_FACTOR_MAX * quiet["p99_ms"], quiet["p99_ms"] + ATTACK_ALLOWANCE_MS
+    )
     assert attacked["p99_ms"] <= p99_allowed_ms, (attacked, quiet)
     achieved = attacked["financial_tps"] + attacked["nonfinancial_tps"]
     offered = RATE_FINANCIAL + RATE_NONFINANCIAL

@@ -79,6 +79,21 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                 "port": {"type": "string"},
                                 "path": {"type": "string"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "honorLabels": {"type": "boolean"},
+                                "relabelings": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                            "targetLabel": {"type": "string"},
+                                            "action": {"enum": ["replace", "keep", "drop", "labelmap"]},
+                                            "regex": {"type": "string"},
+                                            "replacement": {"type": "string"},
+                                        },
+                                    },
+                                },
                                 # monitoring.coreos.com/v1 SafeAuthorization
                                 "authorization": {
                                     "type": "object",
@@ -128,10 +143,12 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                     "type": "array",
                                     "items": {
                                         "type": "object",
-                                        "required": ["alert", "expr"],
+                                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                        "required": ["expr"],
                                         "additionalProperties": False,
                                         "properties": {
                                             "alert": {"type": "string"},
+                                            "record": {"type": "string"},
                                             "expr": {"type": "string"},
                                             "for": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                                             "labels": _LABELS,

@@ -123,9 +123,12 @@ def quote(core: CoreStack, account_id: str, amount: int, terms: list[int]) -> di
 
 
 def applied_rate(trace: list[dict[str, Any]]) -> float:
+    """The price a trace gives: the value of its last step applied (a multiplier's base is
+    applied too); every step left out says why."""
     applied = [step for step in trace if step["applied"]]
-    assert len(applied) == 1, trace
-    value: float = applied[0]["value"]
+    assert applied, trace
+    assert all(step.get("reason") for step in trace if not step["applied"]), trace
+    value: float = applied[-1]["value"]
     return value
 
 

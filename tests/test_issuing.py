@@ -386,6 +386,19 @@ def test_a_card_reported_lost_can_be_replaced(core: CoreStack) -> None:
     assert card(core.client, opened["card_id"])["replaced_by"] == response.json()["card_id"]
 
 
+@pytest.mark.parametrize(("reported", "code"), [("lost", "41"), ("stolen", "43")])
+def test_a_lost_or_stolen_card_keeps_its_status_once_replaced_so_the_old_number_answers_for_it(
+    core: CoreStack, reported: str, code: str
+) -> None:
+    opened = open_account(core.client)
+    assert set_status(core.client, opened["card_id"], reported).status_code == 200
+    response = core.client.post(f"/v1/cards/{opened['card_id']}/replace")
+    assert response.status_code == 201, response.text
+    old = card(core.client, opened["card_id"])
+    assert (old["status"], old["replaced_by"]) == (reported, response.json()["card_id"])
+    assert authorize(core.client, opened, 1_000).json()["response_code"] == code
+
+
 def test_a_card_cannot_be_replaced_twice(core: CoreStack) -> None:
     opened = open_account(core.client)
     assert core.client.post(f"/v1/cards/{opened['card_id']}/replace").status_code == 201

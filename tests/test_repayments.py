@@ -21,6 +21,7 @@ from tests.cards import (
 from tests.fixtures_core import CoreStack
 
 LIMIT = 9_000_000
+LINES = ("total", "purchase", "cash", "installment")
 CASH = {"kind": "cash", "channel": "atm", "mcc": "6011"}
 ALLOCATION_KEYS = {"fees", "interest", "installment_due", "cash", "purchase", "credit_balance"}
 
@@ -115,8 +116,9 @@ def test_one_repayment_covering_everything_splits_over_every_bucket(core: CoreSt
         fees=1_000, installment_due=90_000, cash=100_000, purchase=70_000, credit_balance=39_000
     )
     view = lines(core.client, opened["customer_id"])
-    for line in ("purchase", "cash", "installment"):
-        assert view[line]["used"] == 0, view
+    for line in LINES:  # nothing owed; the credit balance shows as negative use on every line
+        assert view[line]["used"] == -39_000, view
+        assert view[line]["available"] == min(view[line]["limit"], LIMIT) + 39_000, view
 
 
 def test_a_repayment_on_an_account_that_owes_nothing_is_kept_as_a_credit_balance(core: CoreStack) -> None:

@@ -32,11 +32,12 @@ from tests.topologies import moved
 from tests.writers import Writers, ledger_transactions
 from watertight import pg, render, verdicts
 from watertight import topology as topology_module
+from watertight.monitoring import config as monitoring_config
 from watertight.runbooks import ops, runner
 from watertight.runtime.local import LocalRuntime, http_json
 
 # its own addresses and entry port: other test modules' topologies are left alone
-TEST_TOPOLOGY = moved(50, 2).replace("port: 28080", "port: 28180")
+TEST_TOPOLOGY = moved(50, 2).replace("port: 28080", "port: 28180").replace("_port: 2809", "_port: 2819")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -313,8 +314,22 @@ def test_rotating_the_api_tokens_loses_no_request_and_retires_the_old_tokens(
     runtime.reload()
     assert {name: record.pid for name, record in runtime.records.items()} == pids  # nothing restarted
     assert runner.run("rotate-api-tokens", {"phase": "finish"}, runtime.run_dir)["changed"] == 0
-    # the tokens are in no log and no file of the run but the secrets file
+    # Prometheus scrapes with the new operator token (its own 0600 file, rewritten by the
+    # rotation): every target it should scrape is still up with the old token retired
+    scrape_token = runtime.run_dir / "components" / "prometheus" / monitoring_config.TOKEN_FILE
+    assert scrape_token.read_text() == new["operator"] and scrape_token.stat().st_mode & 0o777 == 0o600
+    deadline = time.monotonic() + 30
+    while True:
+        targets = runtime.monitoring_targets() or []
+        down = [t for t in targets if t["expected"] and t["health"] != "up"]
+        if targets and not down:
+            break
+        assert time.monotonic() < deadline, down or "Prometheus lists no target"
+        time.sleep(1)
+    # the tokens are in no log and no file of the run but the secrets file (and Prometheus' token)
     for path in runtime.run_dir.rglob("*"):
+        if path == scrape_token:
+            continue
         if path.is_file() and path != runtime.secrets_path and path.stat().st_size < 50_000_000:
             data = path.read_bytes()
             assert not any(token.encode() in data for token in (*old.values(), *new.values())), path

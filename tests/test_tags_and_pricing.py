@@ -84,12 +84,16 @@ def assert_priced_at(option: dict[str, Any], rate: float, principal: int = PRINC
 
 
 def applied_step(option: dict[str, Any]) -> dict[str, Any]:
-    """The trace's last step, which must be the one applied (and the only one)."""
+    """The step that gives the price: the trace's last step, which must be applied. A step below
+    it is applied only when the price is a multiple of it (a multiplier stands on it); every
+    step left out says why."""
     trace = option["pricing_trace"]
     assert trace, option
     assert trace[-1]["applied"] is True, trace
-    assert all(step["applied"] is False for step in trace[:-1]), trace
     step: dict[str, Any] = trace[-1]
+    assert all(below.get("reason") for below in trace[:-1] if not below["applied"]), trace
+    if "multiplier" not in step:  # a value replaces everything below it
+        assert not any(below["applied"] for below in trace[:-1]), trace
     return step
 
 
@@ -502,3 +506,68 @@ def test_a_transaction_campaign_applies_only_when_all_its_conditions_hold(isolat
     assert layers(small) == ["catalogue"]
 
     assert_priced_at(quote(client, outsider["account_id"], [6])[6], STD_FEE_RATES[6])
+
+
+def test_campaigns_of_one_layer_do_not_stack_and_the_trace_says_which_rules_priced(
+    isolated_core: CoreStack,
+) -> None:
+    client = isolated_core.client
+    season = unique("season")
+    assert client.post("/v1/tags", json={"tag": season, "description": "in season"}).status_code == 201
+    opened = open_account(client)
+    assert put_tag(client, opened["customer_id"], season).status_code == 200
+    account_rule = add_rule(
+        client,
+        {
+            "layer": "account",
+            "name": unique("loyalty"),
+            "account_id": opened["account_id"],
+            "price": {"item": "installment_fee_rate", "terms": 3, "multiplier": 0.8},
+        },
+    )
+    campaigns = [
+        add_rule(
+            client,
+            {
+                "layer": "transaction",
+                "name": unique(f"season campaign {n}"),
+                "price": {"item": "installment_fee_rate", "terms": 3, "multiplier": 0.5},
+                "conditions": {"tags_all": [season]},
+            },
+        )
+        for n in (1, 2)
+    ]
+    option = quote(client, opened["account_id"], [3])[3]
+    # 0.0075 x 0.8 for the account, halved by one campaign: 0.003, not 0.0075 x 0.8 x 0.5 x 0.5
+    assert_priced_at(option, 0.003)
+    trace = {step["rule_id"]: step for step in option["pricing_trace"]}
+    assert trace[None]["applied"] is True  # the product's default, which the account's x0.8 is of
+    assert trace[account_rule]["applied"] is True
+    assert trace[account_rule]["value"] == pytest.approx(0.006)
+    assert [trace[rule]["applied"] for rule in campaigns] == [True, False]
+    assert trace[campaigns[0]]["value"] == pytest.approx(0.003)
+    assert "stack" in trace[campaigns[1]]["reason"]
+    applied = [step for step in option["pricing_trace"] if step["applied"]]
+    assert applied[-1]["value"] == pytest.approx(0.003), "the last rule applied gives the price"
+
+
+def test_a_value_rule_of_a_more_specific_layer_replaces_what_the_layers_below_said(
+    isolated_core: CoreStack,
+) -> None:
+    client = isolated_core.client
+    opened = open_account(client)
+    account_rule = add_rule(
+        client,
+        {
+            "layer": "account",
+            "name": unique("flat price"),
+            "account_id": opened["account_id"],
+            "price": {"item": "installment_fee_rate", "terms": 6, "value": 0.005},
+        },
+    )
+    option = quote(client, opened["account_id"], [6])[6]
+    assert_priced_at(option, 0.005)
+    trace = {step["rule_id"]: step for step in option["pricing_trace"]}
+    assert trace[None]["applied"] is False
+    assert "replaced" in trace[None]["reason"]
+    assert trace[account_rule]["applied"] is True

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 EXIT_NOT_BUILT = 2
@@ -154,6 +155,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
 
+    soak = commands.add_parser(
+        "soak",
+        help="a long mixed run across statement dates, the cycle running under load; the drills' invariants after",
+    )
+    soak.add_argument(
+        "--seconds", type=_positive_float, default=600.0, metavar="S", help="length of the run (600)"
+    )
+    soak.add_argument(
+        "--rate-financial",
+        type=_positive_float,
+        default=100.0,
+        metavar="N",
+        help="financial TPS offered (100)",
+    )
+    soak.add_argument(
+        "--rate-nonfinancial",
+        type=_positive_float,
+        default=300.0,
+        metavar="N",
+        help="non-financial TPS offered (300)",
+    )
+    soak.add_argument(
+        "--business-days",
+        type=_positive_int,
+        default=56,
+        metavar="N",
+        help="consecutive business dates the cycle runs for during the run (56: every account twice)",
+    )
+    soak.add_argument(
+        "--first-business-date",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="the first of them (default: the day after the latest business date the cells know)",
+    )
+    soak.add_argument(
+        "--customers",
+        type=_positive_int,
+        default=200,
+        metavar="N",
+        help="customers opened when the run has none (200)",
+    )
+    soak.add_argument("--report-dir", metavar="DIR", help="where soak.json and the load's reports go")
+    soak.add_argument(
+        "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
+    )
+
     report = commands.add_parser("report", help="read the drill reports: `report history` shows the trend")
     report.add_argument("what", choices=("history",), metavar="history")
     report.add_argument(
@@ -245,6 +292,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     for site in ("prod", "samecity"):
         print(f"gateway {site}: {topology.gateway_url(site)}")
     print(f"API tokens (Authorization: Bearer, one per client kind): {runtime.secrets_path} (api_tokens)")
+    if topology.monitoring.enabled:
+        print(f"prometheus: {topology.prometheus_url}")
+        print(f"alertmanager: {topology.alertmanager_url}")
     return 0
 
 
@@ -367,6 +417,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from watertight import drill, soak
+    from watertight.runtime.local import LocalRuntime
+
+    runtime = LocalRuntime(_run_dir(args))
+    report_dir = (
+        Path(args.report_dir) if args.report_dir else Path("reports") / time.strftime("soak-%Y%m%d-%H%M%S")
+    )
+    _say(f"topology: making sure it is up (run dir {runtime.run_dir}); reports in {report_dir}")
+    runtime.up(_say)
+    plan = soak.Plan(
+        seconds=args.seconds,
+        rate_financial=args.rate_financial,
+        rate_nonfinancial=args.rate_nonfinancial,
+        business_days=args.business_days,
+        customers=args.customers,
+        first_business_date=args.first_business_date,
+    )
+    result = soak.run(
+        runtime.topology.entry_url,
+        list(runtime.topology.cell_numbers),
+        plan,
+        report_dir.absolute(),
+        runtime.run_dir / "load" / "population.json",
+        lambda acked: drill.found_in_ledgers(runtime, acked),
+        _say,
+        runtime.api_tokens(),
+        runtime.secrets_path,
+    )
+    return 0 if result["passed"] else 1
+
+
 def cmd_runbook(args: argparse.Namespace) -> int:
     from watertight.runbooks import kube, runner
 
@@ -429,6 +511,7 @@ COMMANDS = {
     "down": cmd_down,
     "bench": cmd_bench,
     "drill": cmd_drill,
+    "soak": cmd_soak,
     "report": cmd_report,
     "runbook": cmd_runbook,
 }

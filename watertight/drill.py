@@ -32,6 +32,8 @@ from watertight import junit, report, trend, verdicts
 from watertight import topology as topology_module
 from watertight.chaos import safeguards, targets
 from watertight.faults import FAULTS, Fault
+from watertight.monitoring import detection
+from watertight.monitoring.receiver import AlertReceiver
 from watertight.runtime.local import REPO_ROOT, LocalRuntime, RuntimeError_, http_json
 from watertight.runtime.target import Target, TargetUnsupported
 
@@ -330,6 +332,11 @@ def stop_load(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=LOAD_STOP_TIMEOUT_S)
 
 
+DURING_ATTEMPTS_MAX = 20  # the cycle during a fault: asked again at most this many times
+DURING_RETRY_PAUSE_S = 3.0
+DURING_RETRY_S = 150.0  # and not after this long: a failover takes well under this
+
+
 class During(threading.Thread):
     """The task of ``--during``: waits (bounded) for the fault's mark, then runs the statement
     cycle or a runbook while the fault is in force; what it did goes into the report."""
@@ -357,16 +364,34 @@ class During(threading.Thread):
         name, arguments = self.task
         try:
             if name == "cycle":
-                status, body = post_json(
-                    self.runtime,
-                    "/v1/admin/cycle",
-                    {"business_date": arguments["business_date"]},
-                    "operator",
-                    120,
-                )
-                self.result["result"] = {"status": status, "body": body}
+                # as a batch scheduler runs it: the cycle is idempotent per business date, so a cell
+                # that failed mid-fault (503 partial, no answer) is asked again, a bounded number of
+                # times, while the cells that finished skip what they did
+                attempts: list[int] = []
+                retry_until = time.monotonic() + DURING_RETRY_S
+                while True:
+                    status, body = post_json(
+                        self.runtime,
+                        "/v1/admin/cycle",
+                        {"business_date": arguments["business_date"]},
+                        "operator",
+                        120,
+                    )
+                    attempts.append(status)
+                    retryable = status in (0, 502, 503, 504)
+                    if (
+                        not retryable
+                        or len(attempts) >= DURING_ATTEMPTS_MAX
+                        or time.monotonic() >= retry_until
+                    ):
+                        break
+                    if self.stopping.wait(DURING_RETRY_PAUSE_S):
+                        break
+                self.result["result"] = {"status": status, "body": body, "attempts": attempts}
                 if status != 200:
-                    self.result["error"] = f"the cycle answered {status}: {body}"
+                    self.result["error"] = (
+                        f"the cycle answered {status} after {len(attempts)} attempt(s): {body}"
+                    )
             else:
                 from watertight.runbooks import runner
 
@@ -412,6 +437,7 @@ def run_one(
     report_dir: Path,
     progress: Progress,
     options: Options | None = None,
+    receiver: AlertReceiver | None = None,
 ) -> dict[str, Any]:
     options = options or Options(rate_financial, rate_nonfinancial)
     during = parse_during(options.during)
@@ -424,6 +450,9 @@ def run_one(
     progress(
         f"{path.stem}: leaders {leaders}; the fault should interrupt cells {affected or 'none'}, not {unaffected or 'none'}"
     )
+    if receiver is not None:
+        detection.wait_quiet(runtime.topology.alertmanager_url, progress)
+    steady_from = time.time()
     load = start_load(runtime, directory, rate_financial, rate_nonfinancial, WARMUP_S + CHAOS_TIMEOUT_S)
     sampler = Sampler(runtime)
     chaos_status = "not run"
@@ -433,6 +462,7 @@ def run_one(
     started = time.time()
     fault_at: float | None = None
     rollback_at: float | None = None
+    recovered_at: float | None = None  # the experiment (rollback included) done
     try:
         progress(
             f"load: {rate_financial:g} financial + {rate_nonfinancial:g} non-financial TPS through {runtime.entry_url}; warming up {WARMUP_S:g} s"
@@ -464,6 +494,7 @@ def run_one(
         journal_doc = json.loads(journal.read_text()) if journal.exists() else {}
         chaos_status = str(journal_doc.get("status", f"chaos exited {chaos.returncode}"))
         fault_at, rollback_at = marks_of(marks)
+        recovered_at = time.time()
         aborted = safeguards.read_abort(marks)
         if aborted is not None:
             progress(f"chaos: ABORTED by a safeguard: {aborted['reason']}")
@@ -471,7 +502,7 @@ def run_one(
             during_task.join(timeout=CHAOS_TIMEOUT_S)
             progress(f"during the fault: {during_task.result}")
         progress(f"chaos: {chaos_status}; load goes on {TAIL_S:g} s")
-        time.sleep(TAIL_S)
+        detection.tail(receiver, steady_from, recovered_at, TAIL_S, progress)
     finally:
         sampler.stopping.set()
         if during_task is not None:
@@ -523,6 +554,11 @@ def run_one(
         if sampler.samples
         else None,
     )
+    judged["detection"], missed = detection.judge(
+        receiver, fault.kind, steady_from, fault_at, recovered_at or time.time()
+    )
+    judged["passed"] = judged["passed"] and not missed
+    judged["reasons"].extend(missed)
     if chaos_status != "completed":
         judged["passed"] = False
         judged["reasons"].append(
@@ -571,6 +607,8 @@ def run_one(
         rto = result["rto_seconds"].get(key)
         if cell in affected and isinstance(rto, (int, float)):
             plot_marks[key].append((origin - start + rto, f"recovered {rto:.1f} s", "#27a"))
+        for t, label, colour in detection.marks(judged["detection"], [cell]).get(key, []):
+            plot_marks[key].append((fault_at - start + t, label, colour))
     runs: list[dict[str, Any]] = []
     if options.history_path is not None:
         trend.append(options.history_path, trend.entry(result, datetime.now(UTC).isoformat(), _commit()))
@@ -683,19 +721,32 @@ def run(
     in_flight.parent.mkdir(parents=True, exist_ok=True)
     in_flight.write_text(json.dumps({"pid": os.getpid(), "started": started, "experiments": experiments}))
     results: list[dict[str, Any]] = []
+    receiver: AlertReceiver | None = None
     try:
         progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
         runtime.up(progress)
         spread_as_designed(runtime, progress)
+        if runtime.topology.monitoring.enabled:
+            try:
+                receiver = AlertReceiver(runtime.topology.alert_receiver_url).start()
+                progress(
+                    f"monitoring: recording every alert Alertmanager delivers at {runtime.topology.alert_receiver_url}"
+                )
+            except OSError as error:  # another drill of this topology records them
+                progress(f"monitoring: {error}; this drill's reports judge no detection")
         for name in experiments:
             if _stop_requested_since(runtime.run_dir, started):
                 progress(f"stopped by `watertight drill --stop`: {name} and the rest are not run")
                 break
             results.append(
-                run_one(runtime, name, rate_financial, rate_nonfinancial, report_dir, progress, options)
+                run_one(
+                    runtime, name, rate_financial, rate_nonfinancial, report_dir, progress, options, receiver
+                )
             )
             heal(runtime, progress)
     finally:
+        if receiver is not None:
+            receiver.stop()
         in_flight.unlink(missing_ok=True)
         if junit_path is not None:
             junit_path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,19 @@ STAGE_DR_STANDBY = 4
 STAGE_APP = 5
 STAGE_GATEWAY = 6
 STAGE_ENTRY = 7
+STAGE_MONITORING = 8  # watertight.monitoring.config: Prometheus, Alertmanager, the PostgreSQL exporters
 
-KINDS = ("etcd", "etcd-dr", "patroni", "app", "gateway", "entry")
+KINDS = (
+    "etcd",
+    "etcd-dr",
+    "patroni",
+    "app",
+    "gateway",
+    "entry",
+    "prometheus",
+    "alertmanager",
+    "postgres-exporter",
+)
 
 # a crashed primary PostgreSQL (Patroni alive) is restarted in place for this long before failing
 # over; Patroni's default of 300 s is ten times the RTO. Failover in synchronous mode loses nothing.

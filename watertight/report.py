@@ -110,7 +110,7 @@ code{{font-size:90%;word-break:break-all}} .verdict{{color:{colour};font-weight:
 <h1>Drill: {html.escape(str(report.get("experiment")))} — <span class="verdict">{verdict}</span></h1>
 <ul>{reasons}</ul>
 <h2>Timeline per cell</h2>
-<p>Green: successful requests per second; red: errors per second; dashed: the fault and each cell's recovery.</p>
+<p>Green: successful requests per second; red: errors per second; dashed: the fault, each cell's recovery and (orange) the first delivery of each alert Alertmanager sent.</p>
 {charts}
 {_trend(runs or [])}
 <h2>Figures</h2>

@@ -43,6 +43,7 @@ class Ports(msgspec.Struct, forbid_unknown_fields=True):
     patroni_base: Port = 18800
     app: Port = 18100
     gateway: Port = 18000
+    postgres_exporter_base: Port = 18850  # cell N: base + N, on every site's address
 
 
 class PatroniTimings(msgspec.Struct, forbid_unknown_fields=True):
@@ -76,6 +77,22 @@ class Fencing(msgspec.Struct, forbid_unknown_fields=True):
 class Slo(msgspec.Struct, forbid_unknown_fields=True):
     rto_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     rpo_transactions: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # what the SLO alerts of watertight.monitoring.rules hold each cell and site to
+    error_ratio_max: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.01
+    latency_p99_ms_max: Annotated[float, msgspec.Meta(gt=0)] = 1000.0
+    dr_lag_bytes_max: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
+
+
+class Monitoring(msgspec.Struct, forbid_unknown_fields=True):
+    """The local Prometheus and Alertmanager (watertight.monitoring): where they listen, and the
+    drill's alert receiver that Alertmanager delivers to."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    prometheus_port: Port = 18090
+    alertmanager_port: Port = 18093
+    receiver_port: Port = 18094  # the drill listens there while it runs
+    scrape_interval_s: Annotated[float, msgspec.Meta(ge=1, le=60)] = 2.0
 
 
 class Topology(msgspec.Struct, forbid_unknown_fields=True):
@@ -90,6 +107,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True):
     app: AppTuning = msgspec.field(default_factory=AppTuning)
     fencing: Fencing = msgspec.field(default_factory=Fencing)
     slo: Slo = msgspec.field(default_factory=Slo)
+    monitoring: Monitoring = msgspec.field(default_factory=Monitoring)
 
     # ---- derived views -----------------------------------------------------------------------
 
@@ -120,6 +138,21 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True):
     def app_url(self, site: str) -> str:
         return f"http://{self.address(site)}:{self.ports.app}"
 
+    def postgres_exporter_port(self, cell: int) -> int:
+        return self.ports.postgres_exporter_base + cell
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.monitoring.address}:{self.monitoring.prometheus_port}"
+
+    @property
+    def alertmanager_url(self) -> str:
+        return f"http://{self.monitoring.address}:{self.monitoring.alertmanager_port}"
+
+    @property
+    def alert_receiver_url(self) -> str:
+        return f"http://{self.monitoring.address}:{self.monitoring.receiver_port}/alerts"
+
     @property
     def entry_url(self) -> str:
         return f"http://{self.entry.address}:{self.entry.port}"
@@ -143,6 +176,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True):
                 )
             seen[site.address] = name
         _loopback("entry.address", self.entry.address)
+        _loopback("monitoring.address", self.monitoring.address)
         for cell in self.leaders:
             if not 1 <= cell <= self.cells:
                 raise TopologyError(f"leaders: cell {cell} is not one of 1..{self.cells}")
@@ -155,10 +189,22 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True):
             "ports.app": p.app,
             "ports.gateway": p.gateway,
         }
+        if self.monitoring.enabled:
+            singles.update(
+                {
+                    "monitoring.prometheus_port": self.monitoring.prometheus_port,
+                    "monitoring.alertmanager_port": self.monitoring.alertmanager_port,
+                    "monitoring.receiver_port": self.monitoring.receiver_port,
+                }
+            )
         ranges = {
             "ports.postgres_base": range(p.postgres_base + 1, p.postgres_base + self.cells + 1),
             "ports.patroni_base": range(p.patroni_base + 1, p.patroni_base + self.cells + 1),
         }
+        if self.monitoring.enabled:
+            ranges["ports.postgres_exporter_base"] = range(
+                p.postgres_exporter_base + 1, p.postgres_exporter_base + self.cells + 1
+            )
         used: dict[int, str] = {}
         for key, port in singles.items():
             if port in used:

@@ -397,3 +397,118 @@ def verdict(
         "writable_primaries_max": dict(writable_max) if writable_max is not None else None,
         "slo": {"rto_seconds": slo_rto_seconds, "rpo_missing": slo_rpo_missing},
     }
+
+
+# ---- detection (monitoring) -----------------------------------------------------------------------
+
+DETECT_SECONDS_MAX = 15.0
+RESOLVE_SECONDS_MAX = 60.0
+# faults every monitoring worth the name must notice within DETECT_SECONDS_MAX
+DETECTION_REQUIRED = frozenset(
+    {"site-loss", "site-freeze", "partition", "patroni-crash", "cell-primary-kill"}
+)
+ALERTS_LISTED_MAX = 50
+
+
+def alert_episodes(notifications: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Alertmanager's notifications (watertight.monitoring.receiver records) folded into episodes:
+    one per alert per firing (fingerprint and start), with when it was first delivered and when
+    it ended (None: not resolved when the records end)."""
+    episodes: dict[tuple[str, float], dict[str, Any]] = {}
+    for note in sorted(notifications, key=lambda n: float(n["received_at"])):
+        starts_at = note.get("starts_at")
+        if starts_at is None:
+            continue
+        key = (str(note["fingerprint"]), float(starts_at))
+        episode = episodes.get(key)
+        if episode is None:
+            episode = episodes[key] = {
+                "alertname": note["alertname"],
+                "labels": dict(note.get("labels") or {}),
+                "starts_at": float(starts_at),
+                "delivered_at": float(note["received_at"]),
+                "ends_at": None,
+            }
+        if note.get("status") == "resolved" and note.get("ends_at") is not None:
+            episode["ends_at"] = float(note["ends_at"])
+    return sorted(episodes.values(), key=lambda e: (e["starts_at"], e["alertname"]))
+
+
+def detection(
+    notifications: Iterable[Mapping[str, Any]],
+    *,
+    steady_from: float,
+    fault_at: float,
+    recovered_at: float,
+    detection_required: bool,
+    detect_seconds_max: float = DETECT_SECONDS_MAX,
+    resolve_seconds_max: float = RESOLVE_SECONDS_MAX,
+) -> tuple[dict[str, Any], list[str]]:
+    """How soon monitoring told of the fault, whether it cried wolf before it, and whether it fell
+    silent once the topology was whole again. Returns the report's ``detection`` and the reasons
+    it fails.
+
+    - ``seconds_to_detect``: from ``fault_at`` to the delivery of the first alert that started
+      firing at or after the fault (``first_alert``); required within ``detect_seconds_max`` when
+      ``detection_required``;
+    - ``false_alarms``: alerts firing at some moment of the steady part of the run (from
+      ``steady_from`` to the fault) that started before the fault: must be 0;
+    - every alert of the run resolved within ``resolve_seconds_max`` of ``recovered_at`` (the
+      rollback done).
+    Times are epoch seconds on one clock; per alert, ``fired_s`` and ``delivered_s`` are relative
+    to the fault and ``resolved_s`` to the recovery.
+    """
+    episodes = alert_episodes(notifications)
+    false = [
+        e
+        for e in episodes
+        if e["starts_at"] < fault_at and (e["ends_at"] is None or e["ends_at"] > steady_from)
+    ]
+    after = [e for e in episodes if e["starts_at"] >= fault_at]
+    first = min(after, key=lambda e: e["delivered_at"], default=None)
+    deadline = recovered_at + resolve_seconds_max
+    unresolved = [e for e in false + after if e["ends_at"] is None or e["ends_at"] > deadline]
+
+    def described(episode: Mapping[str, Any]) -> dict[str, Any]:
+        labels = {
+            k: v
+            for k, v in episode["labels"].items()
+            if k in ("cell", "site", "upstream_site", "component", "response_code")
+        }
+        return {
+            "alert": episode["alertname"],
+            "class": episode["labels"].get("class"),
+            **labels,
+            "fired_s": round(episode["starts_at"] - fault_at, 1),
+            "delivered_s": round(episode["delivered_at"] - fault_at, 1),
+            "resolved_s": None if episode["ends_at"] is None else round(episode["ends_at"] - recovered_at, 1),
+        }
+
+    seconds = None if first is None else round(first["delivered_at"] - fault_at, 1)
+    result = {
+        "first_alert": None if first is None else first["alertname"],
+        "seconds_to_detect": seconds,
+        "false_alarms": len(false),
+        "required": detection_required,
+        "seconds_to_detect_max": detect_seconds_max,
+        "resolved_within_s": resolve_seconds_max,
+        "alerts": [described(e) for e in after][:ALERTS_LISTED_MAX],
+        "false_alarm_alerts": [described(e) for e in false][:ALERTS_LISTED_MAX],
+        "unresolved": [described(e) for e in unresolved][:ALERTS_LISTED_MAX],
+    }
+    reasons = []
+    if detection_required and seconds is None:
+        reasons.append("no alert was delivered after the fault: monitoring did not notice it")
+    elif detection_required and seconds is not None and seconds > detect_seconds_max:
+        reasons.append(
+            f"the first alert ({result['first_alert']}) came {seconds:.1f} s after the fault, above {detect_seconds_max:g} s"
+        )
+    if false:
+        names = ", ".join(sorted({e["alertname"] for e in false}))
+        reasons.append(f"{len(false)} alerts fired during the steady part of the run (false alarms): {names}")
+    if unresolved:
+        names = ", ".join(sorted({e["alertname"] for e in unresolved}))
+        reasons.append(
+            f"{len(unresolved)} alerts were not resolved within {resolve_seconds_max:g} s of the recovery: {names}"
+        )
+    return result, reasons

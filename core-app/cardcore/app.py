@@ -87,10 +87,25 @@ def build(service: CoreService) -> JsonApp:
     cell_ready = registry.gauge(
         "watertight_cell_ready", "1 when the cell's primary is reachable.", ("cell", "site")
     )
+    queue_depth = registry.gauge(
+        "watertight_commit_queue_depth",
+        "Financial requests waiting for the cell's group commit when scraped.",
+        ("cell", "site"),
+    )
+    queue_capacity = registry.gauge(
+        "watertight_commit_queue_capacity",
+        "Most financial requests the cell's group-commit queue holds (more are answered 503).",
+        ("cell", "site"),
+    )
     answer_decoder = msgspec.json.Decoder(_AuthAnswer)
 
     for engine in service.engines.values():
         labels = (str(engine.cell), site)
+        # a series that appears only at its first event is invisible to rate() and increase():
+        # the codes the alerts watch exist from the start
+        for code in ("00", "91"):
+            decisions.inc((str(engine.cell), site, code), 0)
+        queue_capacity.set(labels, service.settings.queue_depth_max)
 
         def on_batch(size: int, seconds: float, labels: tuple[str, str] = labels) -> None:
             batch_size.observe(labels, size)
@@ -116,6 +131,7 @@ def build(service: CoreService) -> JsonApp:
     async def metrics_text(request: Request) -> tuple[int, Any]:
         for engine in service.engines.values():
             cell_ready.set((str(engine.cell), site), 1 if engine.ready else 0)
+            queue_depth.set((str(engine.cell), site), engine.queue_depth)
         return 200, RawText(registry.render())
 
     routes: list[Route] = []

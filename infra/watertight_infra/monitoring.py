@@ -1,10 +1,9 @@
 """Prometheus scrape and alert rules and a Grafana dashboard for one site, declared only when the
 stack says the Prometheus operator's CRDs are present (``monitoring.crdsPresent``).
 
-Owns: which metrics matter for a drill on Kubernetes (a cell without a primary or without its
-synchronous standby, a cell an app server cannot serve, errors and p99 at the gateways), the
-alert thresholds derived from the topology's SLOs, and the dashboard. Never: install Prometheus,
-the operator or Grafana.
+Owns: what the operator's Prometheus scrapes and how it labels it. The rules and the dashboard are
+watertight.monitoring.rules', the same the local Prometheus loads (tests/test_monitoring_rules.py
+compares them). Never: install Prometheus, the operator or Grafana, or define a rule of its own.
 """
 
 from __future__ import annotations
@@ -17,16 +16,41 @@ import pulumi_kubernetes as k8s
 from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.core import v1 as core
 
-from watertight.kube_names import API_CLIENTS_SECRET, LABEL_KIND, LABEL_PART_OF, PART_OF
+from watertight.kube_names import (
+    API_CLIENTS_SECRET,
+    LABEL_CELL,
+    LABEL_COMPONENT,
+    LABEL_KIND,
+    LABEL_PART_OF,
+    LABEL_SITE,
+    PART_OF,
+)
+from watertight.monitoring import rules
 from watertight.topology import Topology
 from watertight_infra import kube
 from watertight_infra.settings import StackSettings
 
 MONITORING_API = "monitoring.coreos.com/v1"
 NAME = "watertight"
-SCRAPE_INTERVAL = "15s"
+SCRAPE_INTERVAL = "5s"  # the rules rate over 30 s and detect within 15 s
 DASHBOARD_FILE = "watertight.json"
-ERROR_RATIO_MAX = 0.01
+
+
+def _pod_label(label: str) -> str:
+    """The meta label Prometheus gives a pod label (``watertight.io/site`` -> ``..._watertight_io_site``)."""
+    return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in label)
+
+
+# the labels the rules rely on (kind, site, cell, component), from the pods' own labels
+RELABELINGS = [
+    {"sourceLabels": [_pod_label(label)], "targetLabel": target, "action": "replace"}
+    for label, target in (
+        (LABEL_KIND, "kind"),
+        (LABEL_SITE, "site"),
+        (LABEL_CELL, "cell"),
+        (LABEL_COMPONENT, "component"),
+    )
+]
 
 
 __all__ = [
@@ -36,13 +60,15 @@ __all__ = [
 
 def service_monitor_spec(namespace: str, token_secret: str = API_CLIENTS_SECRET) -> dict[str, Any]:
     """App servers and gateways on their ``http`` port (their /metrics needs the operator's API
-    token: ``token_secret``, key ``operator``), Patroni on its ``patroni`` port."""
+    token: ``token_secret``, key ``operator``; their series carry their own cell and site:
+    honoured), Patroni on its ``patroni`` port, etcd on its ``client`` port; each target labelled
+    as watertight.monitoring.rules expects."""
     return {
         "namespaceSelector": {"matchNames": [namespace]},
         "selector": {
             "matchLabels": {LABEL_PART_OF: PART_OF},
             "matchExpressions": [
-                {"key": LABEL_KIND, "operator": "In", "values": ["app", "gateway", "patroni"]}
+                {"key": LABEL_KIND, "operator": "In", "values": ["app", "gateway", "patroni", "etcd"]}
             ],
         },
         "endpoints": [
@@ -50,132 +76,24 @@ def service_monitor_spec(namespace: str, token_secret: str = API_CLIENTS_SECRET)
                 "port": "http",
                 "path": "/metrics",
                 "interval": SCRAPE_INTERVAL,
+                "honorLabels": True,
+                "relabelings": RELABELINGS,
                 "authorization": {"type": "Bearer", "credentials": {"name": token_secret, "key": "operator"}},
             },
-            {"port": "patroni", "path": "/metrics", "interval": SCRAPE_INTERVAL},
+            {"port": "patroni", "path": "/metrics", "interval": SCRAPE_INTERVAL, "relabelings": RELABELINGS},
+            {"port": "client", "path": "/metrics", "interval": SCRAPE_INTERVAL, "relabelings": RELABELINGS},
         ],
     }
 
 
-def rules_spec(topology: Topology, site: str) -> dict[str, Any]:
-    """Alerts; a cell without a primary longer than the RTO is what a drill would fail on."""
-    rto_s = round(topology.slo.rto_seconds)
-    labels = {"site": site}
-    return {
-        "groups": [
-            {
-                "name": "watertight.cells",
-                "rules": [
-                    {
-                        "alert": "WatertightCellWithoutPrimary",
-                        "expr": 'sum by (scope) (patroni_primary{scope=~"watertight-cell[0-9]+"}) < 1',
-                        "for": f"{rto_s}s",
-                        "labels": {**labels, "severity": "critical"},
-                        "annotations": {
-                            "summary": f"{{{{ $labels.scope }}}} has had no primary for longer than the RTO ({rto_s} s)"
-                        },
-                    },
-                    {
-                        "alert": "WatertightCellWithoutSyncStandby",
-                        "expr": 'sum by (scope) (patroni_sync_standby{scope=~"watertight-cell[0-9]+"}) < 1',
-                        "for": "1m",
-                        "labels": {**labels, "severity": "warning"},
-                        "annotations": {
-                            "summary": "{{ $labels.scope }} commits without a synchronous standby: RPO is no longer 0"
-                        },
-                    },
-                    {
-                        "alert": "WatertightCellNotServed",
-                        "expr": "max by (cell) (watertight_cell_ready) < 1",
-                        "for": "30s",
-                        "labels": {**labels, "severity": "critical"},
-                        "annotations": {
-                            "summary": "no app server can reach the primary of cell {{ $labels.cell }}"
-                        },
-                    },
-                ],
-            },
-            {
-                "name": "watertight.traffic",
-                "rules": [
-                    {
-                        "alert": "WatertightErrorRatioHigh",
-                        "expr": (
-                            'sum by (cell) (rate(watertight_requests_total{outcome="5xx"}[1m]))'
-                            " / sum by (cell) (rate(watertight_requests_total[1m]))"
-                            f" > {ERROR_RATIO_MAX}"
-                        ),
-                        "for": "2m",
-                        "labels": {**labels, "severity": "warning"},
-                        "annotations": {
-                            "summary": f"cell {{{{ $labels.cell }}}} answers more than {ERROR_RATIO_MAX:.0%} 5xx"
-                        },
-                    }
-                ],
-            },
-        ]
-    }
+def rules_spec(topology: Topology) -> dict[str, Any]:
+    """The rule groups of watertight.monitoring.rules, exactly as the local Prometheus loads them."""
+    return {"groups": rules.rule_groups(topology)}
 
 
 def dashboard(topology: Topology) -> dict[str, Any]:
-    """A Grafana dashboard: TPS, errors and p99 per cell, primaries and app readiness per cell."""
-
-    def panel(index: int, title: str, expr: str, legend: str, unit: str) -> dict[str, Any]:
-        return {
-            "id": index,
-            "type": "timeseries",
-            "title": title,
-            "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"expr": expr, "legendFormat": legend, "refId": "A"}],
-        }
-
-    panels = [
-        panel(
-            0,
-            "Requests per second by cell",
-            "sum by (cell) (rate(watertight_requests_total[1m]))",
-            "cell {{cell}}",
-            "reqps",
-        ),
-        panel(
-            1,
-            "5xx per second by cell",
-            'sum by (cell) (rate(watertight_requests_total{outcome="5xx"}[1m]))',
-            "cell {{cell}}",
-            "reqps",
-        ),
-        panel(
-            2,
-            "p99 latency by cell",
-            "histogram_quantile(0.99, sum by (cell, le) (rate(watertight_request_seconds_bucket[1m])))",
-            "cell {{cell}}",
-            "s",
-        ),
-        panel(3, "Primary per cell", "sum by (scope) (patroni_primary)", "{{scope}}", "short"),
-        panel(
-            4,
-            "Cell reachable from the app servers",
-            "max by (cell, site) (watertight_cell_ready)",
-            "cell {{cell}} at {{site}}",
-            "short",
-        ),
-        panel(
-            5,
-            "Group-commit batch size p50",
-            "histogram_quantile(0.5, sum by (cell, le) (rate(watertight_batch_size_bucket[1m])))",
-            "cell {{cell}}",
-            "short",
-        ),
-    ]
-    return {
-        "title": f"Watertight — {topology.cells} cells",
-        "uid": "watertight",
-        "schemaVersion": 39,
-        "time": {"from": "now-30m", "to": "now"},
-        "refresh": "10s",
-        "panels": panels,
-    }
+    """The dashboard of watertight.monitoring.rules (one source with the rules)."""
+    return rules.dashboard(topology)
 
 
 class Monitoring(pulumi.ComponentResource):
@@ -208,7 +126,7 @@ class Monitoring(pulumi.ComponentResource):
             api_version=MONITORING_API,
             kind="PrometheusRule",
             metadata=kube.metadata(NAME, namespace, object_labels),
-            spec=rules_spec(topology, site),
+            spec=rules_spec(topology),
             opts=opts,
         )
         core.ConfigMap(

@@ -33,7 +33,7 @@ def endpoints_of(settings: StackSettings, topology: Any) -> render.KubernetesEnd
 
 
 def chaos_configuration(settings: StackSettings, endpoints: render.KubernetesEndpoints) -> dict[str, Any]:
-    """The Chaos Toolkit ``configuration`` of the kubernetes target (watertight.chaos.kubernetes)."""
+    """The Chaos Toolkit ``configuration`` of the kubernetes target (watertight.runtime.kubernetes)."""
     return {
         "kube_contexts": {name: settings.sites[name].context for name in SITE_NAMES},
         "kube_namespace": settings.namespace,

@@ -2,7 +2,8 @@
 
 Owns: naming every request ``<route> [cell N]`` so one cell's trouble shows in the console, the
 CSV and the HTML report; telling financial from non-financial routes; judging an answer (a
-decline is a success, HTTP errors, no answer and response code 91 are failures); masking PANs.
+decline is a success, HTTP errors, no answer and response code 91 are failures) and telling
+which failures may hide a commit (indeterminate: the acquirer reverses them); masking PANs.
 Never: put an id or a card number into a request name or a failure message (they would make the
 statistics unbounded and leak card data).
 """
@@ -21,7 +22,10 @@ FINANCIAL_ROUTES = frozenset(
     {
         ("POST", "/v1/authorizations"),
         ("POST", "/v1/authorizations/{auth_id}/reversal"),
+        ("POST", "/v1/authorizations/reversal"),
+        ("POST", "/v1/authorizations/{auth_id}/increment"),
         ("POST", "/v1/clearing"),
+        ("POST", "/v1/refunds"),
         ("POST", "/v1/repayments"),
         ("POST", "/v1/installments"),
         ("POST", "/v1/installments/{plan_id}/payoff"),
@@ -48,6 +52,15 @@ def parse_request_name(name: str) -> tuple[str, int | None]:
 def traffic_class(method: str, name: str) -> str:
     route, _ = parse_request_name(name)
     return FINANCIAL if (method, route) in FINANCIAL_ROUTES else NONFINANCIAL
+
+
+def indeterminate(route: str, status_code: int | None, body: Any) -> bool:
+    """A failed answer after which the request may still have been committed: no answer (a
+    timeout, a reset), a 5xx, or an authorization declined 91 (the cell could not answer, maybe
+    after its commit). A 4xx wrote nothing; an answer is an answer."""
+    if failure_reason(route, status_code, body) is None:
+        return False
+    return not status_code or status_code >= 500 or status_code == 200
 
 
 def cell_of_customer_id(customer_id: str) -> int:

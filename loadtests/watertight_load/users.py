@@ -2,9 +2,10 @@
 answers judged, acknowledged financial transactions written to the ack log.
 
 Owns: ``CardCoreUser`` (abstract) with ``call`` for any request and ``transact`` for a financial
-one (it adds the idempotency key and writes the ack log line, and with a history: the write, the
-read-back of the account's newest transactions, or the request as indeterminate when its outcome
-cannot be known from the answer).
+one (it adds the idempotency key, or sends the one given for a retry, writes the ack log line,
+says whether a failure may hide a commit, and with a history: the write, the read-back of the
+account's newest transactions, or the request as indeterminate when its outcome cannot be known
+from the answer).
 Never: retry a financial request with a new key (a lost answer may have been committed);
 put a PAN into a name, a failure message or the ack log.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gevent
@@ -23,15 +25,25 @@ from watertight_load.history import READ_PAGE_SIZE
 from watertight_load.outstanding import Outstanding
 from watertight_load.population import Customer, Population
 from watertight_load.session import SESSION
-from watertight_load.traffic import ISSUER_UNAVAILABLE, NONFINANCIAL, failure_reason, request_name
+from watertight_load.traffic import NONFINANCIAL, failure_reason, indeterminate, request_name
 
 NETWORK_TIMEOUT_S = 5.0
 CONNECTION_TIMEOUT_S = 2.0
-ANSWER_IDS = ("auth_id", "transaction_id", "plan_id")
+ANSWER_IDS = ("auth_id", "transaction_id", "plan_id", "original_idempotency_key")
 
 
 def idempotency_key() -> str:
     return "lt-" + uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A financial request's outcome: the answer (None when it failed), the key it was sent with,
+    and whether a failure may hide a commit (no answer, 5xx, 91)."""
+
+    answer: dict[str, Any] | None
+    key: str
+    indeterminate: bool = False
 
 
 class CardCoreUser(FastHttpUser):
@@ -89,22 +101,29 @@ class CardCoreUser(FastHttpUser):
             )
 
     def transact(
-        self, route: str, path: str, customer: Customer, amount_fen: int | None, body: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """A financial request: sent with a fresh idempotency key; acknowledged answers are
-        appended to the ack log before the task goes on."""
-        key = idempotency_key()
+        self,
+        route: str,
+        path: str,
+        customer: Customer,
+        amount_fen: int | None,
+        body: dict[str, Any],
+        key: str | None = None,
+    ) -> Reply:
+        """A financial request: sent with a fresh idempotency key (or ``key``, for a retry);
+        acknowledged answers are appended to the ack log before the task goes on."""
+        key = key or idempotency_key()
         sent = time.time()
         status, answer, failed = self._request(
             "POST", route, path, customer.cell, {"idempotency_key": key, **body}
         )
         history = SESSION.history
         if failed:
-            if history is not None and indeterminate(status, answer):
+            unsure = indeterminate(route, status, answer)
+            if history is not None and unsure:
                 history.indeterminate(
                     key, f"POST {route}", customer.account_id, customer.cell, sent, _answer(status, answer)
                 )
-            return None
+            return Reply(None, key, unsure)
         if SESSION.ack_log is not None:
             entry: dict[str, Any] = {
                 "idempotency_key": key,
@@ -125,7 +144,7 @@ class CardCoreUser(FastHttpUser):
             history.write(customer.account_id, customer.cell, sent, transaction_id, key)
             if history.wants_read_back():
                 self.read_transactions(customer)  # read-your-writes: it must show this one
-        return answer
+        return Reply(answer, key)
 
     def read_transactions(self, customer: Customer) -> dict[str, Any] | None:
         """The account's newest transactions; recorded in the history for the stale-read verdict."""
@@ -136,15 +155,6 @@ class CardCoreUser(FastHttpUser):
         if answer is not None and SESSION.history is not None:
             SESSION.history.read(customer.account_id, customer.cell, sent, answer, READ_PAGE_SIZE)
         return answer
-
-
-def indeterminate(status: int, answer: dict[str, Any]) -> bool:
-    """Whether a failed financial request may have been committed all the same: no answer, a 5xx
-    (the core may have committed before the answer was lost), or a decline 91. A 4xx is a
-    definite refusal: nothing was written."""
-    if status == 0 or status >= 500:
-        return True
-    return answer.get("response_code") == ISSUER_UNAVAILABLE
 
 
 def _answer(status: int, answer: dict[str, Any]) -> str:
@@ -161,4 +171,6 @@ def _status(route: str, answer: dict[str, Any]) -> str:
         return str(answer.get("status", "reversed"))
     if route == "/v1/installments":
         return "booked"
+    if route == "/v1/refunds":
+        return "refunded"
     return "posted"

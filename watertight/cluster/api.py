@@ -106,7 +106,7 @@ class Cluster:
         return dict(self.spec.namespaces)
 
     def chaos_configuration(self) -> dict[str, Any]:
-        """The configuration the chaos kubernetes target reads (watertight.chaos.kubernetes)."""
+        """The configuration the chaos kubernetes target reads (watertight.runtime.kubernetes)."""
         return {
             "kube_contexts": self.contexts,
             "kube_namespace": self.namespaces[SITE_NAMES[0]],

@@ -38,6 +38,7 @@ from typing import Any
 from cardcore.platform import auth
 
 from watertight import render
+from watertight.monitoring import config as monitoring_config
 from watertight.runbooks.ops import StepError
 from watertight.runtime.local import LocalRuntime, RuntimeError_, http_json
 
@@ -129,6 +130,8 @@ def rotate_api_tokens(run_dir: str, phase: str = "begin", check: bool = False) -
         secrets[render.SECRET_API_TOKENS] = secrets.pop(render.SECRET_API_TOKENS_NEXT)
         runtime.write_secrets(secrets)
         runtime.rewrite_files([render.API_TOKENS_FILE], SERVERS)
+        # Prometheus reads its token file at every scrape: it scrapes with the new token at once
+        runtime.rewrite_files([monitoring_config.TOKEN_FILE], [monitoring_config.PROMETHEUS])
         return {
             "changed": True,
             "msg": f"new API tokens handed out in {runtime.secrets_path}; the previous ones stay accepted; "

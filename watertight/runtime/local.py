@@ -28,6 +28,7 @@ from cardcore.platform import auth
 
 from watertight import pg, private_files, render
 from watertight.chaos import network
+from watertight.monitoring import config as monitoring_config
 from watertight.runtime import processes
 from watertight.runtime.common import writers_in_flight
 from watertight.runtime.processes import ProcessRecord
@@ -37,6 +38,7 @@ from watertight.topology import CENTERS, Topology, parse
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 RUN_DIR_DEFAULT = REPO_ROOT / "run"
 STAGE_TIMEOUT_S = 90.0
+TARGETS_UP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 HTTP_TIMEOUT_S = 1.0
 
@@ -61,7 +63,11 @@ def http_json(
     try:
         request = urllib.request.Request(url, headers=headers or {})
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read() or b"null")
+            data = response.read()
+            try:
+                return response.status, json.loads(data or b"null")
+            except ValueError:  # an answer that is not JSON (Prometheus' /-/ready): its status counts
+                return response.status, None
     except urllib.error.HTTPError as error:
         try:
             return error.code, json.loads(error.read() or b"null")
@@ -234,16 +240,22 @@ class LocalRuntime:
             done.append(component.name)
         return done
 
+    def operator_token(self) -> str | None:
+        """The operator's API token: Prometheus sends it to every /metrics (from a 0600 file)."""
+        token = self.api_tokens().get("operator")
+        return str(token) if token else None
+
     @property
     def components(self) -> list[render.Component]:
         if self._components is None:
+            secrets = self._secrets()
             self._components = render.render_local(
                 self.topology,
                 self.run_dir,
                 sys.executable,
-                self._secrets(),
+                secrets,
                 centers_follow_dr=bool(self.mode["centers_follow_dr"]),
-            )
+            ) + monitoring_config.components(self.topology, self.run_dir, self.operator_token())
         return self._components
 
     def component(self, name: str) -> render.Component:
@@ -501,6 +513,7 @@ class LocalRuntime:
                 progress(f"stage {stage}: started {', '.join(c.name for c in todo)}")
             self._wait_stage(stage, members, progress)
         self._wait_topology_ready(progress)
+        self._wait_targets_up(progress)
         seconds = time.monotonic() - started_at
         if started:
             progress(f"topology up in {seconds:.1f} s ({len(started)} components started)")
@@ -542,6 +555,54 @@ class LocalRuntime:
                 progress(f"stage {stage}: waiting for {', '.join(c.name for c in pending)}")
                 last_note = now
             time.sleep(0.2)
+
+    def monitoring_targets(self) -> list[dict[str, Any]] | None:
+        """Every target of the local Prometheus with its labels and health, and whether its
+        component should run in the current mode; None when Prometheus does not answer (or the
+        topology has no monitoring)."""
+        if not self.topology.monitoring.enabled:
+            return None
+        status, body = http_json(f"{self.topology.prometheus_url}/api/v1/targets?state=active", timeout_s=2.0)
+        if status != 200 or not isinstance(body, dict):
+            return None
+        names = {c.name: c for c in self.components}
+        targets = []
+        for target in body.get("data", {}).get("activeTargets", []):
+            labels = target.get("labels", {})
+            component = names.get(labels.get("component", ""))
+            targets.append(
+                {
+                    "job": labels.get("job"),
+                    "kind": labels.get("kind"),
+                    "site": labels.get("site"),
+                    "cell": labels.get("cell"),
+                    "component": labels.get("component"),
+                    "url": target.get("scrapeUrl"),
+                    "health": target.get("health"),
+                    "error": target.get("lastError") or None,
+                    "expected": component is None or self.expected(component),
+                }
+            )
+        return targets
+
+    def _wait_targets_up(self, progress: Progress) -> None:
+        """Monitoring is up when Prometheus has scraped every target that should run."""
+        if not self.topology.monitoring.enabled:
+            return
+        deadline = time.monotonic() + TARGETS_UP_TIMEOUT_S
+        while True:
+            targets = self.monitoring_targets() or []
+            down = [t for t in targets if t["expected"] and t["health"] != "up"]
+            if targets and not down:
+                progress(f"monitoring: Prometheus scrapes {len(targets)} targets, every expected one up")
+                return
+            if time.monotonic() > deadline:
+                what = "; ".join(f"{t['job']} {t['url']}: {t['health']} {t['error'] or ''}" for t in down)
+                raise RuntimeError_(
+                    f"monitoring: targets not up within {TARGETS_UP_TIMEOUT_S:.0f} s: {what or 'Prometheus lists none'}; "
+                    f"see {self.topology.prometheus_url}/targets and the logs in {self.run_dir / 'logs'}"
+                )
+            time.sleep(0.5)
 
     def _has_data(self, component: render.Component) -> bool:
         return (
@@ -661,7 +722,11 @@ class LocalRuntime:
             rss_total += rss
             is_alive = self.running(component)
             healthy = None
-            if component.kind in ("app", "gateway", "entry") and is_alive and component.ready_url:
+            if (
+                component.kind in ("app", "gateway", "entry", "prometheus", "alertmanager")
+                and is_alive
+                and component.ready_url
+            ):
                 healthy = http_json(component.ready_url, timeout_s=0.5)[0] == 200
             described = self.processes_of(component, tree)
             entry: dict[str, Any] = {
@@ -700,12 +765,22 @@ class LocalRuntime:
                 "components": len(own),
                 "fenced": name in self.mode["fenced_sites"],
             }
+        monitoring = None
+        if self.topology.monitoring.enabled:
+            targets = self.monitoring_targets()
+            monitoring = {
+                "prometheus": self.topology.prometheus_url,
+                "alertmanager": self.topology.alertmanager_url,
+                "targets": targets,
+                "targets_up": None if targets is None else sum(1 for t in targets if t["health"] == "up"),
+            }
         return {
             "name": self.topology.name,
             "run_dir": str(self.run_dir),
             "logs": str(self.run_dir / "logs"),
             "entry": self.topology.entry_url,
             "secrets": str(self.secrets_path),
+            "monitoring": monitoring,
             "sites": sites,
             "cells": cells,
             "components": components,
@@ -959,6 +1034,8 @@ class LocalRuntime:
         tree = processes.children_map()
         found: dict[Any, tuple[str, float]] = {}
         for component in self.components:
+            if component.kind in monitoring_config.MONITORING_KINDS:
+                continue  # the observer, not the core: its cost is no transaction's
             kind = "postgres+patroni" if component.kind == "patroni" else component.kind
             for pid in self.component_pids(component, tree):
                 seconds = processes.cpu_seconds(pid)

@@ -103,6 +103,22 @@ def status_table(status: dict[str, Any]) -> str:
     orphans = [(c["name"], c["orphans"]) for c in status["components"] if c.get("orphans")]
     for name, pids in orphans:
         parts.append(f"ORPHANS of {name}: PIDs {', '.join(map(str, pids))} run while its PID is gone")
+    monitoring = status.get("monitoring")
+    if monitoring:
+        targets = monitoring.get("targets")
+        if targets is None:
+            scraped = "Prometheus does not answer"
+        else:
+            down = [t for t in targets if t["health"] != "up" and t["expected"]]
+            idle = sum(1 for t in targets if not t["expected"])
+            scraped = f"{monitoring['targets_up']}/{len(targets)} targets up" + (
+                f" ({idle} idle until dr is activated)" if idle else ""
+            )
+            scraped += "".join(f"; DOWN: {t['job']} {t['component']} ({t['url']})" for t in down)
+        parts.append("")
+        parts.append(
+            f"monitoring: Prometheus {monitoring['prometheus']}  Alertmanager {monitoring['alertmanager']}  {scraped}"
+        )
     parts.append("")
     parts.append(
         f"total RSS of the topology: {human_bytes(status['rss_total_bytes'])}; logs in {status['logs']}"

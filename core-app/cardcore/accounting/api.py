@@ -1,5 +1,6 @@
-"""Accounting over HTTP: balances, transactions, statements, repayments, the cycle and the
-trial balance. Never: report a trial balance that was not computed from the postings.
+"""Accounting over HTTP: balances, transactions, statements (with their lines), repayments, the
+cycle and the trial balance. Never: report a trial balance that was not computed from the
+postings; page without a bound.
 """
 
 from __future__ import annotations
@@ -17,10 +18,55 @@ from cardcore.platform.service import CoreService, cell_param
 from cardcore.platform.state import load_accounts
 
 PAGE_SIZE_MAX = 200
+STATEMENT_LINES_MAX = 2000
 
 
 class CycleRequest(msgspec.Struct, forbid_unknown_fields=True):
     business_date: date
+
+
+_LINE_COLUMNS = (
+    "transaction_id, kind, amount_fen, auth_id, plan_id, original_transaction_id, details, value_date,"
+    " statement_id, created_at"
+)
+_STATEMENT_COLUMNS = (
+    "statement_id, statement_date, due_date, statement_balance_fen, minimum_due_fen, minimum_due_cut_fen, interest_fen,"
+    " fees_fen, late_fee_fen, installment_due_fen, past_due_fen, converted_fen"
+)
+
+
+def _line(row: Any) -> dict[str, Any]:
+    line = {
+        "transaction_id": row["transaction_id"],
+        "kind": row["kind"],
+        "amount": row["amount_fen"],
+        "value_date": row["value_date"],
+        "details": msgspec.json.decode(row["details"]) if row["details"] else None,
+        "statement_id": row["statement_id"],
+        "created_at": row["created_at"],
+    }
+    for name in ("auth_id", "plan_id", "original_transaction_id"):
+        if row[name] is not None or name == "auth_id":
+            line[name] = row[name]
+    return line
+
+
+def _statement(row: Any) -> dict[str, Any]:
+    return {
+        "statement_id": row["statement_id"],
+        "statement_date": row["statement_date"],
+        "due_date": row["due_date"],
+        "statement_balance": row["statement_balance_fen"],
+        # after conversions into installments (converted); as cut: minimum_due_at_cut
+        "minimum_due": row["minimum_due_fen"],
+        "minimum_due_at_cut": row["minimum_due_cut_fen"],
+        "interest": row["interest_fen"],
+        "fees": row["fees_fen"],
+        "late_fee": row["late_fee_fen"],
+        "installment_due": row["installment_due_fen"],
+        "past_due": row["past_due_fen"],
+        "converted": row["converted_fen"],
+    }
 
 
 def routes(service: CoreService) -> list[Route]:
@@ -34,17 +80,17 @@ def routes(service: CoreService) -> list[Route]:
             if account_id not in states:
                 raise not_found("account_id", f"account {account_id} not found")
             statement = await conn.fetchrow(
-                "SELECT statement_balance_fen, minimum_due_fen, due_date, created_at FROM statements WHERE account_id = $1"
-                " ORDER BY statement_date DESC LIMIT 1",
+                "SELECT statement_date, statement_balance_fen, minimum_due_fen, due_date, converted_fen FROM statements"
+                " WHERE account_id = $1 ORDER BY statement_date DESC LIMIT 1",
                 account_id,
             )
             paid = 0
-            if statement is not None:
+            if statement is not None:  # repayments valued after the statement pay its minimum
                 paid = await conn.fetchval(
                     "SELECT coalesce(sum(amount_fen), 0)::bigint FROM transactions WHERE account_id = $1"
-                    " AND kind = 'repayment' AND created_at > $2",
+                    " AND kind = 'repayment' AND value_date > $2",
                     account_id,
-                    statement["created_at"],
+                    statement["statement_date"],
                 )
         state = states[account_id]
         return 200, {
@@ -56,6 +102,8 @@ def routes(service: CoreService) -> list[Route]:
             "statement_balance": statement["statement_balance_fen"] if statement else 0,
             "minimum_due": max(0, statement["minimum_due_fen"] - paid) if statement else 0,
             "due_date": statement["due_date"] if statement else None,
+            "converted": statement["converted_fen"] if statement else 0,
+            "credit_balance": state.credit_fen(),
             "ledgers": state.balances,
         }
 
@@ -80,7 +128,7 @@ def routes(service: CoreService) -> list[Route]:
                     raise bad_request("cursor", "cursor is not a transaction of this account")
                 after = (row[0], row[1])
             rows = await conn.fetch(
-                "SELECT transaction_id, kind, amount_fen, auth_id, plan_id, details, created_at FROM transactions"
+                f"SELECT {_LINE_COLUMNS} FROM transactions"
                 " WHERE account_id = $1 AND ($2::timestamptz IS NULL OR (created_at, transaction_id) < ($2, $3))"
                 " ORDER BY created_at DESC, transaction_id DESC LIMIT $4",
                 account_id,
@@ -91,17 +139,7 @@ def routes(service: CoreService) -> list[Route]:
         page = rows[:limit]
         return 200, {
             "account_id": account_id,
-            "transactions": [
-                {
-                    "transaction_id": r["transaction_id"],
-                    "kind": r["kind"],
-                    "amount": r["amount_fen"],
-                    "auth_id": r["auth_id"],
-                    "details": msgspec.json.decode(r["details"]) if r["details"] else None,
-                    "created_at": r["created_at"],
-                }
-                for r in page
-            ],
+            "transactions": [_line(r) for r in page],
             "next_cursor": page[-1]["transaction_id"] if len(rows) > limit else None,
         }
 
@@ -111,25 +149,32 @@ def routes(service: CoreService) -> list[Route]:
             if not await conn.fetchval("SELECT 1 FROM accounts WHERE account_id = $1", account_id):
                 raise not_found("account_id", f"account {account_id} not found")
             rows = await conn.fetch(
-                "SELECT statement_id, statement_date, due_date, statement_balance_fen, minimum_due_fen, interest_fen, fees_fen,"
-                " installment_due_fen FROM statements WHERE account_id = $1 ORDER BY statement_date DESC",
+                f"SELECT {_STATEMENT_COLUMNS} FROM statements WHERE account_id = $1 ORDER BY statement_date DESC",
                 account_id,
+            )
+        return 200, {"account_id": account_id, "statements": [_statement(r) for r in rows]}
+
+    async def statement(request: Request) -> tuple[int, Any]:
+        account_id, statement_id = request.params["account_id"], request.params["statement_id"]
+        async with account_pool(account_id).acquire() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_STATEMENT_COLUMNS} FROM statements WHERE account_id = $1 AND statement_id = $2",
+                account_id,
+                statement_id,
+            )
+            if row is None:
+                raise not_found("statement_id", f"statement {statement_id} of account {account_id} not found")
+            lines = await conn.fetch(
+                f"SELECT {_LINE_COLUMNS} FROM transactions WHERE statement_id = $1"
+                " ORDER BY value_date, created_at, transaction_id LIMIT $2",
+                statement_id,
+                STATEMENT_LINES_MAX + 1,
             )
         return 200, {
             "account_id": account_id,
-            "statements": [
-                {
-                    "statement_id": r["statement_id"],
-                    "statement_date": r["statement_date"],
-                    "due_date": r["due_date"],
-                    "statement_balance": r["statement_balance_fen"],
-                    "minimum_due": r["minimum_due_fen"],
-                    "interest": r["interest_fen"],
-                    "fees": r["fees_fen"],
-                    "installment_due": r["installment_due_fen"],
-                }
-                for r in rows
-            ],
+            **_statement(row),
+            "lines": [_line(r) for r in lines[:STATEMENT_LINES_MAX]],
+            "lines_truncated": len(lines) > STATEMENT_LINES_MAX,
         }
 
     async def repay(request: Request) -> tuple[int, Any]:
@@ -196,6 +241,13 @@ def routes(service: CoreService) -> list[Route]:
             "/v1/accounts/{account_id}/statements",
             statements,
             "Statements, newest first",
+            tag="accounting",
+        ),
+        Route(
+            "GET",
+            "/v1/accounts/{account_id}/statements/{statement_id}",
+            statement,
+            "One statement with its lines (the transactions it bills)",
             tag="accounting",
         ),
         Route(

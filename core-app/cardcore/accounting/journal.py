@@ -60,7 +60,8 @@ class Entry:
     kind: str
     transaction_id: str | None
     legs: list[Leg]
-    business_date: date | None = None
+    business_date: date | None = None  # the cycle's date, for the entries the cycle writes
+    value_date: date | None = None  # from when the entry counts (interest, statements); set by the writer
     entry_id: int = 0  # assigned when written
 
     def __post_init__(self) -> None:
@@ -81,6 +82,7 @@ def transfer(
     debit: tuple[str, str],
     credit: tuple[str, str],
     business_date: date | None = None,
+    value_date: date | None = None,
 ) -> Entry:
     """Move ``amount_fen`` from ``credit`` (account, gl) to ``debit`` (account, gl)."""
     assert amount_fen > 0, amount_fen
@@ -90,6 +92,7 @@ def transfer(
         transaction_id,
         [Leg(debit[0], debit[1], amount_fen, 0), Leg(credit[0], credit[1], 0, amount_fen)],
         business_date,
+        value_date,
     )
 
 
@@ -118,8 +121,24 @@ def allocate_repayment(amount_fen: int, balances: dict[str, int]) -> Allocation:
     return allocation
 
 
-def repayment_entry(account_id: str, transaction_id: str, allocation: Allocation) -> Entry:
+def repayment_entry(
+    account_id: str, transaction_id: str, allocation: Allocation, value_date: date | None = None
+) -> Entry:
     total = sum(allocation.parts.values())
     legs = [Leg(BANK, GL_FUNDS_RECEIVED, total, 0)]
     legs += [Leg(account_id, gl, 0, part) for gl, part in allocation.parts.items()]
-    return Entry(account_id, "repayment", transaction_id, legs)
+    return Entry(account_id, "repayment", transaction_id, legs, value_date=value_date)
+
+
+def refund_entry(
+    account_id: str, transaction_id: str, amount_fen: int, purchase_owed_fen: int, value_date: date
+) -> Entry:
+    """A merchandise return: the scheme pays it back; it pays purchases owed, the rest is credit."""
+    assert amount_fen > 0
+    to_purchase = min(amount_fen, max(0, purchase_owed_fen))
+    legs = [Leg(BANK, GL_SCHEME_SETTLEMENT, amount_fen, 0)]
+    if to_purchase:
+        legs.append(Leg(account_id, GL_PURCHASE, 0, to_purchase))
+    if amount_fen - to_purchase:
+        legs.append(Leg(account_id, GL_CREDIT_BALANCE, 0, amount_fen - to_purchase))
+    return Entry(account_id, "refund", transaction_id, legs, value_date=value_date)

@@ -14,6 +14,7 @@ from cardcore.common.crypto import PanVault
 from cardcore.common.types import AmountFen, Currency, IdempotencyKey, ShortText
 from cardcore.platform.engine import BatchContext, Needs, Op, register
 from cardcore.platform.http import bad_request, not_found
+from cardcore.platform.state import TransactionRow
 
 
 class RepaymentRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -38,23 +39,22 @@ class Repay:
             raise not_found("account_id", f"account {request.account_id} not found")
         allocation = journal.allocate_repayment(request.amount, state.balances)
         transaction_id = ctx.new_id(ids.PREFIX_TRANSACTION)
-        entry = journal.repayment_entry(state.account_id, transaction_id, allocation)
+        valued = ctx.value_date(state)
+        entry = journal.repayment_entry(state.account_id, transaction_id, allocation, valued)
         ctx.writes.entries.append(entry)
         state.apply(entry.legs)
         named = allocation.named()
         ctx.writes.transactions.append(
-            (
-                transaction_id,
-                state.account_id,
-                "repayment",
-                request.amount,
-                None,
-                None,
-                entry,
-                msgspec.json.encode(named).decode(),
+            TransactionRow(
+                transaction_id, state.account_id, "repayment", request.amount, valued, entry, named
             )
         )
-        return 200, {"transaction_id": transaction_id, "amount": request.amount, "allocation": named}
+        return 200, {
+            "transaction_id": transaction_id,
+            "amount": request.amount,
+            "allocation": named,
+            "value_date": valued,
+        }
 
 
 register("repay", Repay())

@@ -1,17 +1,23 @@
-"""Authorization, reversal and clearing: the financial heart, run inside group-commit batches.
+"""Authorization, reversal, clearing, incremental authorization and refunds: the acquirer's
+side of the financial heart, run inside group-commit batches.
 
 Decision order: format -> duplicate key (replayed before we get here) -> card status -> (online:
 card-not-present lock) -> expiry -> (online: CVV2) -> channel / MCC rules -> single-amount limit
 -> credit on the line and every ancestor. Online, a wrong expiry date or CVV2 counts against the
 card: ``cnp_failures_max`` in a row lock it for online use for ``cnp_lock_seconds`` (59, suspected
 fraud); an online request that passes both checks starts the count again.
+
+Reversal by the original request's key (an answer lost in a timeout or a failover): if the
+original authorization (or increment) was committed, its hold is released; if not, the key is
+claimed in the idempotency table with a decline, so the original, arriving late, is declined
+and never holds (the table's primary key orders a claim and a late commit on two app servers).
 Never: approve beyond any line; mutate state before the request is known to be valid; store or
 log a CVV2 (it is derived again from the PAN and checked).
 """
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -19,6 +25,7 @@ import msgspec
 from cardcore.accounting import journal
 from cardcore.common import catalogue, ids
 from cardcore.common.crypto import PanVault
+from cardcore.common.money import fen_of
 from cardcore.common.pricing import PriceContext, price
 from cardcore.common.types import (
     AmountFen,
@@ -31,8 +38,9 @@ from cardcore.common.types import (
     ShortText,
 )
 from cardcore.limits.lines import AccountState
-from cardcore.platform.engine import BatchContext, Needs, Op, register
-from cardcore.platform.http import bad_request, conflict, not_found, unprocessable
+from cardcore.platform.engine import CLAIMED_HASH, BatchContext, Needs, Op, register
+from cardcore.platform.http import ApiError, bad_request, conflict, encode, not_found, unprocessable
+from cardcore.platform.state import TransactionRow
 
 APPROVED = "00"
 DO_NOT_HONOR = "05"
@@ -83,14 +91,56 @@ class ClearingRequest(msgspec.Struct, forbid_unknown_fields=True):
     currency: Currency = "CNY"
 
 
-def check_authorization_format(request: AuthorizationRequest) -> None:
+class ReversalByKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A reversal of a request whose answer was lost, named by that request's key. ``pan`` is
+    optional (ISO 8583 reversals carry it): with it the reversal goes to the card's cell; without
+    it every cell is asked."""
+
+    idempotency_key: IdempotencyKey
+    original_idempotency_key: IdempotencyKey
+    amount: AmountFen | None = None
+    pan: PanText | None = None
+
+
+class IncrementRequest(msgspec.Struct, forbid_unknown_fields=True):
+    idempotency_key: IdempotencyKey
+    amount: AmountFen
+    currency: Currency = "CNY"
+
+
+class RefundRequest(msgspec.Struct, forbid_unknown_fields=True):
+    idempotency_key: IdempotencyKey
+    pan: PanText
+    expiry: Expiry
+    amount: AmountFen
+    merchant_id: ShortText
+    original_transaction_id: ShortText | None = None
+    currency: Currency = "CNY"
+
+
+def check_authorization_format(request: AuthorizationRequest | RefundRequest) -> None:
     if not ids.pan_well_formed(request.pan):
         raise bad_request("pan", "pan must be 16 digits with a valid Luhn check digit")
-    if request.channel == CARD_NOT_PRESENT and request.cvv2 is None:
+    if (
+        isinstance(request, AuthorizationRequest)
+        and request.channel == CARD_NOT_PRESENT
+        and request.cvv2 is None
+    ):
         raise bad_request("cvv2", "cvv2 is required when channel is online (card not present)")
-    if request.currency != "CNY":
+    check_currency(request.currency)
+
+
+def check_reversal_by_key(request: ReversalByKeyRequest) -> None:
+    if request.original_idempotency_key == request.idempotency_key:
+        raise bad_request("original_idempotency_key", "a reversal cannot name its own idempotency_key")
+    if request.pan is not None and not ids.pan_well_formed(request.pan):
+        raise bad_request("pan", "pan must be 16 digits with a valid Luhn check digit")
+
+
+def check_currency(currency: str) -> None:
+    if currency != "CNY":
         raise bad_request(
-            "currency", f"currency {request.currency} is not supported (CNY only)", "unsupported_currency"
+            "currency", f"currency {currency} is not supported (CNY only)", "unsupported_currency"
         )
 
 
@@ -102,6 +152,8 @@ def expiry_end(expiry: str) -> date:
 
 
 class Authorize:
+    claimable = True  # reversed by its key before it arrived: declined
+
     def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
         needs.pan_tokens.update(vault.tokens(op.request.pan))
 
@@ -137,6 +189,18 @@ class Authorize:
                 ctx.now + timedelta(seconds=ctx.settings.hold_ttl_seconds),
             )
         )
+        # a reversal by this request's key later in the batch finds the hold here
+        ctx.auths[auth_id] = {
+            "auth_id": auth_id,
+            "account_id": state.account_id if state else None,
+            "card_id": card["card_id"] if card is not None else None,
+            "line": line,
+            "amount_fen": request.amount,
+            "hold_fen": hold,
+            "status": "open" if hold else "declined",
+            "expired": False,
+            "card_status": card["status"] if card is not None else None,
+        }
         body: dict[str, Any] = {
             "auth_id": auth_id,
             "approved": code == APPROVED,
@@ -263,6 +327,28 @@ def _auth_of(ctx: BatchContext, auth_id: str) -> tuple[dict[str, Any], AccountSt
     return auth, state
 
 
+def write_auth(
+    ctx: BatchContext, auth: dict[str, Any], amount_fen: int | None = None, expires_at: datetime | None = None
+) -> None:
+    """Buffer the authorization's hold and status (and a new amount or expiry), keeping what an
+    earlier request of the batch changed on it."""
+    pending = ctx.writes.auth_updates.get(auth["auth_id"])
+    ctx.writes.auth_updates[auth["auth_id"]] = (
+        auth["hold_fen"],
+        auth["status"],
+        amount_fen if amount_fen is not None else (pending[2] if pending else None),
+        expires_at if expires_at is not None else (pending[3] if pending else None),
+    )
+
+
+def release(ctx: BatchContext, auth: dict[str, Any], state: AccountState, amount_fen: int) -> None:
+    """Release ``amount_fen`` of an open hold (all of it: the authorization is reversed)."""
+    state.release(auth["line"], amount_fen)
+    auth["hold_fen"] -= amount_fen
+    auth["status"] = "open" if auth["hold_fen"] else "reversed"
+    write_auth(ctx, auth)
+
+
 class Reverse:
     def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
         assert op.path_id is not None
@@ -283,10 +369,7 @@ class Reverse:
             raise unprocessable(
                 "exceeds_hold", f"amount {amount} exceeds the remaining hold {auth['hold_fen']}", "amount"
             )
-        state.release(auth["line"], amount)
-        auth["hold_fen"] -= amount
-        auth["status"] = "open" if auth["hold_fen"] else "reversed"
-        ctx.writes.auth_updates[auth["auth_id"]] = (auth["hold_fen"], auth["status"])
+        release(ctx, auth, state, amount)
         return 200, {
             "auth_id": auth["auth_id"],
             "reversed": amount,
@@ -313,10 +396,11 @@ class Clear:
         if released:
             state.release(auth["line"], released)
             auth["hold_fen"], auth["status"] = 0, "cleared"
-            ctx.writes.auth_updates[auth["auth_id"]] = (0, "cleared")
+            write_auth(ctx, auth)
         line = auth["line"]
         gl = journal.GL_CASH if line == "cash" else journal.GL_PURCHASE
         transaction_id = ctx.new_id(ids.PREFIX_TRANSACTION)
+        valued = ctx.value_date(state)
         entry = journal.transfer(
             state.account_id,
             line,
@@ -324,6 +408,7 @@ class Clear:
             request.amount,
             (state.account_id, gl),
             (journal.BANK, journal.GL_SCHEME_SETTLEMENT),
+            value_date=valued,
         )
         fee = 0
         trace: list[dict[str, Any]] | None = None
@@ -342,7 +427,7 @@ class Clear:
                 params,
                 ctx.catalogue.rules,
             )
-            fee = max(int(params["cash_fee_min_fen"]), round(request.amount * rate.value))
+            fee = max(int(params["cash_fee_min_fen"]), fen_of(request.amount, rate.value))
             trace = rate.trace
             entry.legs.append(journal.Leg(state.account_id, journal.GL_FEES, fee, 0))
             entry.legs.append(journal.Leg(journal.BANK, journal.GL_INCOME_FEES, 0, fee))
@@ -354,17 +439,30 @@ class Clear:
         state.apply(entry.legs)
         details = {"auth_amount": auth["amount_fen"], "hold_released": released, "fee": fee}
         ctx.writes.transactions.append(
-            (
+            TransactionRow(
                 transaction_id,
                 state.account_id,
                 line,
                 request.amount,
-                auth["auth_id"],
-                None,
+                valued,
                 entry,
-                _json(details),
+                details,
+                auth_id=auth["auth_id"],
             )
         )
+        if fee:  # a line of its own on the statement, posted by the same entry
+            ctx.writes.transactions.append(
+                TransactionRow(
+                    ctx.new_id(ids.PREFIX_TRANSACTION),
+                    state.account_id,
+                    "cash_advance_fee",
+                    fee,
+                    valued,
+                    entry,
+                    {"transaction_id": transaction_id, "pricing_trace": trace},
+                    auth_id=auth["auth_id"],
+                )
+            )
         body: dict[str, Any] = {
             "transaction_id": transaction_id,
             "amount": request.amount,
@@ -376,10 +474,233 @@ class Clear:
         return 200, body
 
 
-def _json(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
+# what a late authorization gets when a reversal claimed its key first
+_REVERSED_BEFORE_ARRIVAL = {
+    "auth_id": None,
+    "approved": False,
+    "response_code": DO_NOT_HONOR,
+    "available": None,
+    "reason": "reversed before it arrived",
+}
+
+
+KNOWN_ONLY = "known-only"
+
+
+class ReverseByKey:
+    """Reverse a request named by its idempotency key (its answer was lost). Runs in the cell of
+    the card. Without the card number every cell is asked, in two rounds so that a refusal
+    writes nothing anywhere: first ``KNOWN_ONLY`` (applied only where the original is known;
+    elsewhere 404 ``original_unknown``, nothing written), then, when no cell knew it, the claim
+    in every cell."""
+
+    def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
+        needs.original_keys.add(op.request.original_idempotency_key)
+
+    def apply(self, ctx: BatchContext, op: Op) -> tuple[int, dict[str, Any]]:
+        request: ReversalByKeyRequest = op.request
+        key = request.original_idempotency_key
+        check_reversal_by_key(request)
+        answer: dict[str, Any] = {"original_idempotency_key": key}
+        original = self._original(ctx, key)
+        if op.mode == KNOWN_ONLY and (original is None or isinstance(original, str)):
+            raise ApiError(
+                404,
+                "original_unknown",
+                "no request with this idempotency_key in this cell",
+                "original_idempotency_key",
+            )
+        if original is None:
+            # never seen here: claim the key so the original, if it comes, is declined
+            stored = encode(_REVERSED_BEFORE_ARRIVAL)
+            ctx.writes.idempotency.append((key, CLAIMED_HASH, 200, stored))
+            ctx.claimed[key] = (CLAIMED_HASH, 200, stored)
+            return 200, {**answer, "original": "absent", "status": "recorded", "reversed": 0}
+        if isinstance(original, str):  # claimed by an earlier reversal
+            return 200, {**answer, "original": "absent", "status": "recorded", "reversed": 0}
+        if "auth_id" not in original or "approved" not in original:
+            raise unprocessable(
+                "not_an_authorization",
+                "original_idempotency_key names a request that is not an authorization",
+                "original_idempotency_key",
+            )
+        answer["auth_id"] = original["auth_id"]
+        if not original["approved"]:
+            return 200, {**answer, "original": "declined", "status": "declined", "reversed": 0}
+        auth = ctx.auths.get(original["auth_id"])
+        assert auth is not None and auth["account_id"] is not None, "an approved answer names its hold"
+        auth, state = _auth_of(ctx, auth["auth_id"])
+        answer["original"] = "approved"
+        if auth["status"] != "open":
+            return 200, {**answer, "status": auth["status"], "reversed": 0, "remaining_hold": 0}
+        # absent amount: all that is still held (an increment: what it added, as far as still held)
+        wanted = original.get("incremented", auth["hold_fen"])
+        amount = min(wanted, auth["hold_fen"]) if request.amount is None else request.amount
+        if amount > auth["hold_fen"]:
+            raise unprocessable(
+                "exceeds_hold", f"amount {amount} exceeds the remaining hold {auth['hold_fen']}", "amount"
+            )
+        if amount:
+            release(ctx, auth, state, amount)
+        return 200, {
+            **answer,
+            "status": auth["status"],
+            "reversed": amount,
+            "remaining_hold": auth["hold_fen"],
+            "available": state.available(auth["line"]),
+        }
+
+    @staticmethod
+    def _original(ctx: BatchContext, key: str) -> dict[str, Any] | str | None:
+        """The answer the original request got (decoded), "claimed" when an earlier reversal
+        claimed the key, None when it was never seen."""
+        if key in ctx.claimed:
+            return "claimed"
+        if key in ctx.answered:
+            return ctx.answered[key][1]
+        stored = ctx.originals.get(key)
+        if stored is None:
+            return None
+        request_hash, _, response = stored
+        if request_hash == CLAIMED_HASH:
+            return "claimed"
+        decoded = msgspec.json.decode(response)
+        return decoded if isinstance(decoded, dict) else {}
+
+
+class Increment:
+    """An incremental authorization on an open hold (a hotel stay extended, a fuel pump): the
+    card and the credit are checked again; approved, the hold grows and its expiry restarts."""
+
+    claimable = True  # reversed by its key before it arrived: declined
+
+    def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
+        assert op.path_id is not None
+        needs.auth_ids.add(op.path_id)
+
+    def apply(self, ctx: BatchContext, op: Op) -> tuple[int, dict[str, Any]]:
+        request: IncrementRequest = op.request
+        check_currency(request.currency)
+        assert op.path_id is not None
+        auth, state = _auth_of(ctx, op.path_id)
+        if auth["status"] != "open":
+            raise conflict(
+                "hold_not_open",
+                f"authorization {auth['auth_id']} is {auth['status']}; nothing to increment",
+                "auth_id",
+            )
+        code = self._decide(ctx, auth, state, request.amount)
+        if code == APPROVED:
+            state.hold(auth["line"], request.amount)
+            auth["hold_fen"] += request.amount
+            auth["amount_fen"] += request.amount
+            write_auth(
+                ctx, auth, auth["amount_fen"], ctx.now + timedelta(seconds=ctx.settings.hold_ttl_seconds)
+            )
+        body: dict[str, Any] = {
+            "auth_id": auth["auth_id"],
+            "approved": code == APPROVED,
+            "response_code": code,
+            "available": state.available(auth["line"]),
+            "amount": auth["amount_fen"],
+            "hold": auth["hold_fen"],
+        }
+        if code == APPROVED:
+            body["incremented"] = request.amount
+        return 200, body
+
+    @staticmethod
+    def _decide(ctx: BatchContext, auth: dict[str, Any], state: AccountState, amount_fen: int) -> str:
+        status_code = STATUS_CODES.get(auth["card_status"] or "closed")
+        if status_code is not None:
+            return status_code
+        if state.status != "open":
+            return DO_NOT_HONOR
+        params = ctx.catalogue.products[state.product_code]
+        single_max = params[
+            "cash_single_amount_limit_fen" if auth["line"] == "cash" else "single_amount_limit_fen"
+        ]
+        if auth["amount_fen"] + amount_fen > single_max:
+            return EXCEEDS_AMOUNT
+        if not state.can_hold(auth["line"], amount_fen):
+            return INSUFFICIENT
+        return APPROVED
+
+
+class Refund:
+    """A merchandise return credited to the card's account: it pays purchases owed first, the
+    rest is a credit balance. Named against its purchase, it cannot refund more than was bought."""
+
+    def needs(self, op: Op, needs: Needs, vault: PanVault) -> None:
+        needs.pan_tokens.update(vault.tokens(op.request.pan))
+        if op.request.original_transaction_id is not None:
+            needs.transaction_ids.add(op.request.original_transaction_id)
+
+    def apply(self, ctx: BatchContext, op: Op) -> tuple[int, dict[str, Any]]:
+        request: RefundRequest = op.request
+        card = ctx.card_for_pan(request.pan)
+        state = ctx.account(card["account_id"]) if card is not None else None
+        if card is None or state is None:
+            raise not_found("pan", "no card of this issuer has this number")
+        if request.expiry != card["expiry"]:
+            raise unprocessable("expiry_mismatch", "expiry is not the card's", "expiry")
+        original = request.original_transaction_id
+        if original is not None:
+            txn = ctx.transactions.get(original)
+            if txn is None or txn["account_id"] != state.account_id:
+                raise not_found(
+                    "original_transaction_id", f"transaction {original} not found on this card's account"
+                )
+            if txn["kind"] != "purchase":
+                raise unprocessable(
+                    "not_a_purchase", "only a purchase can be refunded", "original_transaction_id"
+                )
+            left = txn["amount_fen"] - txn["refunded_fen"]
+            if request.amount > left:
+                raise unprocessable(
+                    "exceeds_purchase",
+                    f"amount {request.amount} exceeds what is left to refund of the purchase ({left})",
+                    "amount",
+                )
+            txn["refunded_fen"] += request.amount
+        transaction_id = ctx.new_id(ids.PREFIX_TRANSACTION)
+        valued = ctx.value_date(state)
+        owed = state.balances.get(journal.GL_PURCHASE, 0)
+        entry = journal.refund_entry(state.account_id, transaction_id, request.amount, owed, valued)
+        ctx.writes.entries.append(entry)
+        state.apply(entry.legs)
+        state.total_spend_fen = max(0, state.total_spend_fen - request.amount)
+        state.changed_metrics = True
+        allocation = {
+            "purchase": sum(leg.credit_fen for leg in entry.legs if leg.gl == journal.GL_PURCHASE),
+            "credit_balance": sum(
+                leg.credit_fen for leg in entry.legs if leg.gl == journal.GL_CREDIT_BALANCE
+            ),
+        }
+        ctx.writes.transactions.append(
+            TransactionRow(
+                transaction_id,
+                state.account_id,
+                "refund",
+                request.amount,
+                valued,
+                entry,
+                {"merchant_id": request.merchant_id, "allocation": allocation},
+                original_transaction_id=original,
+            )
+        )
+        return 200, {
+            "transaction_id": transaction_id,
+            "amount": request.amount,
+            "original_transaction_id": original,
+            "allocation": allocation,
+            "value_date": valued,
+        }
 
 
 register("authorize", Authorize())
 register("reverse", Reverse())
+register("reverse_by_key", ReverseByKey())
+register("increment", Increment())
 register("clear", Clear())
+register("refund", Refund())

@@ -1,7 +1,17 @@
 """Three-layer pricing: product defaults, account overrides, transaction-scenario campaigns.
 
-The most specific layer that applies wins (transaction > account > product > catalogue), and every
-price carries the trace of what was considered and applied. Never: price without a trace.
+Layers are resolved from the least specific to the most specific (catalogue < product < account
+< transaction), and the most specific layer with a matching rule wins:
+- at most one rule of each layer applies: rules of one layer never stack. In the product and
+  account layers the newest matching rule supersedes the older ones; among transaction-layer
+  campaigns the customer gets the lowest price (the earliest rule on a tie);
+- a ``value`` rule replaces the price the layers below gave; a ``multiplier`` rule multiplies it
+  (a campaign halving the fee halves the price this account would otherwise pay);
+- the trace lists the catalogue default and every matching rule in that order, each with the
+  price it gives (``value``), ``applied``: whether that step is part of the price charged (the
+  winning rule and the steps its multipliers apply to), and for the others the ``reason`` why
+  not. The price is the value of the last step applied.
+Never: price without a trace; let two rules of one layer both apply.
 """
 
 from __future__ import annotations
@@ -9,13 +19,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 import msgspec
 
+from cardcore.common.money import decimal_of
+
 PriceItem = Literal["apr", "installment_fee_rate", "cash_fee_rate"]
 Layer = Literal["product", "account", "transaction"]
 LAYER_ORDER: dict[str, int] = {"product": 1, "account": 2, "transaction": 3}
+_RATE_QUANTUM = Decimal("0.00000001")
 
 
 class PriceSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -130,6 +144,13 @@ def _matches(rule: PricingRule, item: str, terms: int | None, ctx: PriceContext)
     return not (cond.kind is not None and ctx.kind is not None and cond.kind != ctx.kind)
 
 
+def _apply(base: float, spec: PriceSpec) -> float:
+    if spec.value is not None:
+        return spec.value
+    exact = decimal_of(base) * decimal_of(spec.multiplier if spec.multiplier is not None else 1)
+    return float(exact.quantize(_RATE_QUANTUM))
+
+
 def price(
     item: str,
     ctx: PriceContext,
@@ -137,7 +158,8 @@ def price(
     rules: list[tuple[str, PricingRule]],
     terms: int | None = None,
 ) -> Price:
-    """Resolve one price: catalogue default, then each applicable rule by layer; the last wins."""
+    """Resolve one price: the catalogue default, then at most one rule per layer, least specific
+    first (``rules`` in creation order); see the module docstring."""
     value = _default(item, terms, product_params)
     trace: list[dict[str, Any]] = [
         {
@@ -148,15 +170,42 @@ def price(
             "applied": True,
         }
     ]
-    ordered = sorted(rules, key=lambda pair: LAYER_ORDER[pair[1].layer])
-    for rule_id, rule in ordered:
-        if not _matches(rule, item, terms, ctx):
+    # the step each applied step stands on: a value rule stands on nothing below it
+    chain: list[int] = [0]
+    for layer in ("product", "account", "transaction"):
+        matching = [(rule_id, rule) for rule_id, rule in rules if rule.layer == layer]
+        matching = [(rule_id, rule) for rule_id, rule in matching if _matches(rule, item, terms, ctx)]
+        if not matching:
             continue
-        spec = rule.price
-        value = spec.value if spec.value is not None else round(value * (spec.multiplier or 1.0), 8)
-        trace.append(
-            {"layer": rule.layer, "rule_id": rule_id, "name": rule.name, "value": value, "applied": True}
-        )
-    for step in trace[:-1]:
-        step["applied"] = False
+        offers = [(rule_id, rule, _apply(value, rule.price)) for rule_id, rule in matching]
+        if layer == "transaction":
+            winner = min(range(len(offers)), key=lambda index: offers[index][2])
+        else:
+            winner = len(offers) - 1  # the newest supersedes
+        for index, (rule_id, rule, offered) in enumerate(offers):
+            step: dict[str, Any] = {
+                "layer": layer,
+                "rule_id": rule_id,
+                "name": rule.name,
+                "value": offered,
+                "applied": index == winner,
+            }
+            if rule.price.multiplier is not None:
+                step["multiplier"] = rule.price.multiplier
+            if index != winner:
+                why = (
+                    "another campaign gives this customer a price as low or lower"
+                    if layer == "transaction"
+                    else "superseded by a newer rule of the same layer"
+                )
+                step["reason"] = f"{why}: rules of one layer do not stack"
+            trace.append(step)
+            if index == winner:
+                if rule.price.value is not None:
+                    for below in chain:
+                        trace[below]["applied"] = False
+                        trace[below]["reason"] = f"replaced by the {layer} rule {rule.name!r}"
+                    chain = []
+                chain.append(len(trace) - 1)
+                value = offered
     return Price(value, trace)

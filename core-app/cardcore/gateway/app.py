@@ -213,6 +213,11 @@ class Gateway:
             "Authorization decisions answered through the gateway, by ISO 8583 response code.",
             ("cell", "site", "response_code"),
         )
+        # a series that appears only at its first event is invisible to rate() and increase():
+        # the codes the alerts watch (approved, issuer unavailable) exist from the start
+        for cell in self.cells:
+            for code in ("00", "91"):
+                self.m_decisions.inc((str(cell), self.site, code), 0)
         self.m_healthy = self.registry.gauge(
             "watertight_upstream_healthy",
             "1 when the upstream app server can serve the cell (last readyz poll), else 0.",
@@ -349,15 +354,21 @@ class Gateway:
         """(status, content type, body, cell label, outcome label)."""
         kind = route.kind
         if kind is Kind.PATH_ID:
-            return await self._to_cell(self.router.cell_for_id(route.key, route.prefix), scope, body)
-        if kind is Kind.BODY_PAN:
+            cell = self.router.cell_for_id(route.key, route.prefix)
+            # an increment is an authorization: a cell that cannot answer declines it with 91
+            increment = route.template.endswith("/increment") and cell is not None
+            return await self._to_cell(cell, scope, body, authorization=increment)
+        if kind in (Kind.BODY_PAN, Kind.BODY_PAN_REFUND, Kind.REVERSAL_BY_KEY):
             pan_cell: int | None = None
             try:
                 pan = _decode_pan(body).pan
                 pan_cell = self.router.cell_for_pan(pan) if pan else None
             except msgspec.DecodeError:
-                pass
-            return await self._to_cell(pan_cell, scope, body, authorization=True)
+                pan = None
+            if kind is Kind.REVERSAL_BY_KEY and not pan:
+                # no card number: the cell that knew the original answers, the others record it
+                return await self._fanout(kind, route, scope, body)
+            return await self._to_cell(pan_cell, scope, body, authorization=kind is Kind.BODY_PAN)
         if kind is Kind.BODY_AUTH_ID:
             try:
                 auth_id = _decode_auth_id(body).auth_id
@@ -524,7 +535,26 @@ class Gateway:
             return await self._to_cell(int(raw), scope, body)
         headers = _forwarded_headers(scope)
         deadline = asyncio.get_running_loop().time() + self.request_timeout
+        if kind is Kind.REVERSAL_BY_KEY:
+            # first only where the original is known, so a refusal writes nothing anywhere; when
+            # no cell knows it, the reversal is claimed in every cell
+            known = f"{query}&known=only" if query else "known=only"
+            first = await self._ask_every_cell(method, path, known, body, headers, deadline)
+            decided = self._merge_known(first)
+            if decided is not None:
+                return decided
+        answers = await self._ask_every_cell(method, path, query, body, headers, deadline)
+        return self._merge(kind, route, body, answers)
 
+    async def _ask_every_cell(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        deadline: float,
+    ) -> dict[int, Response | _Failed]:
         async def one(cell: int) -> Response | _Failed:
             target = f"{path}?{query}&cell={cell}" if query else f"{path}?cell={cell}"
             try:
@@ -541,7 +571,7 @@ class Gateway:
                 return failed
 
         answers = await asyncio.gather(*(one(cell) for cell in self.cells))
-        return self._merge(kind, route, body, dict(zip(self.cells, answers, strict=True)))
+        return dict(zip(self.cells, answers, strict=True))
 
     def _merge(
         self, kind: Kind, route: Route, request_body: bytes, answers: dict[int, Response | _Failed]
@@ -575,6 +605,8 @@ class Gateway:
             # every cell rejected the same input: pass the first rejection through as is
             answer = rejected[0]
             return answer.status, answer.header(b"content-type") or JSON, answer.body, "all", "4xx"
+        if kind is Kind.REVERSAL_BY_KEY:
+            return self._merge_reversal(answers, decoded, rejected, failed)
 
         merged: dict[str, Any]
         if kind is Kind.FANOUT_FIRST:
@@ -643,6 +675,57 @@ class Gateway:
         merged["failed_cells"] = [str(cell) for cell in sorted(failed)]
         return 503, JSON, _encode(merged), "all", "unavailable"
 
+    @staticmethod
+    def _merge_known(answers: dict[int, Response | _Failed]) -> tuple[int, bytes, bytes, str, str] | None:
+        """The first round of a reversal by key (``known=only``): the answer of the cell that knew
+        the original (a refusal too: nothing was written anywhere); a 503 when a cell could not
+        say; None when no cell knows it (or only recorded this reversal before): second round."""
+        failed: list[int] = []
+        for cell, answer in answers.items():
+            if isinstance(answer, _Failed) or answer.status >= 500:
+                failed.append(cell)
+                continue
+            try:
+                value = _decode_any(answer.body)
+            except msgspec.DecodeError:
+                value = None
+            if not isinstance(value, dict):
+                failed.append(cell)
+                continue
+            error = value.get("error")
+            if answer.status == 404 and isinstance(error, dict) and error.get("code") == "original_unknown":
+                continue
+            if answer.status >= 300 or value.get("original") != "absent":
+                outcome = _outcome(answer.status)
+                return answer.status, answer.header(b"content-type") or JSON, answer.body, str(cell), outcome
+        if failed:
+            cells = ", ".join(str(cell) for cell in sorted(failed))
+            message = f"cell(s) {cells} could not be asked; retry the reversal with the same idempotency_key"
+            return 503, JSON, error_body("cells_unavailable", message), "all", "unavailable"
+        return None
+
+    @staticmethod
+    def _merge_reversal(
+        answers: dict[int, Response | _Failed],
+        decoded: dict[int, dict[str, Any]],
+        rejected: list[Response],
+        failed: dict[int, str],
+    ) -> tuple[int, bytes, bytes, str, str]:
+        """A reversal by key asked of every cell: the cell that knew the original answers (its
+        refusal too); else any failure is a 503 (retry: the cells that recorded it answer the
+        same again); else the first cell's "recorded"."""
+        for refused in rejected:
+            return refused.status, refused.header(b"content-type") or JSON, refused.body, "all", "4xx"
+        found = [cell for cell, value in decoded.items() if value.get("original") != "absent"]
+        if not found and failed:
+            cells = ", ".join(str(cell) for cell in sorted(failed))
+            message = f"cell(s) {cells} could not be asked; retry the reversal with the same idempotency_key"
+            return 503, JSON, error_body("cells_unavailable", message), "all", "unavailable"
+        cell = found[0] if found else next(iter(decoded))
+        answer = answers[cell]
+        assert isinstance(answer, Response)
+        return answer.status, answer.header(b"content-type") or JSON, answer.body, str(cell), "2xx"
+
     # -- answered here --------------------------------------------------------------------------
 
     def _routing_answer(self, route: Route) -> tuple[int, bytes, bytes, str, str]:
@@ -698,7 +781,16 @@ def _response_code(answer: bytes) -> str:
 
 
 # financial requests carry an idempotency key: sending one again cannot post twice
-_FINANCIAL_PATHS = frozenset({"/v1/authorizations", "/v1/clearing", "/v1/repayments", "/v1/installments"})
+_FINANCIAL_PATHS = frozenset(
+    {
+        "/v1/authorizations",
+        "/v1/clearing",
+        "/v1/repayments",
+        "/v1/installments",
+        "/v1/refunds",
+        "/v1/authorizations/reversal",
+    }
+)
 
 
 def _replayable(method: str, path: str) -> bool:
@@ -706,4 +798,6 @@ def _replayable(method: str, path: str) -> bool:
     before answering: reads, and financial writes (their idempotency key makes a resend safe)."""
     if method == "GET":
         return True
-    return method == "POST" and (path in _FINANCIAL_PATHS or path.endswith(("/reversal", "/payoff")))
+    return method == "POST" and (
+        path in _FINANCIAL_PATHS or path.endswith(("/reversal", "/payoff", "/increment"))
+    )

@@ -31,6 +31,8 @@ class Kind(IntEnum):
     HEALTHZ = 14
     READYZ = 15
     METRICS = 16
+    BODY_PAN_REFUND = 17  # POST /v1/refunds: the card's cell, answered as any financial request
+    REVERSAL_BY_KEY = 18  # POST /v1/authorizations/reversal: the card's cell, else every cell
 
 
 # resource -> (id prefix, template of the id segment, known sub-paths)
@@ -44,14 +46,16 @@ _ID_RESOURCES: dict[str, tuple[str, str, frozenset[str]]] = {
     "accounts": (
         ids.PREFIX_ACCOUNT,
         "{account_id}",
-        frozenset({"", "balance", "transactions", "statements", "installments"}),
+        frozenset({"", "balance", "transactions", "statements", "statements/{statement_id}", "installments"}),
     ),
-    "authorizations": (ids.PREFIX_AUTHORIZATION, "{auth_id}", frozenset({"reversal"})),
+    "authorizations": (ids.PREFIX_AUTHORIZATION, "{auth_id}", frozenset({"reversal", "increment"})),
     "installments": (ids.PREFIX_PLAN, "{plan_id}", frozenset({"payoff"})),
 }
 
 _FIXED: dict[tuple[str, str], tuple[Kind, str]] = {
     ("POST", "/v1/authorizations"): (Kind.BODY_PAN, "/v1/authorizations"),
+    ("POST", "/v1/authorizations/reversal"): (Kind.REVERSAL_BY_KEY, "/v1/authorizations/reversal"),
+    ("POST", "/v1/refunds"): (Kind.BODY_PAN_REFUND, "/v1/refunds"),
     ("POST", "/v1/clearing"): (Kind.BODY_AUTH_ID, "/v1/clearing"),
     ("POST", "/v1/repayments"): (Kind.BODY_ACCOUNT_ID, "/v1/repayments"),
     ("POST", "/v1/installments/quote"): (Kind.BODY_ACCOUNT_ID, "/v1/installments/quote"),
@@ -100,6 +104,8 @@ def classify(method: str, path: str) -> Route:
             rest = parts[4:]
             if resource == "customers" and len(rest) == 2 and rest[0] == "tags":
                 sub = "tags/{tag}"
+            elif resource == "accounts" and len(rest) == 2 and rest[0] == "statements":
+                sub = "statements/{statement_id}"
             else:
                 sub = "/".join(rest)
                 if sub not in known:

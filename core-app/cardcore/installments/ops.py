@@ -1,7 +1,12 @@
 """Installment quotes, booking (a posted purchase becomes a plan) and early payoff.
 
 Booking moves the principal from the purchase ledger to unbilled installment principal, which
-the installment line (and the total line) carry until the cycle bills it period by period.
+the installment line (and the total line) carry until the cycle bills it period by period. A
+purchase already on a statement (a statement installment) can be converted until that
+statement's due date: the statement's due amount and minimum drop by what was converted, so the
+converted purchase is neither charged interest nor paid twice. Early payoff bills the remaining
+principal at once (due in full on the next statement, never revolving) and waives the fees of
+the periods not yet billed.
 Never: book a plan the installment line cannot carry, or convert one purchase twice.
 """
 
@@ -17,9 +22,10 @@ from cardcore.common.crypto import PanVault
 from cardcore.common.pricing import Price, PriceContext, price
 from cardcore.common.types import IdempotencyKey, ShortText, Terms
 from cardcore.installments import schedule as schedules
-from cardcore.limits.lines import AccountState
+from cardcore.limits.lines import AccountState, minimum_due
 from cardcore.platform.engine import BatchContext, Catalogue, Needs, Op, register
 from cardcore.platform.http import bad_request, conflict, not_found, unprocessable
+from cardcore.platform.state import TransactionRow
 
 
 class BookingRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -121,6 +127,18 @@ class Book:
                 "the installment line cannot carry this plan",
                 "transaction_id",
             )
+        valued = ctx.value_date(state)
+        statement = state.last_statement
+        billed = statement is not None and txn["value_date"] <= statement.statement_date
+        if billed:
+            assert statement is not None
+            if valued > statement.due_date:
+                raise unprocessable(
+                    "statement_past_due",
+                    f"the purchase is on the statement of {statement.statement_date}, due {statement.due_date}:"
+                    " a billed purchase can be converted until its statement is due",
+                    "transaction_id",
+                )
         fee_rate = fee_rate_for(ctx.catalogue, state, request.terms, principal, ctx.now, txn["mcc"])
         quoted = option(principal, request.terms, fee_rate)
         plan_id = ctx.new_id(ids.PREFIX_PLAN)
@@ -131,9 +149,25 @@ class Book:
             principal,
             (state.account_id, journal.GL_INSTALLMENT_UNBILLED),
             (state.account_id, journal.GL_PURCHASE),
+            value_date=valued,
         )
         ctx.writes.entries.append(entry)
         state.apply(entry.legs)
+        if billed:
+            assert statement is not None
+            _convert_on_statement(ctx, state, statement.statement_id, principal)
+        ctx.writes.transactions.append(
+            TransactionRow(
+                ctx.new_id(ids.PREFIX_TRANSACTION),
+                state.account_id,
+                "installment_booking",
+                principal,
+                valued,
+                entry,
+                {"transaction_id": request.transaction_id, "terms": request.terms, "billed": billed},
+                plan_id=plan_id,
+            )
+        )
         state.installment_plan_count += 1
         state.changed_metrics = True
         ctx.booked_transactions.add(request.transaction_id)
@@ -186,6 +220,7 @@ class Payoff:
         remaining = sum(p["principal"] for p in plan["schedule"][billed:])
         waived = sum(p["fee"] for p in plan["schedule"][billed:])
         assert remaining > 0
+        valued = ctx.value_date(state)
         entry = journal.transfer(
             state.account_id,
             "installment_payoff",
@@ -193,9 +228,22 @@ class Payoff:
             remaining,
             (state.account_id, journal.GL_INSTALLMENT_BILLED),
             (state.account_id, journal.GL_INSTALLMENT_UNBILLED),
+            value_date=valued,
         )
         ctx.writes.entries.append(entry)
         state.apply(entry.legs)
+        ctx.writes.transactions.append(
+            TransactionRow(
+                ctx.new_id(ids.PREFIX_TRANSACTION),
+                state.account_id,
+                "installment_payoff",
+                remaining,
+                valued,
+                entry,
+                {"fees_waived": waived},
+                plan_id=plan["plan_id"],
+            )
+        )
         plan["status"] = "paid_off"
         ctx.writes.plan_updates[plan["plan_id"]] = (plan["terms"], "paid_off")
         return 200, {
@@ -204,6 +252,24 @@ class Payoff:
             "principal_due_now": remaining,
             "fees_waived": waived,
         }
+
+
+def _convert_on_statement(
+    ctx: BatchContext, state: AccountState, statement_id: str, principal_fen: int
+) -> None:
+    """A billed purchase became a plan: its statement's due amount and minimum drop by it."""
+    statement = state.last_statement
+    assert statement is not None and statement.statement_id == statement_id
+    pending = ctx.writes.statement_updates.get(statement_id)
+    converted = (pending[0] if pending else statement.converted_fen) + principal_fen
+    minimum = minimum_due(
+        statement.balance_fen - converted,
+        statement.fixed_due_fen,
+        statement.revolving_fen - converted,
+        statement.min_due_rate,
+        statement.min_due_floor_fen,
+    )
+    ctx.writes.statement_updates[statement_id] = (converted, minimum)
 
 
 register("book_installment", Book())

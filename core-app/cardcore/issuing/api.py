@@ -13,12 +13,14 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import asyncpg
 import msgspec
 
 from cardcore.common import ids
+from cardcore.common.money import decimal_of, fen_of
 from cardcore.common.types import AMOUNT_FEN_MAX
 from cardcore.issuing.decision import decide
 from cardcore.platform.http import ApiError, Request, Route, bad_request, conflict, not_found
@@ -199,11 +201,15 @@ def routes(service: CoreService) -> list[Route]:
                 # spread over the month by the keyed hash (after its 2-byte key version)
                 int.from_bytes(id_hashes[0][2:4], "big") % 28 + 1,
             )
+            # children are shares of the total (limits/lines.py)
+            shares = [None, Decimal(1), decimal_of(params["cash_share"]), Decimal(1)]
             await conn.execute(
-                "INSERT INTO lines (account_id, line, limit_fen) SELECT $1, l, x FROM unnest($2::text[], $3::bigint[]) AS u(l, x)",
+                "INSERT INTO lines (account_id, line, limit_fen, share)"
+                " SELECT $1, l, x, s FROM unnest($2::text[], $3::bigint[], $4::numeric[]) AS u(l, x, s)",
                 account_id,
                 ["total", "purchase", "cash", "installment"],
-                [limit, limit, int(limit * float(params["cash_share"])), limit],
+                [limit] + [fen_of(limit, share) for share in shares[1:] if share is not None],
+                shares,
             )
             card = await insert_card(conn, service, cell, account_id, customer_id, int(params["card_years"]))
             states = await load_accounts(conn, [account_id], datetime.now(UTC), lock=False)
@@ -282,8 +288,11 @@ def routes(service: CoreService) -> list[Route]:
             issued = await insert_card(
                 conn, service, engine.cell, row["account_id"], row["customer_id"], years
             )
+            # a card reported lost or stolen stays so (as final as closed): the networks keep
+            # getting 41 / 43 for its number, which tells them to retain the plastic
             await conn.execute(
-                "UPDATE cards SET status = 'closed', replaced_by = $2 WHERE card_id = $1",
+                "UPDATE cards SET status = CASE WHEN status IN ('lost', 'stolen') THEN status ELSE 'closed' END,"
+                " replaced_by = $2 WHERE card_id = $1",
                 card_id,
                 issued.card_id,
             )
@@ -346,7 +355,7 @@ def routes(service: CoreService) -> list[Route]:
             "POST",
             "/v1/cards/{card_id}/replace",
             replace,
-            "Issue a replacement card; the old one is closed",
+            "Issue a replacement card; the old one is closed (or stays lost or stolen)",
             tag="issuing",
         ),
         Route(

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
+
+from cardcore.common.money import decimal_of
 
 AGE_MIN = 18
 AGE_MAX = 70
@@ -40,7 +43,12 @@ def decide(birth_date: date, annual_income_fen: int, today: date, params: dict[s
     share = float(params["limit_income_share"])
     cap = int(params["limit_max_fen"])
     floor = int(params["limit_min_fen"])
-    raw = int(annual_income_fen * share) // LIMIT_ROUND_FEN * LIMIT_ROUND_FEN
+    # exact, then down to whole 100 CNY (a float product can fall a hair short of a round limit)
+    raw = (
+        int(Decimal(annual_income_fen) * decimal_of(params["limit_income_share"]))
+        // LIMIT_ROUND_FEN
+        * LIMIT_ROUND_FEN
+    )
     limit = max(floor, min(cap, raw))
     reasons.append(
         f"age {age} within {AGE_MIN}-{AGE_MAX}; income {annual_income_fen} fen >= {INCOME_MIN_FEN} fen; "

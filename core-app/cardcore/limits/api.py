@@ -1,11 +1,15 @@
 """Limits: one unified view of every credit line of a customer, permanent changes and
 temporary raises. Changes take the same account lock as the group commit.
-Never: set a limit below what the line already uses.
+
+Child lines are shares of the total (``lines.py``): a new total limit moves every child to its
+share of it; a child's new limit sets its share (never above the total).
+Never: set a limit below what the line (or, through its share, a child) already uses.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any
 
 import asyncpg
@@ -13,7 +17,7 @@ import msgspec
 
 from cardcore.common import ids
 from cardcore.common.types import AMOUNT_FEN_MAX, AmountFen, Line
-from cardcore.limits.lines import LINES, PARENT, AccountState
+from cardcore.limits.lines import CHILD_LINES, PARENT, AccountState
 from cardcore.platform.http import Request, Route, bad_request, not_found, unprocessable
 from cardcore.platform.service import CoreService
 from cardcore.platform.state import load_accounts, load_customer_account, write_rule_tags
@@ -94,13 +98,6 @@ def routes(service: CoreService) -> list[Route]:
         engine = service.engine_for_id(customer_id, ids.PREFIX_CUSTOMER, "customer_id")
         async with engine.require_ready().acquire() as conn, conn.transaction():
             state = await account_of_customer(conn, customer_id, datetime.now(UTC), lock=True)
-            used = state.posted(body.line) + state.held_on(body.line)
-            if body.limit < used:
-                raise unprocessable(
-                    "below_used",
-                    f"limit {body.limit} is below what the {body.line} line uses ({used})",
-                    "limit",
-                )
             parent = PARENT.get(body.line)
             if parent is not None and body.limit > state.limits[parent]:
                 raise unprocessable(
@@ -108,25 +105,39 @@ def routes(service: CoreService) -> list[Route]:
                     f"limit {body.limit} is above the {parent} line's {state.limits[parent]}",
                     "limit",
                 )
-            changes: dict[str, int] = {body.line: body.limit}
+            shares: dict[str, Decimal | None] = {}
             if body.line == "total":
-                for child in LINES[1:]:
-                    if state.limits[child] > body.limit:
-                        child_used = state.posted(child) + state.held_on(child)
-                        if body.limit < child_used:
-                            raise unprocessable(
-                                "below_used",
-                                f"the {child} line uses {child_used}, above {body.limit}",
-                                "limit",
-                            )
-                        changes[child] = body.limit
+                changes = {"total": body.limit, **state.child_limits(body.limit)}
+                shares = {line: state.share(line) for line in CHILD_LINES}
+            else:
+                changes = {body.line: body.limit}
+                total = state.limits["total"]
+                shares[body.line] = Decimal(body.limit) / total if total > 0 else None
+            for line, limit in changes.items():
+                used = state.used(line) + state.held_on(line)
+                if limit < used:
+                    what = (
+                        ""
+                        if line == body.line
+                        else f" (the {line} line, a share of the total, would be {limit})"
+                    )
+                    raise unprocessable(
+                        "below_used",
+                        f"limit {body.limit} is below what the {line} line uses ({used}){what}",
+                        "limit",
+                    )
             await conn.execute(
-                "UPDATE lines l SET limit_fen = u.x FROM unnest($2::text[], $3::bigint[]) AS u(line, x)"
+                "UPDATE lines l SET limit_fen = u.x, share = coalesce(u.s, l.share)"
+                " FROM unnest($2::text[], $3::bigint[], $4::numeric[]) AS u(line, x, s)"
                 " WHERE l.account_id = $1 AND l.line = u.line",
                 state.account_id,
                 list(changes),
                 list(changes.values()),
+                [shares.get(line) for line in changes],
             )
+            for line, share in shares.items():
+                if share is not None:
+                    state.shares[line] = share
             state.limits.update(changes)
             await write_rule_tags(conn, [state], engine.catalogue.tag_rules)
         return 200, limits_view(customer_id, state)

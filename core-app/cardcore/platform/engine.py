@@ -19,11 +19,12 @@ write through a member that does not hold the leader lock when Patroni runs the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
 import asyncpg
@@ -37,7 +38,7 @@ from cardcore.limits.lines import AccountState
 from cardcore.platform import db
 from cardcore.platform.http import ApiError, encode
 from cardcore.platform.settings import AppSettings, CellSettings
-from cardcore.platform.state import Writes, state_from_row
+from cardcore.platform.state import Writes, business_date, state_from_row, value_date
 from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("cardcore.engine")
@@ -72,6 +73,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     NoLeaderError,
 )
 RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# the request hash of an idempotency key a reversal claimed before its request arrived: the late
+# request gets the answer stored with the claim (see ``replay``)
+CLAIMED_HASH = hashlib.sha256(b"claimed by a reversal before the request arrived").digest()
 
 Result = tuple[int, bytes]
 
@@ -92,6 +96,7 @@ class Needs:
     account_ids: set[str] = field(default_factory=set)
     plan_ids: set[str] = field(default_factory=set)
     transaction_ids: set[str] = field(default_factory=set)
+    original_keys: set[str] = field(default_factory=set)  # keys of earlier requests a reversal names
 
 
 @dataclass(slots=True)
@@ -103,6 +108,9 @@ class Op:
     path_id: str | None
     future: asyncio.Future[Result]
     canonical: bytes = b""  # kind, path id and the encoded request: digested again under an older key
+    # how the handler is to apply it, not part of what the request is (nor of its hash): a
+    # reversal by key asked of every cell first applies only where its original is known
+    mode: str = ""
 
 
 class VaultSource(Protocol):
@@ -113,6 +121,9 @@ class VaultSource(Protocol):
 
 
 class OpHandler(Protocol):
+    """One kind of financial request. A handler class may set ``claimable = True``: a late request
+    of its kind whose key a reversal claimed first gets the answer stored with the claim."""
+
     def needs(self, op: Op, needs: Needs, vault: PanVault) -> None: ...
 
     def apply(self, ctx: BatchContext, op: Op) -> tuple[int, dict[str, Any]]: ...
@@ -156,6 +167,13 @@ class BatchContext:
         self.accounts: dict[str, AccountState] = {}
         self.booked_transactions: set[str] = set()
         self.writes = Writes()
+        self.business_date: date = now.date()
+        # idempotency records of the keys this batch's reversals name (read before the lock)
+        self.originals: dict[str, tuple[bytes, int, bytes]] = {}
+        # what the requests applied so far in this batch answered, by key: (kind, body)
+        self.answered: dict[str, tuple[str, dict[str, Any]]] = {}
+        # keys claimed in this batch by a reversal of a request not yet seen: the stored answer
+        self.claimed: dict[str, tuple[bytes, int, bytes]] = {}
 
     def new_id(self, prefix: str) -> str:
         return ids.new_id(prefix, self.cell)
@@ -171,20 +189,31 @@ class BatchContext:
     def account(self, account_id: str) -> AccountState | None:
         return self.accounts.get(account_id)
 
+    def value_date(self, state: AccountState) -> date:
+        """The value date of what this batch posts on ``state``'s account."""
+        return value_date(state, self.business_date)
+
     async def load(self, needs: Needs, keys: list[str]) -> dict[str, tuple[bytes, int, bytes]]:
         """Everything the batch needs, with its accounts locked, in one round trip; returns the
         idempotency records of ``keys`` that exist."""
         raw = await self.conn.fetchval(
-            "SELECT cardcore_load_batch($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[], $7)",
+            "SELECT cardcore_load_batch_v3($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],"
+            " $7::text[], $8)",
             keys,
             list(needs.pan_tokens),
             list(needs.auth_ids),
             list(needs.plan_ids),
             list(needs.transaction_ids),
             list(needs.account_ids),
+            list(needs.original_keys),
             self.now,
         )
         loaded = _decode_loaded(raw)
+        self.business_date = business_date(loaded.clock, self.now)
+        self.originals = {
+            key: (bytes.fromhex(digest), status, response.encode())
+            for key, digest, status, response in loaded.originals or ()
+        }
         for token, card_id, account_id, status, expiry, cvv_version, failures, locked in loaded.cards or ():
             self.cards[bytes.fromhex(token)] = {
                 "card_id": card_id,
@@ -195,7 +224,9 @@ class BatchContext:
                 "cnp_failures": failures,
                 "cnp_locked": bool(locked),
             }
-        for auth_id, auth_account, auth_card, line, amount, hold, status, expired in loaded.auths or ():
+        for auth_id, auth_account, auth_card, line, amount, hold, status, expired, card_status in (
+            loaded.auths or ()
+        ):
             self.auths[auth_id] = {
                 "auth_id": auth_id,
                 "account_id": auth_account,
@@ -205,6 +236,7 @@ class BatchContext:
                 "hold_fen": hold,
                 "status": status,
                 "expired": expired,
+                "card_status": card_status,
             }
         for plan_id, account_id, principal, terms, schedule, periods_billed, status in loaded.plans or ():
             self.plans[plan_id] = {
@@ -216,7 +248,9 @@ class BatchContext:
                 "periods_billed": periods_billed,
                 "status": status,
             }
-        for transaction_id, account_id, kind, amount, converted_by, mcc in loaded.txns or ():
+        for transaction_id, account_id, kind, amount, converted_by, mcc, valued, refunded in (
+            loaded.txns or ()
+        ):
             self.transactions[transaction_id] = {
                 "transaction_id": transaction_id,
                 "account_id": account_id,
@@ -224,11 +258,13 @@ class BatchContext:
                 "amount_fen": amount,
                 "converted_by": converted_by,
                 "mcc": mcc,
+                "value_date": valued,
+                "refunded_fen": refunded,
             }
         today = self.now.date()
         for row in loaded.accounts or ():
-            state, has_stale = state_from_row(row, today)
-            state.changed_held = has_stale
+            # the load expired the stale holds on the lines as well: nothing to write back
+            state, _ = state_from_row(row, today)
             self.accounts[state.account_id] = state
         return {
             key: (bytes.fromhex(digest), status, response.encode())
@@ -238,11 +274,13 @@ class BatchContext:
 
 class _Loaded(msgspec.Struct):
     idem: list[tuple[str, str, int, str]] | None = None
+    originals: list[tuple[str, str, int, str]] | None = None
     cards: list[tuple[str, str, str, str, str, int | None, int, bool | None]] | None = None
-    auths: list[tuple[str, str | None, str | None, str, int, int, str, bool]] | None = None
+    auths: list[tuple[str, str | None, str | None, str, int, int, str, bool, str | None]] | None = None
     plans: list[tuple[str, str, int, int, list[dict[str, int]], int, str]] | None = None
-    txns: list[tuple[str, str, str, int, str | None, str | None]] | None = None
+    txns: list[tuple[str, str, str, int, str | None, str | None, date, int]] | None = None
     accounts: list[list[Any]] | None = None
+    clock: date | None = None
 
 
 _decode_loaded = msgspec.json.Decoder(_Loaded).decode
@@ -275,6 +313,11 @@ class CellEngine:
         self.batches_committed = 0
         self.ops_committed = 0
         self.on_batch: Callable[[int, float], None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Financial requests waiting for the writer now (at most ``queue_depth_max``)."""
+        return self._queue.qsize()
 
     @property
     def vault(self) -> PanVault:
@@ -498,7 +541,9 @@ class CellEngine:
 
     # ---- group commit -------------------------------------------------------------------------
 
-    async def submit(self, kind: str, key: str, request: Any, path_id: str | None = None) -> Result:
+    async def submit(
+        self, kind: str, key: str, request: Any, path_id: str | None = None, mode: str = ""
+    ) -> Result:
         """Queue a financial request; resolves after its batch commits (or is answered from the
         idempotency record)."""
         self.require_ready()
@@ -508,7 +553,7 @@ class CellEngine:
         digest = self.vault.request_digest(canonical)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future, canonical))
+            self._queue.put_nowait(Op(kind, key, digest, request, path_id, future, canonical, mode))
         except asyncio.QueueFull:
             raise ApiError(
                 503, "overloaded", f"cell {self.cell} write queue is full; retry later", None
@@ -631,6 +676,10 @@ class CellEngine:
                     live.append(index)
             for index in live:
                 op = batch[index]
+                claimed = ctx.claimed.get(op.key)
+                if claimed is not None:  # a reversal earlier in this batch claimed this key
+                    results[index] = replay(op, *claimed)
+                    continue
                 try:
                     status, body = HANDLERS[op.kind].apply(ctx, op)
                 except ApiError as error:
@@ -639,6 +688,7 @@ class CellEngine:
                 data = encode(body)
                 results[index] = (status, data)
                 ctx.writes.idempotency.append((op.key, op.request_hash, status, data))
+                ctx.answered[op.key] = (op.kind, body)
             await ctx.writes.flush(conn, ctx.accounts.values(), self.catalogue.tag_rules)
         for index, op in enumerate(batch):
             if results[index] is None:  # a repeat of a key first seen in this batch
@@ -666,7 +716,18 @@ def replay(
 ) -> Result:
     """The stored answer of ``op``'s key, or 409 when the key came with another request. A record
     made under an older key version is compared under that version; one of version 0 (written
-    before digests were keyed, see migration 003) is answered without the body check."""
+    before digests were keyed, see migration 003) is answered without the body check; one a
+    reversal claimed before the request arrived (migration 004) declines a claimable request."""
+    if request_hash == CLAIMED_HASH:
+        if getattr(HANDLERS[op.kind], "claimable", False):
+            return (status, response)  # declined: it was reversed before it arrived
+        error = ApiError(
+            409,
+            "idempotency_key_reversed",
+            "a reversal named this idempotency_key before this request arrived",
+            "idempotency_key",
+        )
+        return (error.status, encode(error.body()))
     same = request_hash == op.request_hash
     if not same and vault is not None and request_hash:
         same = version_of(request_hash) == 0 or vault.same_request(request_hash, op.canonical)
