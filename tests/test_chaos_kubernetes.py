@@ -317,7 +317,7 @@ def test_killing_the_leaders_patroni_or_postmaster_signals_only_that_process_in_
     assert result == {"cell": 2, "site": "samecity", "member": "pg-cell2-samecity", role: pids}
     (site, pod, container, listing), (_, _, _, killing) = api.execs
     assert (site, pod, container) == ("samecity", "pg-cell2-samecity-0", "patroni")
-    assert listing[:2] == ["python3", "-c"] and "os.kill(pid, signal.SIGKILL)" in killing[2]
+    assert listing[:2] == ["python", "-c"] and "os.kill(pid, signal.SIGKILL)" in killing[2]
     assert f"for pid in {pids!r}" in killing[2]
     assert api.deletes() == []  # the pod stays: only one process died
 

@@ -57,6 +57,7 @@ from watertight.runtime.target import Member, Progress, TargetUnsupported
 from watertight.topology import CENTERS, SITE_NAMES, Topology
 
 TARGET = "kubernetes"
+PYTHON = "python"  # the images' interpreter (their venv's, first on PATH), as the program runs it
 HTTP_TIMEOUT_S = 10.0
 EXEC_TIMEOUT_S = 30.0
 PATRONI_TIMEOUT_S = 1.0
@@ -645,7 +646,7 @@ class KubernetesRuntime:
         container = CONTAINER_OF_KIND[chosen.kind]
         code, out, err = self.api.exec(
             chosen.site, self.namespaces[chosen.site], stateful_pod(chosen.name), container,
-            ["python3", "-c", LIST_PROCESSES], EXEC_TIMEOUT_S,
+            [PYTHON, "-c", LIST_PROCESSES], EXEC_TIMEOUT_S,
         )  # fmt: skip
         if code != 0:
             raise KubernetesRuntimeError(
@@ -669,7 +670,7 @@ class KubernetesRuntime:
         script = f"import os, signal\nfor pid in {pids!r}:\n    os.kill(pid, signal.SIGKILL)\n"
         code, _, err = self.api.exec(
             chosen.site, self.namespaces[chosen.site], stateful_pod(chosen.name),
-            CONTAINER_OF_KIND[chosen.kind], ["python3", "-c", script], EXEC_TIMEOUT_S,
+            CONTAINER_OF_KIND[chosen.kind], [PYTHON, "-c", script], EXEC_TIMEOUT_S,
         )  # fmt: skip
         if code != 0:
             raise KubernetesRuntimeError(
