@@ -450,8 +450,9 @@ def run_one(
     progress(
         f"{path.stem}: leaders {leaders}; the fault should interrupt cells {affected or 'none'}, not {unaffected or 'none'}"
     )
-    if receiver is not None:
-        detection.wait_quiet(runtime.topology.alertmanager_url, progress)
+    alerting = runtime.alerting()
+    if receiver is not None and alerting is not None:
+        detection.wait_quiet(alerting.alertmanager_url, progress)
     steady_from = time.time()
     load = start_load(runtime, directory, rate_financial, rate_nonfinancial, WARMUP_S + CHAOS_TIMEOUT_S)
     sampler = Sampler(runtime)
@@ -726,11 +727,12 @@ def run(
         progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
         runtime.up(progress)
         spread_as_designed(runtime, progress)
-        if runtime.topology.monitoring.enabled:
+        alerting = runtime.alerting()
+        if alerting is not None:
             try:
-                receiver = AlertReceiver(runtime.topology.alert_receiver_url).start()
+                receiver = AlertReceiver(alerting.receiver_url).start()
                 progress(
-                    f"monitoring: recording every alert Alertmanager delivers at {runtime.topology.alert_receiver_url}"
+                    f"monitoring: recording every alert Alertmanager delivers at {alerting.receiver_url}"
                 )
             except OSError as error:  # another drill of this topology records them
                 progress(f"monitoring: {error}; this drill's reports judge no detection")

@@ -53,7 +53,7 @@ from watertight.kube_names import (
 from watertight.render import DR_SITE
 from watertight.runtime.common import writers_in_flight
 from watertight.runtime.local import RUN_DIR_DEFAULT, choose_view, http_json
-from watertight.runtime.target import Member, Progress, TargetUnsupported
+from watertight.runtime.target import Alerting, Member, Progress, TargetUnsupported
 from watertight.topology import CENTERS, SITE_NAMES, Topology
 
 TARGET = "kubernetes"
@@ -806,6 +806,11 @@ class KubernetesRuntime:
                 site = next(c.site for c in chosen if c.name == name)
                 found[site] = f"http://{ready[0]['status']['podIP']}:{self.topology.ports.gateway}"
         return found
+
+    def alerting(self) -> Alerting | None:
+        """None: the program's alerting is the Prometheus operator's (ServiceMonitor, PrometheusRule),
+        where its CRDs are present; the drill reads no Alertmanager of a cluster yet (not built)."""
+        return None
 
     def _secret(self, name: str) -> dict[str, str]:
         site = CENTERS[0]

@@ -32,7 +32,7 @@ from watertight.monitoring import config as monitoring_config
 from watertight.runtime import processes
 from watertight.runtime.common import writers_in_flight
 from watertight.runtime.processes import ProcessRecord
-from watertight.runtime.target import Member
+from watertight.runtime.target import Alerting, Member
 from watertight.topology import CENTERS, Topology, parse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -906,6 +906,12 @@ class LocalRuntime:
 
     def gateway_urls(self) -> dict[str, str]:
         return {site: self.topology.gateway_url(site) for site in CENTERS}
+
+    def alerting(self) -> Alerting | None:
+        """The topology's Alertmanager and the drill's receiver, when the topology has monitoring."""
+        if not self.topology.monitoring.enabled:
+            return None
+        return Alerting(self.topology.alertmanager_url, self.topology.alert_receiver_url)
 
     def api_tokens_file(self) -> Path:
         self._secrets()  # made on first use

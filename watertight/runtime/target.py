@@ -48,6 +48,14 @@ class Member:
     patroni_url: str
 
 
+@dataclass(frozen=True)
+class Alerting:
+    """The drill's view of a target's alerting."""
+
+    alertmanager_url: str
+    receiver_url: str
+
+
 @runtime_checkable
 class Target(Protocol):
     """What a topology offers the toolkit, wherever it runs. Selections are topology names:
@@ -78,6 +86,11 @@ class Target(Protocol):
 
     def api_tokens_file(self) -> Path:
         """A private file ``{"api_tokens": {...}}`` for Locust's ``--api-tokens``."""
+        ...
+
+    def alerting(self) -> Alerting | None:
+        """Where the drill reads alerts (its Alertmanager, and the address its receiver listens
+        at for what Alertmanager delivers), or None when the target has no alerting it can read."""
         ...
 
     def superuser_password(self) -> str:
