@@ -306,6 +306,25 @@ def test_a_members_processes_are_named_by_role_as_locally() -> None:
     }
 
 
+def test_a_real_members_container_is_read_as_guard_keeper_patroni_and_postgres() -> None:
+    # listed by KubernetesRuntime in pg-cell1-samecity-0 of the local cluster (issue 18's session):
+    # Patroni starts PostgreSQL detached, so the postmaster's parent is the guard, PID 1
+    listed = json.loads((REPO / "tests" / "data" / "kubernetes-member-processes.json").read_text())
+    roles = kube_runtime.roles_of(listed)
+    assert roles[1] == "guard" and roles[7] == "keeper" and roles[8] == "patroni" and roles[34] == "postgres"
+    assert sorted(pid for pid, role in roles.items() if role == "postgres-child") == [
+        35,
+        36,
+        44,
+        48,
+        67,
+        68,
+        69,
+        76,
+    ]
+    assert len(roles) == len(listed) - 1  # the listing itself is left out
+
+
 @pytest.mark.parametrize(("role", "pids"), [("patroni", [8]), ("postgres", [41])])
 def test_killing_the_leaders_patroni_or_postmaster_signals_only_that_process_in_its_pod(
     role: str, pids: list[int], cluster: KubernetesRuntime, api: RecordedApi, monkeypatch: pytest.MonkeyPatch
