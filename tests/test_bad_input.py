@@ -7,6 +7,7 @@ amount, a malformed PAN or expiry, an unknown field, an id that does not exist.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -263,7 +264,7 @@ CASES: list[Case] = [
             ("applicant.annual_income", DROP, "applicant.annual_income"),
             ("applicant.annual_income", -1, "applicant.annual_income"),
             ("applicant.annual_income", "20000000", "applicant.annual_income"),
-            ("applicant.annual_income", 2.5e7, "applicant.annual_income"),
+            ("applicant.annual_income", 25_000_000.5, "applicant.annual_income"),  # (2.5e7 is an integer)
             ("applicant.annual_income", HUGE * 1000, "applicant.annual_income"),
             ("applicant.salary", 1, "applicant.salary"),
             ("product_code", 7, "product_code"),
@@ -274,7 +275,7 @@ CASES: list[Case] = [
         "POST",
         "/v1/applications",
         edit(application, "product_code", "PLATINUM"),
-        (400, 404),
+        404,
         "product_code",
     ),
     Case("card-unknown", "GET", "/v1/cards/" + fake("CD"), None, 404, "card_id"),
@@ -417,6 +418,7 @@ CASES: list[Case] = [
             ("tag", 5, "tag"),
             ("description", DROP, "description"),
             ("description", "", "description"),
+            ("description", "nul \u0000 inside", "description"),  # PostgreSQL stores no U+0000
             ("rule", "total_spend_fen >= 1", "rule"),
             ("rule", {"any": []}, "rule.any"),
             ("rule", {"all": [{"metric": "salary", "op": ">=", "value": 1}]}, "rule.all[0].metric"),
@@ -449,6 +451,8 @@ CASES: list[Case] = [
             ("account_id", DROP, "account_id"),
             ("conditions", {"min_amount_fen": 1}, "conditions"),
             ("valid_from", "yesterday", "valid_from"),
+            ("valid_from", "2020-01-01T00:00:00", "valid_from"),  # no offset: not comparable with now
+            ("valid_to", "2099-01-01T00:00:00", "valid_to"),
         ],
     ),
     Case(
@@ -505,6 +509,8 @@ CASES: list[Case] = [
         ],
     ),
     Case("rules-unknown-layer", "GET", "/v1/pricing/rules?layer=global", None, 400, "layer"),
+    Case("rules-blank-layer", "GET", "/v1/pricing/rules?layer=", None, 400, "layer"),
+    Case("tag-customers-blank-cell", "GET", "/v1/tags/vip/customers?cell=", None, 400, "cell"),
     # -- authorization, reversal, clearing
     *body_cases(
         "authorization",
@@ -538,6 +544,7 @@ CASES: list[Case] = [
             ("merchant_id", DROP, "merchant_id"),
             ("merchant_id", "", "merchant_id"),
             ("merchant_id", "m" * 65, "merchant_id"),
+            ("merchant_id", "m\u0000", "merchant_id"),
             ("channel", DROP, "channel"),
             ("channel", "phone", "channel"),
             ("kind", "refund", "kind"),
@@ -582,6 +589,14 @@ CASES: list[Case] = [
             ("pan", "1234", "pan"),
             ("pan", lambda w: w.pan[:-1] + str((int(w.pan[-1]) + 1) % 10), "pan"),  # Luhn fails
         ],
+    ),
+    Case(
+        "reversal-by-key-card-of-another-issuer",
+        "POST",
+        "/v1/authorizations/reversal",
+        edit(reversal_by_key, "pan", "4111111111111111"),
+        404,
+        "pan",
     ),
     Case(
         "reversal-by-key-more-than-the-hold",
@@ -802,6 +817,22 @@ CASES: list[Case] = [
         "limit",
     ),
     Case(
+        "transactions-cursor-not-a-transaction-id",
+        "GET",
+        "/v1/accounts/{account_id}/transactions?cursor=%00",
+        None,
+        400,
+        "cursor",
+    ),
+    Case(
+        "transactions-cursor-of-no-transaction-here",
+        "GET",
+        "/v1/accounts/{account_id}/transactions?cursor=" + fake("TX"),
+        None,
+        404,
+        "cursor",
+    ),
+    Case(
         "transactions-page-not-a-number",
         "GET",
         "/v1/accounts/{account_id}/transactions?limit=ten",
@@ -937,3 +968,41 @@ def test_a_full_pan_never_appears_in_an_error(core: CoreStack, world: World) -> 
     response = core.client.post("/v1/authorizations", json=body)
     assert response.status_code == 400
     assert body["pan"] not in response.text
+
+
+def test_an_integer_written_with_a_fraction_of_zero_is_that_integer_and_nothing_else_is(
+    core: CoreStack,
+) -> None:
+    """JSON Schema's integer is any number without a fractional part: 1500.0 and 1.5e3 are the
+    amount 1500 (the same request under its idempotency key as 1500), while 1500.5, "1500" and
+    true stay refused."""
+    opened = open_account(core.client)
+    idempotency_key = key()
+    body = {
+        "idempotency_key": idempotency_key,
+        "pan": opened["pan"],
+        "expiry": opened["expiry"],
+        "amount": 1500,
+        "currency": "CNY",
+        "mcc": "5411",
+        "merchant_id": "m-1",
+        "channel": "pos",
+    }
+    raw = json.dumps({**body, "amount": "AMOUNT"}).replace('"AMOUNT"', "1500.0")
+    first = core.client.post("/v1/authorizations", content=raw, headers={"content-type": "application/json"})
+    assert first.status_code == 200, first.text
+    assert first.json()["approved"] is True
+    replayed = core.client.post("/v1/authorizations", json=body)
+    assert replayed.status_code == 200 and replayed.json() == first.json()
+    exponent = json.dumps({**body, "amount": "AMOUNT"}).replace('"AMOUNT"', "1.5e3")
+    again = core.client.post(
+        "/v1/authorizations", content=exponent, headers={"content-type": "application/json"}
+    )
+    assert again.json() == first.json()
+    for wrong in (1500.5, "1500", True):
+        before = database_fingerprint(core)
+        refused = core.client.post(
+            "/v1/authorizations", json={**body, "idempotency_key": key(), "amount": wrong}
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == "amount", refused.text
+        assert database_fingerprint(core) == before

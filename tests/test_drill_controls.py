@@ -40,7 +40,12 @@ def runtime() -> Iterator[LocalRuntime]:
 
 
 def every_pid(runtime: LocalRuntime) -> dict[str, list[int]]:
-    return {c["name"]: sorted(p["pid"] for p in c["processes"]) for c in runtime.status()["components"]}
+    """Every long-lived process of every component: not PostgreSQL's children (a backend per
+    connection, autovacuum workers), which come and go by themselves."""
+    return {
+        c["name"]: sorted(p["pid"] for p in c["processes"] if p["role"] != "postgres-child")
+        for c in runtime.status()["components"]
+    }
 
 
 def steady(runtime: LocalRuntime) -> None:

@@ -61,6 +61,8 @@ class FakeApp:
         self.delay = 0.0  # seconds before answering anything but /readyz
         self.requests: list[tuple[str, str, str, bytes]] = []  # method, path, query, body
         self.known_keys: set[str] = set()  # idempotency keys of originals a reversal finds here
+        self.tags: dict[str, str] = {}  # tag -> description: the definitions this cell holds
+        self.rules: set[str] = set()  # names of the pricing rules this cell holds
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -141,7 +143,11 @@ class FakeApp:
             ready = any(r for r, _ in self.cells.values())
             return (200 if ready else 503), {"ready": ready, "site": self.site, "cells": cells}, False
         if path.startswith("/v1/tags/") and path.endswith("/customers"):
-            return 200, {"tag": path.split("/")[3], "customers": [f"CU-of-cell-{cell}"]}, False
+            tag = path.split("/")[3]
+            if self.tags and tag not in self.tags:  # (no definitions at all: every tag is defined)
+                error = {"code": "not_found", "message": f"tag {tag!r} is not defined", "field": "tag"}
+                return 404, {"error": error}, False
+            return 200, {"tag": tag, "customers": [f"CU-of-cell-{cell}"]}, False
         if path == "/v1/pricing/rules" and method == "GET":
             return (
                 200,
@@ -163,11 +169,26 @@ class FakeApp:
         if path == "/v1/admin/cycle":
             return 200, {"cell": int(cell), "business_date": json.loads(body)["business_date"]}, False
         if path == "/v1/tags" and method == "POST":
+            # as the app server: the same definition is no conflict, a different one is (409)
             request = json.loads(body)
             if "tag" not in request:
                 error = {"code": "invalid", "message": "missing required field `tag`", "field": "tag"}
                 return 400, {"error": error}, False
+            held = self.tags.get(request["tag"])
+            if held is not None and held != request.get("description"):
+                error = {"code": "tag_exists", "message": "defined differently", "field": "tag"}
+                return 409, {"error": error}, False
+            if params.get("check") == "only" or held is not None:
+                return 200, {"tag": request["tag"], "cell": cell}, False
+            self.tags[request["tag"]] = request.get("description", "")
             return 201, {"tag": request["tag"], "cell": cell}, False
+        if path == "/v1/pricing/rules" and method == "POST" and "name" in json.loads(body):
+            name = json.loads(body)["name"]
+            if name == "unknown product" and self.name == "a":  # the answer of a cell that refuses
+                return 404, {"error": {"code": "not_found", "message": "no", "field": "product_code"}}, False
+            status = 200 if name in self.rules else 201
+            self.rules.add(name)
+            return status, {"rule_id": name, "cell": cell}, False
         echo = {
             "upstream": self.name,
             "method": method,
@@ -419,8 +440,15 @@ def test_fan_out_reaches_every_cell_and_merges_the_answers() -> None:
             b.requests.clear()
             answer = await call(gateway, "POST", "/v1/tags", {"tag": "vip", "description": "d"})
             assert answer.status == 201 and answer.data == {"tag": "vip", "cell": "1"}
-            assert [(r[0], r[1], r[2]) for r in a.requests] == [("POST", "/v1/tags", "cell=1")]
-            assert [(r[0], r[1], r[2]) for r in b.requests] == [("POST", "/v1/tags", "cell=2")]
+            # every cell checked first (writing nothing), then every cell written
+            assert [(r[0], r[1], r[2]) for r in a.requests] == [
+                ("POST", "/v1/tags", "check=only&cell=1"),
+                ("POST", "/v1/tags", "cell=1"),
+            ]
+            assert [(r[0], r[1], r[2]) for r in b.requests] == [
+                ("POST", "/v1/tags", "check=only&cell=2"),
+                ("POST", "/v1/tags", "cell=2"),
+            ]
 
             rejected = await call(gateway, "POST", "/v1/tags", {"description": "no tag"})
             assert rejected.status == 400 and rejected.data["error"]["field"] == "tag"
@@ -430,6 +458,78 @@ def test_fan_out_reaches_every_cell_and_merges_the_answers() -> None:
             answer = await call(gateway, "POST", "/v1/pricing/rules", rule, query="dry=1")
             assert answer.status == 200 and answer.data["upstream"] == "a"
             assert [r[2] for r in b.requests] == ["dry=1&cell=2"]
+
+    run(scenario())
+
+
+def test_a_tag_one_cell_holds_already_is_defined_in_the_others_and_a_retry_is_a_200() -> None:
+    """A definition fanned out after a partial failure: the cell that has it (the same) is no
+    conflict, the cell without it gets it: 201, not the 503 of a "failed" cell; asked again,
+    every cell has it: 200."""
+
+    async def scenario() -> None:
+        async with two_cells() as (gateway, a, b):
+            a.tags["vip"] = "d"
+            answer = await call(gateway, "POST", "/v1/tags", {"tag": "vip", "description": "d"})
+            assert answer.status == 201, answer.data
+            assert b.tags == {"vip": "d"}
+            again = await call(gateway, "POST", "/v1/tags", {"tag": "vip", "description": "d"})
+            assert again.status == 200, again.data
+
+    run(scenario())
+
+
+def test_a_tag_defined_differently_in_one_cell_is_a_409_and_no_cell_is_written() -> None:
+    async def scenario() -> None:
+        async with two_cells() as (gateway, a, b):
+            a.tags["vip"] = "set by hand"
+            answer = await call(gateway, "POST", "/v1/tags", {"tag": "vip", "description": "other"})
+            assert answer.status == 409, answer.data
+            assert answer.data["error"]["code"] == "tag_exists"
+            assert b.tags == {} and a.tags == {"vip": "set by hand"}
+            assert [r[2] for r in b.requests] == ["check=only&cell=2"]
+
+    run(scenario())
+
+
+def test_a_definition_no_cell_could_check_writes_nothing_and_says_retry() -> None:
+    async def scenario() -> None:
+        async with two_cells() as (gateway, a, b):
+            await b.stop()
+            answer = await call(gateway, "POST", "/v1/tags", {"tag": "vip", "description": "d"})
+            assert answer.status == 503
+            assert answer.data["error"]["code"] == "cells_unavailable"
+            assert "nothing was written" in answer.data["error"]["message"]
+            assert a.tags == {}
+
+    run(scenario())
+
+
+def test_customers_of_a_tag_only_some_cells_define_are_a_200_and_of_one_no_cell_defines_a_404() -> None:
+    async def scenario() -> None:
+        async with two_cells() as (gateway, a, b):
+            a.tags["local"] = "defined in cell 1 only"
+            b.tags["other"] = "defined in cell 2 only"
+            answer = await call(gateway, "GET", "/v1/tags/local/customers")
+            assert answer.status == 200, answer.data
+            assert answer.data == {"tag": "local", "customers": ["CU-of-cell-1"]}
+            nowhere = await call(gateway, "GET", "/v1/tags/nowhere/customers")
+            assert nowhere.status == 404 and nowhere.data["error"]["field"] == "tag"
+
+    run(scenario())
+
+
+def test_a_pricing_rule_one_cell_holds_already_is_a_201_and_a_refusal_by_a_cell_is_no_503() -> None:
+    async def scenario() -> None:
+        async with two_cells() as (gateway, _a, b):
+            b.rules.add("campaign")
+            rule = {"layer": "transaction", "name": "campaign"}
+            answer = await call(gateway, "POST", "/v1/pricing/rules", rule)
+            assert answer.status == 201, answer.data
+            assert (await call(gateway, "POST", "/v1/pricing/rules", rule)).status == 200
+            unknown = {"layer": "product", "name": "unknown product"}  # refused by cell 1 only
+            refused = await call(gateway, "POST", "/v1/pricing/rules", unknown)
+            assert refused.status == 404 and refused.data["error"]["field"] == "product_code"
 
     run(scenario())
 

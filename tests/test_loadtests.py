@@ -188,12 +188,13 @@ def test_authorizations_whose_answers_an_outage_lost_are_reversed_by_their_key_o
         second = stack.start_app([2])
         stack.start_gateway({1: [first.url], 2: [second.url]})
         population = tmp_path / "population.json"
-        population_for_run(stack.url, 20, str(population))
+        population_for_run(stack.url, 20, Tokens(stack.api_tokens), str(population))
         port = int(second.url.rsplit(":", 1)[1])
         second.stop()  # cell 2 answers nothing: its authorizations are declined 91 by the gateway
         ack_log = tmp_path / "ack.jsonl"
         command = [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "-u", "10", "-r", "10", "-t", "16s"]
         command += ["--host", stack.url, "--population", str(population), "--ack-log", str(ack_log)]
+        command += ["--api-tokens", str(stack.secrets_file)]
         command += ["--rate-financial", "40", "--rate-nonfinancial", "0", "--only-summary", "Cardholder"]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -351,6 +352,11 @@ def test_declines_are_answers_but_91_and_http_errors_are_failures() -> None:
     )
     assert failure_reason("/v1/clearing", 0, None)
     assert failure_reason("/v1/cards/{card_id}", 200, {"card_id": "CD01"}) is None
+    # a purchase the load's own repayments paid off is not converted: the customer is told so
+    repaid = {"error": {"code": "already_repaid"}}
+    assert failure_reason("/v1/installments", 422, repaid) is None
+    assert failure_reason("/v1/installments", 422, {"error": {"code": "invalid"}}) == "HTTP 422 invalid"
+    assert failure_reason("/v1/repayments", 422, repaid) == "HTTP 422 already_repaid"
 
 
 def test_a_failure_that_may_hide_a_commit_is_indeterminate_and_a_refusal_is_not() -> None:

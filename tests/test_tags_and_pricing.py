@@ -211,6 +211,38 @@ def test_a_tag_is_defined_once_and_a_different_definition_is_a_conflict(core: Co
     assert tag_names(core.client, opened["customer_id"]) == {tag: "manual"}
 
 
+def test_a_tag_one_cell_has_already_is_defined_in_every_cell_and_then_answers_200(core: CoreStack) -> None:
+    """A retry after a partial failure: the cell that has the definition (the same one) is no
+    conflict; the other cell gets it (201); asked again, every cell has it (200)."""
+    tag = unique("half_defined")
+    body = {"tag": tag, "description": "defined in cell 1 first"}
+    assert core.client.post("/v1/tags", params={"cell": 1}, json=body).status_code == 201
+    everywhere = core.client.post("/v1/tags", json=body)
+    assert everywhere.status_code == 201, everywhere.text
+    assert core.client.post("/v1/tags", json=body).status_code == 200
+    assert core.client.post("/v1/tags", params={"cell": 2}, json=body).status_code == 200
+    by_cell = customers_in_each_cell(core.client)
+    for opened in by_cell.values():
+        assert put_tag(core.client, opened["customer_id"], tag).status_code == 200
+
+
+def test_a_tag_defined_differently_in_one_cell_is_a_conflict_that_writes_no_cell(core: CoreStack) -> None:
+    tag = unique("split_tag")
+    assert (
+        core.client.post("/v1/tags", params={"cell": 1}, json={"tag": tag, "description": "one"}).status_code
+        == 201
+    )
+    before = database_fingerprint(core)
+    different = core.client.post("/v1/tags", json={"tag": tag, "description": "two"})
+    assert different.status_code == 409, different.text
+    assert different.json()["error"]["code"] == "tag_exists"
+    assert database_fingerprint(core) == before
+    # the customers of a tag only cell 1 defines: cell 2 has none (not a 503)
+    listed = core.client.get(f"/v1/tags/{tag}/customers")
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["customers"] == []
+
+
 # ---- rule tags ----------------------------------------------------------------------------------
 
 

@@ -42,7 +42,9 @@ LOCUSTFILE = REPO_ROOT / "loadtests" / "locustfile.py"
 WARMUP_S = 8.0
 TAIL_S = 10.0
 CHAOS_TIMEOUT_S = 600.0
-LOAD_STOP_TIMEOUT_S = 30.0
+LOAD_STOP_TIMEOUT_S = (
+    90.0  # Locust writes its CSV history, HTML and summary on the way out: slow on a loaded machine
+)
 SAMPLE_INTERVAL_S = 0.5
 
 HISTORY_DEFAULT = REPO_ROOT / "reports" / trend.HISTORY_FILE
@@ -328,6 +330,11 @@ def stop_load(process: subprocess.Popen[bytes]) -> None:
         try:
             process.wait(timeout=LOAD_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            print(
+                f"load: Locust did not stop within {LOAD_STOP_TIMEOUT_S:.0f} s of SIGINT; killed"
+                " (its summary and reports may be missing)",
+                file=sys.stderr,
+            )
             process.kill()
             process.wait(timeout=LOAD_STOP_TIMEOUT_S)
 

@@ -16,6 +16,8 @@ from cardcore.accounting import api as accounting_api
 from cardcore.accounting import ops as _accounting_ops  # noqa: F401  (registers the repayment op)
 from cardcore.authorization import api as authorization_api
 from cardcore.common import api as common_api
+from cardcore.common.pricing import TERMS_ALLOWED
+from cardcore.common.types import SUPPORTED_CURRENCIES
 from cardcore.installments import api as installments_api
 from cardcore.issuing import api as issuing_api
 from cardcore.issuing import keys as issuing_keys
@@ -236,7 +238,13 @@ _QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
             "required": False,
             "schema": {"type": "integer", "minimum": 1, "maximum": accounting_api.PAGE_SIZE_MAX},
         },
-        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+        {
+            "name": "cursor",
+            "in": "query",
+            "required": False,
+            "description": "the next_cursor of the page before",
+            "schema": {"type": "string", "pattern": accounting_api.CURSOR_PATTERN},
+        },
     ],
 }
 # ids carry their kind and cell: anything else is not one of ours (the core answers 404)
@@ -275,11 +283,124 @@ _ERRORS = {
 }
 
 
+def _when(field: str, values: list[str], then: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema's "if ``field`` is one of ``values`` then ``then``"."""
+    condition = {"const": values[0]} if len(values) == 1 else {"enum": values}
+    return {"if": {"properties": {field: condition}, "required": [field]}, "then": then}
+
+
+def _number_branch(schema: dict[str, Any]) -> dict[str, Any]:
+    """The non-null branch of an optional property's schema (``anyOf: [X, null]``), or itself."""
+    for branch in schema.get("anyOf", ()):
+        if branch.get("type") != "null":
+            return dict(branch)
+    return schema
+
+
+_NO_NUL = "^[^\\u0000]*$"
+
+
+def _no_nul(schema: Any) -> None:
+    """Every free-text string of ``schema`` (no pattern, format or enum of its own) says it holds
+    no U+0000; so does every property name."""
+    if isinstance(schema, list):
+        for item in schema:
+            _no_nul(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    if schema.get("type") == "string" and not {"pattern", "format", "enum", "const"} & set(schema):
+        schema["pattern"] = _NO_NUL
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        schema["propertyNames"] = {"pattern": _NO_NUL}
+    for key, value in schema.items():
+        if key == "properties" and isinstance(value, dict):
+            for item in value.values():
+                _no_nul(item)
+        elif isinstance(value, dict | list):
+            _no_nul(value)
+
+
+def _constrain(components: dict[str, Any]) -> None:
+    """What the server checks beyond its request types, said in the schemas where JSON Schema can
+    say it (the rest is in the fields' descriptions: a Luhn check digit, a time relative to now,
+    one field compared with another). Each line here mirrors a check in the code it names."""
+    # Request.decode (platform/http.py): no text holds U+0000, which PostgreSQL cannot store
+    _no_nul(components)
+    # check_currency (authorization/ops.py), Repay: the only currency this issuer books
+    for schema in components.values():
+        properties = schema.get("properties", {})
+        if "currency" in properties:
+            properties["currency"] = {
+                **properties["currency"],
+                "enum": sorted(SUPPORTED_CURRENCIES),
+                "description": "ISO 4217; this issuer books CNY only",
+            }
+    # check_authorization_format: card not present, so the CVV2 printed on the card
+    components["AuthorizationRequest"]["allOf"] = [
+        _when("channel", ["online"], {"required": ["cvv2"], "properties": {"cvv2": {"type": "string"}}})
+    ]
+    # Clear: an authorization id of this core (anything else is refused before it is looked up)
+    components["ClearingRequest"]["properties"]["auth_id"] = {
+        "type": "string",
+        "pattern": _ID_PATTERN["auth_id"],
+    }
+    # validate_rule (common/pricing.py)
+    price = components["PriceSpec"]
+    price_properties = price["properties"]
+    for name in ("value", "multiplier"):
+        price_properties[name] = {
+            "anyOf": [
+                {**_number_branch(price_properties[name]), "minimum": 0, "maximum": 10},
+                {"type": "null"},
+            ],
+            "default": None,
+        }
+    price["allOf"] = [
+        {
+            "description": "exactly one of value (a price) and multiplier (of the price below)",
+            "oneOf": [
+                {
+                    "required": ["value"],
+                    "properties": {"value": {"type": "number"}, "multiplier": {"type": "null"}},
+                },
+                {
+                    "required": ["multiplier"],
+                    "properties": {"multiplier": {"type": "number"}, "value": {"type": "null"}},
+                },
+            ],
+        },
+        _when(
+            "item",
+            ["installment_fee_rate"],
+            {"properties": {"terms": {"enum": [*sorted(TERMS_ALLOWED), None]}}},
+        ),
+    ]
+    components["PricingRule"]["allOf"] = [
+        _when(
+            "layer",
+            ["product"],
+            {
+                "required": ["product_code"],
+                "properties": {"product_code": {"type": "string", "minLength": 1}},
+            },
+        ),
+        _when(
+            "layer",
+            ["account"],
+            {"required": ["account_id"], "properties": {"account_id": {"type": "string", "minLength": 1}}},
+        ),
+        # only transaction-layer campaigns take conditions
+        _when("layer", ["product", "account"], {"properties": {"conditions": {"type": "null"}}}),
+    ]
+
+
 def openapi_document(routes: list[Route], cell_count: int = 99) -> dict[str, Any]:
     request_types = [r.request_type for r in routes if r.request_type is not None]
     refs, components = msgspec.json.schema_components(
         request_types, ref_template="#/components/schemas/{name}"
     )
+    _constrain(components)
     ref_of = dict(zip(request_types, refs, strict=True))
     error_ref = {"$ref": "#/components/schemas/Error"}
     components["Error"] = {

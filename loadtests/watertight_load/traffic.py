@@ -77,6 +77,25 @@ def mask_pan(pan: str) -> str:
     return f"{pan[:6]}******{pan[-4:]}" if len(pan) >= 10 else "******"
 
 
+# what the core may rightly refuse in the load's own mix, which cannot know it beforehand: a
+# purchase the customer's repayments already paid off, or one the installment line cannot carry,
+# is not turned into installments (the customer is told so). A business answer, not a failure;
+# nothing was committed, so nothing goes to the ack log.
+BUSINESS_REFUSALS = frozenset(
+    {
+        ("/v1/installments", 422, "already_repaid"),
+        ("/v1/installments", 422, "insufficient_installment_line"),
+    }
+)
+
+
+def business_refusal(route: str, status_code: int | None, body: Any) -> bool:
+    """True for a refusal in ``BUSINESS_REFUSALS``."""
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        return False
+    return (route, status_code, body["error"].get("code")) in BUSINESS_REFUSALS
+
+
 def failure_reason(route: str, status_code: int | None, body: Any) -> str | None:
     """Why an answer counts as a failure, or None when it is a success.
 
@@ -85,6 +104,8 @@ def failure_reason(route: str, status_code: int | None, body: Any) -> str | None
     if not status_code:
         return "no answer (connection refused, reset or timed out)"
     if status_code >= 400:
+        if business_refusal(route, status_code, body):
+            return None
         code = None
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             code = body["error"].get("code")

@@ -25,7 +25,13 @@ from watertight_load.history import READ_PAGE_SIZE
 from watertight_load.outstanding import Outstanding
 from watertight_load.population import Customer, Population
 from watertight_load.session import SESSION
-from watertight_load.traffic import NONFINANCIAL, failure_reason, indeterminate, request_name
+from watertight_load.traffic import (
+    NONFINANCIAL,
+    business_refusal,
+    failure_reason,
+    indeterminate,
+    request_name,
+)
 
 NETWORK_TIMEOUT_S = 5.0
 CONNECTION_TIMEOUT_S = 2.0
@@ -124,6 +130,8 @@ class CardCoreUser(FastHttpUser):
                     key, f"POST {route}", customer.account_id, customer.cell, sent, _answer(status, answer)
                 )
             return Reply(None, key, unsure)
+        if business_refusal(route, status, answer):
+            return Reply(answer, key)  # refused, nothing committed: not acknowledged
         if SESSION.ack_log is not None:
             entry: dict[str, Any] = {
                 "idempotency_key": key,

@@ -5,6 +5,7 @@ postings; page without a bound.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -19,6 +20,11 @@ from cardcore.platform.state import load_accounts
 
 PAGE_SIZE_MAX = 200
 STATEMENT_LINES_MAX = 2000
+
+
+# a transaction id's shape (the OpenAPI says the same); one of no transaction here is a 404
+CURSOR_PATTERN = "^TX[0-9]{2}[A-Z2-7]{16}$"
+CURSOR_RE = re.compile(CURSOR_PATTERN)
 
 
 class CycleRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -114,6 +120,8 @@ def routes(service: CoreService) -> list[Route]:
             raise bad_request("limit", f"limit must be 1..{PAGE_SIZE_MAX}")
         limit = int(raw_limit)
         cursor = request.query.get("cursor")
+        if cursor is not None and not CURSOR_RE.fullmatch(cursor):
+            raise bad_request("cursor", "cursor must be a transaction_id (the last of the page before)")
         async with account_pool(account_id).acquire() as conn:
             if not await conn.fetchval("SELECT 1 FROM accounts WHERE account_id = $1", account_id):
                 raise not_found("account_id", f"account {account_id} not found")
@@ -125,7 +133,7 @@ def routes(service: CoreService) -> list[Route]:
                     account_id,
                 )
                 if row is None:
-                    raise bad_request("cursor", "cursor is not a transaction of this account")
+                    raise not_found("cursor", "cursor names no transaction of this account")
                 after = (row[0], row[1])
             rows = await conn.fetch(
                 f"SELECT {_LINE_COLUMNS} FROM transactions"

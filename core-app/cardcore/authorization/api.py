@@ -74,7 +74,8 @@ def routes(service: CoreService) -> list[Route]:
         if body.pan is not None:
             cell = service.router.cell_for_pan(body.pan)
             if cell is None:
-                raise bad_request("pan", "pan is not a card number of this issuer")
+                # well formed, just not ours: no original of this issuer to reverse (as a refund says)
+                raise ApiError(404, "not_found", "no card of this issuer has this number", "pan")
             return await _submit(service.engine_for_cell(cell), body, mode)
         engines = cell_param(service, request.query, required=False)
         first = list(await asyncio.gather(*(_submit(e, body, KNOWN_ONLY) for e in engines)))

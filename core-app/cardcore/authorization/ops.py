@@ -18,7 +18,7 @@ log a CVV2 (it is derived again from the PAN and checked).
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -97,7 +97,15 @@ class ReversalByKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     it every cell is asked."""
 
     idempotency_key: IdempotencyKey
-    original_idempotency_key: IdempotencyKey
+    original_idempotency_key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=64,
+            description="The key of the request to reverse; not this request's own idempotency_key "
+            "(a comparison no JSON Schema can make: refused with 400).",
+        ),
+    ]
     amount: AmountFen | None = None
     pan: PanText | None = None
 

@@ -52,6 +52,12 @@ async def sweep_rule(engine: CellEngine, tag: str) -> int:
         last = account_ids[-1]
 
 
+def same_definition(existing: Any, description: str, rule: Any) -> bool:
+    """Whether a stored tag definition row is the one given (``rule`` as builtins, or None)."""
+    stored_rule = msgspec.json.decode(existing["rule"]) if existing["rule"] else None
+    return bool(existing["description"] == description and stored_rule == rule)
+
+
 def routes(service: CoreService) -> list[Route]:
     def customer_engine(customer_id: str) -> CellEngine:
         return service.engine_for_id(customer_id, ids.PREFIX_CUSTOMER, "customer_id")
@@ -110,35 +116,62 @@ def routes(service: CoreService) -> list[Route]:
         return 200, {"customer_id": customer_id, "tag": tag, "deleted": True}
 
     async def define_tag(request: Request) -> tuple[int, Any]:
+        """One tag definition copied into every cell (``?cell=N``: that cell only). A definition
+        the cell holds already, the same, is no conflict: a retry after some cells failed defines
+        it in the cells still missing it. Only a *different* definition is (409), and then no
+        cell is written: every cell is checked before any is. ``201`` when this request defined
+        it in at least one cell, ``200`` when every cell had it already. ``&check=only``: the
+        check alone (the gateway's first round of a fan-out), nothing written: ``200``."""
         body: TagDefinitionRequest = request.decode(TagDefinitionRequest)
-        rule_json = encode(body.rule).decode() if body.rule is not None else None
-        status = 201
-        for engine in cell_param(service, request.query, required=False):
-            pool = engine.require_ready()
-            async with pool.acquire() as conn:
+        check = request.query.get("check")
+        if check not in (None, "only"):
+            raise bad_request("check", "check must be 'only' (check for a conflict, write nothing)")
+        rule = msgspec.to_builtins(body.rule) if body.rule is not None else None
+        engines = cell_param(service, request.query, required=False)
+        missing: list[CellEngine] = []
+        for engine in engines:
+            async with engine.require_ready().acquire() as conn:
                 existing = await conn.fetchrow(
                     "SELECT description, rule FROM tag_definitions WHERE tag = $1", body.tag
                 )
-                if existing is not None:
-                    same_rule = (msgspec.json.decode(existing["rule"]) if existing["rule"] else None) == (
-                        msgspec.json.decode(rule_json) if rule_json else None
-                    )
-                    if existing["description"] != body.description or not same_rule:
-                        raise conflict(
-                            "tag_exists", f"tag {body.tag!r} is already defined differently", "tag"
-                        )
-                    status = 200
-                    continue
-                await conn.execute(
-                    "INSERT INTO tag_definitions (tag, description, rule) VALUES ($1, $2, $3::jsonb)",
+            if existing is None:
+                missing.append(engine)
+            elif not same_definition(existing, body.description, rule):
+                raise conflict(
+                    "tag_exists",
+                    f"tag {body.tag!r} is already defined differently in cell {engine.cell}",
+                    "tag",
+                )
+        answer = {"tag": body.tag, "description": body.description, "rule": body.rule}
+        if check == "only":
+            return 200, answer
+        created = False
+        for engine in missing:
+            async with engine.require_ready().acquire() as conn:
+                inserted = await conn.fetchval(
+                    "INSERT INTO tag_definitions (tag, description, rule) VALUES ($1, $2, $3::jsonb)"
+                    " ON CONFLICT (tag) DO NOTHING RETURNING 1",
                     body.tag,
                     body.description,
-                    rule_json,
+                    encode(body.rule).decode() if body.rule is not None else None,
                 )
+                if not inserted:
+                    # defined by another request since the check: the same or a conflict, as above
+                    existing = await conn.fetchrow(
+                        "SELECT description, rule FROM tag_definitions WHERE tag = $1", body.tag
+                    )
+                    if not same_definition(existing, body.description, rule):
+                        raise conflict(
+                            "tag_exists",
+                            f"tag {body.tag!r} was defined differently in cell {engine.cell} meanwhile",
+                            "tag",
+                        )
+                    continue
+            created = True
             await engine.refresh_catalogue()
             if body.rule is not None:
                 await sweep_rule(engine, body.tag)
-        return status, {"tag": body.tag, "description": body.description, "rule": body.rule}
+        return (201 if created else 200), answer
 
     async def tag_customers(request: Request) -> tuple[int, Any]:
         tag = request.params["tag"]
@@ -169,26 +202,28 @@ def routes(service: CoreService) -> list[Route]:
         else:
             engines = cell_param(service, request.query, required=False)
         rule_id = rule_id_of(rule)
-        status = 201
+        # every cell checked before any is written: a refusal writes nothing anywhere
         for engine in engines:
             pool = engine.require_ready()
-            async with pool.acquire() as conn:
-                if rule.layer == "account" and not await conn.fetchval(
-                    "SELECT 1 FROM accounts WHERE account_id = $1", rule.account_id
-                ):
-                    raise not_found("account_id", f"account {rule.account_id} not found")
-                if rule.layer == "product" and rule.product_code not in engine.catalogue.products:
-                    raise not_found("product_code", f"product {rule.product_code} not found")
-                inserted = await conn.fetchval(
-                    "INSERT INTO pricing_rules (rule_id, layer, body) VALUES ($1, $2, $3::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
-                    rule_id,
-                    rule.layer,
-                    encode(rule).decode(),
-                )
-                if not inserted:
-                    status = 200
+            if rule.layer == "product" and rule.product_code not in engine.catalogue.products:
+                raise not_found("product_code", f"product {rule.product_code} not found")
+            if rule.layer == "account" and not await pool.fetchval(
+                "SELECT 1 FROM accounts WHERE account_id = $1", rule.account_id
+            ):
+                raise not_found("account_id", f"account {rule.account_id} not found")
+        # content-addressed: a cell that has the rule already is no conflict (a retry after a
+        # partial failure adds it where it is missing); 201 when this request added it anywhere
+        created = False
+        for engine in engines:
+            inserted = await engine.require_ready().fetchval(
+                "INSERT INTO pricing_rules (rule_id, layer, body) VALUES ($1, $2, $3::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
+                rule_id,
+                rule.layer,
+                encode(rule).decode(),
+            )
+            created = created or bool(inserted)
             await engine.refresh_catalogue()
-        return status, {"rule_id": rule_id, **msgspec.to_builtins(rule)}
+        return (201 if created else 200), {"rule_id": rule_id, **msgspec.to_builtins(rule)}
 
     async def list_rules(request: Request) -> tuple[int, Any]:
         layer = request.query.get("layer")

@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -54,8 +54,18 @@ class PricingRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     product_code: str | None = None
     account_id: str | None = None
     conditions: Conditions | None = None
-    valid_from: datetime | None = None
-    valid_to: datetime | None = None
+    # with an offset (RFC 3339): a time without one cannot be compared with the clock
+    valid_from: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    valid_to: (
+        Annotated[
+            datetime,
+            msgspec.Meta(
+                tz=True,
+                description="After valid_from (a comparison no JSON Schema can make: refused with 400).",
+            ),
+        ]
+        | None
+    ) = None
 
 
 def rule_id_of(rule: PricingRule) -> str:

@@ -400,10 +400,16 @@ class Gateway:
             if rule.layer in ("product", "transaction"):
                 return await self._fanout(Kind.FANOUT_FIRST, route, scope, body)
             return await self._to_cell(None, scope, body)
-        if kind in (Kind.FANOUT_FIRST, Kind.FANOUT_TAG_CUSTOMERS, Kind.FANOUT_RULES, Kind.FANOUT_CYCLE):
+        if kind in (
+            Kind.FANOUT_FIRST,
+            Kind.FANOUT_DEFINE,
+            Kind.FANOUT_TAG_CUSTOMERS,
+            Kind.FANOUT_RULES,
+            Kind.FANOUT_CYCLE,
+        ):
             return await self._fanout(kind, route, scope, body)
         if kind is Kind.CELL_QUERY:
-            values = parse_qs(_query_of(scope)).get("cell")
+            values = parse_qs(_query_of(scope), keep_blank_values=True).get("cell")
             raw = values[-1].strip() if values else ""
             if not raw.isdigit() or int(raw) not in self.cells:
                 message = f"query parameter cell must be a cell number in 1..{len(self.cells)}"
@@ -525,7 +531,7 @@ class Gateway:
         method = scope["method"]
         path = _path_target(scope)
         query = _query_of(scope)
-        chosen = parse_qs(query).get("cell")
+        chosen = parse_qs(query, keep_blank_values=True).get("cell")
         if chosen:
             # one cell asked for (e.g. by a gateway in front of this one): no fan-out
             raw = chosen[-1].strip()
@@ -543,6 +549,14 @@ class Gateway:
             decided = self._merge_known(first)
             if decided is not None:
                 return decided
+        if kind is Kind.FANOUT_DEFINE:
+            # first every cell checks for a different definition, writing nothing, so a conflict
+            # in one cell leaves every cell as it was
+            check = f"{query}&check=only" if query else "check=only"
+            checked = await self._ask_every_cell(method, path, check, body, headers, deadline)
+            refused = self._merge_check(checked)
+            if refused is not None:
+                return refused
         answers = await self._ask_every_cell(method, path, query, body, headers, deadline)
         return self._merge(kind, route, body, answers)
 
@@ -576,17 +590,30 @@ class Gateway:
     def _merge(
         self, kind: Kind, route: Route, request_body: bytes, answers: dict[int, Response | _Failed]
     ) -> tuple[int, bytes, bytes, str, str]:
+        """One answer from every cell's. A cell that refused the request (4xx) is not a cell that
+        failed: any refusal is the answer, as the first refusing cell gave it (a retry cannot
+        change it; the write fan-outs check every cell before writing any, so a refusal wrote
+        nothing). Otherwise any cell that failed (unavailable, timed out, 5xx) makes a 503 with
+        the partial result: a retry with the same body heals, as the write fan-outs take "there
+        already, the same" as success. A cell that does not define a tag has none of its
+        customers: an empty list, not a refusal. On success a write fan-out answers 201 when
+        any cell created the thing, else 200 (every cell had it already)."""
         decoded: dict[int, dict[str, Any]] = {}
         failed: dict[int, str] = {}
         rejected: list[Response] = []
+        undefined: list[Response] = []  # cells that do not define the tag asked for
         first: Response | None = None
+        created = False
         for cell, answer in answers.items():
             if isinstance(answer, _Failed):
                 failed[cell] = answer.message
                 continue
             if 400 <= answer.status < 500:
+                if kind is Kind.FANOUT_TAG_CUSTOMERS and _tag_undefined(answer):
+                    undefined.append(answer)
+                    decoded[cell] = {"tag": route.key, "customers": []}
+                    continue
                 rejected.append(answer)
-                failed[cell] = f"cell {cell} answered {answer.status}"
                 continue
             if not 200 <= answer.status < 300:
                 failed[cell] = f"cell {cell} answered {answer.status}"
@@ -600,24 +627,21 @@ class Gateway:
                 continue
             decoded[cell] = value
             first = first or answer
+            created = created or answer.status == 201
 
-        if rejected and len(rejected) == len(answers):
-            # every cell rejected the same input: pass the first rejection through as is
-            answer = rejected[0]
-            return answer.status, answer.header(b"content-type") or JSON, answer.body, "all", "4xx"
         if kind is Kind.REVERSAL_BY_KEY:
             return self._merge_reversal(answers, decoded, rejected, failed)
+        if len(undefined) == len(answers):
+            rejected = undefined  # no cell defines it: there is no such tag
+        if rejected:
+            answer = rejected[0]
+            return answer.status, answer.header(b"content-type") or JSON, answer.body, "all", "4xx"
 
         merged: dict[str, Any]
-        if kind is Kind.FANOUT_FIRST:
+        if kind in (Kind.FANOUT_FIRST, Kind.FANOUT_DEFINE):
             if not failed and first is not None:
-                return (
-                    first.status,
-                    first.header(b"content-type") or JSON,
-                    first.body,
-                    "all",
-                    _outcome(first.status),
-                )
+                status = 201 if created else first.status
+                return status, first.header(b"content-type") or JSON, first.body, "all", _outcome(status)
             merged = {"cells": {str(cell): value for cell, value in decoded.items()}}
         elif kind is Kind.FANOUT_CYCLE:
             try:
@@ -674,6 +698,23 @@ class Gateway:
         }
         merged["failed_cells"] = [str(cell) for cell in sorted(failed)]
         return 503, JSON, _encode(merged), "all", "unavailable"
+
+    @staticmethod
+    def _merge_check(answers: dict[int, Response | _Failed]) -> tuple[int, bytes, bytes, str, str] | None:
+        """The first round of a definition fanned out (``check=only``, nothing written): the first
+        refusal (a different definition in some cell: 409); a 503 when a cell could not say;
+        None when every cell may take it: second round."""
+        failed: list[int] = []
+        for cell, answer in answers.items():
+            if isinstance(answer, _Failed) or answer.status >= 500:
+                failed.append(cell)
+            elif answer.status >= 300:
+                return answer.status, answer.header(b"content-type") or JSON, answer.body, str(cell), "4xx"
+        if failed:
+            cells = ", ".join(str(cell) for cell in sorted(failed))
+            message = f"cell(s) {cells} could not be asked; nothing was written; retry"
+            return 503, JSON, error_body("cells_unavailable", message), "all", "unavailable"
+        return None
 
     @staticmethod
     def _merge_known(answers: dict[int, Response | _Failed]) -> tuple[int, bytes, bytes, str, str] | None:
@@ -769,6 +810,18 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
 
 
 _RESPONSE_CODE = b'"response_code":"'
+
+
+def _tag_undefined(answer: Response) -> bool:
+    """A cell's 404 for a tag it does not define (as against any other refusal)."""
+    if answer.status != 404:
+        return False
+    try:
+        value = _decode_any(answer.body)
+    except msgspec.DecodeError:
+        return False
+    error = value.get("error") if isinstance(value, dict) else None
+    return isinstance(error, dict) and error.get("field") == "tag"
 
 
 def _response_code(answer: bytes) -> str:

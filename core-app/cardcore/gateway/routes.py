@@ -33,6 +33,7 @@ class Kind(IntEnum):
     METRICS = 16
     BODY_PAN_REFUND = 17  # POST /v1/refunds: the card's cell, answered as any financial request
     REVERSAL_BY_KEY = 18  # POST /v1/authorizations/reversal: the card's cell, else every cell
+    FANOUT_DEFINE = 19  # POST /v1/tags: every cell checked for a conflict, then every cell written
 
 
 # resource -> (id prefix, template of the id segment, known sub-paths)
@@ -61,7 +62,7 @@ _FIXED: dict[tuple[str, str], tuple[Kind, str]] = {
     ("POST", "/v1/installments/quote"): (Kind.BODY_ACCOUNT_ID, "/v1/installments/quote"),
     ("POST", "/v1/installments"): (Kind.BODY_ACCOUNT_ID, "/v1/installments"),
     ("POST", "/v1/applications"): (Kind.BODY_APPLICANT, "/v1/applications"),
-    ("POST", "/v1/tags"): (Kind.FANOUT_FIRST, "/v1/tags"),
+    ("POST", "/v1/tags"): (Kind.FANOUT_DEFINE, "/v1/tags"),
     ("POST", "/v1/pricing/rules"): (Kind.PRICING_RULE, "/v1/pricing/rules"),
     ("GET", "/v1/pricing/rules"): (Kind.FANOUT_RULES, "/v1/pricing/rules"),
     ("POST", "/v1/admin/cycle"): (Kind.FANOUT_CYCLE, "/v1/admin/cycle"),

@@ -32,7 +32,13 @@ class Applicant(msgspec.Struct, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
     id_number: Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Z]{6,32}$")]
     mobile: Annotated[str, msgspec.Meta(pattern=r"^\+?[0-9]{6,15}$")]
-    birth_date: date
+    birth_date: Annotated[
+        date,
+        msgspec.Meta(
+            description="In the past. The schema cannot say what today is: a date not before today "
+            "is refused with 400."
+        ),
+    ]
     annual_income: Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_FEN_MAX)]
 
 
@@ -146,7 +152,8 @@ def routes(service: CoreService) -> list[Route]:
         catalogue = engine.catalogue
         product_code = body.product_code or catalogue.default_product
         if product_code not in catalogue.products:
-            raise bad_request("product_code", f"unknown product_code {product_code!r}")
+            # a product the catalogue does not have is not found, as for a pricing rule naming it
+            raise not_found("product_code", f"unknown product_code {product_code!r}")
         params = catalogue.products[product_code]
         decision = decide(applicant.birth_date, applicant.annual_income, today, params)
         declined = {

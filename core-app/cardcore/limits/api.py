@@ -28,7 +28,14 @@ TEMPORARY_DAYS_MAX = 365
 class TemporaryRaiseRequest(msgspec.Struct, forbid_unknown_fields=True):
     line: Line
     amount: AmountFen
-    expires_at: Annotated[datetime, msgspec.Meta(tz=True)]
+    expires_at: Annotated[
+        datetime,
+        msgspec.Meta(
+            tz=True,
+            description=f"RFC 3339 with an offset, in the future and at most {TEMPORARY_DAYS_MAX} days "
+            "ahead. The schema cannot say when now is: any other time is refused with 400.",
+        ),
+    ]
 
 
 class LimitRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -85,6 +86,68 @@ def field_of_validation_error(message: str) -> str | None:
     return path or None
 
 
+# msgspec's words for a float where an int (or an optional int: `int | null`) is expected
+_FLOAT_FOR_INT = re.compile(r"Expected `(?:[^`]*\| )?int(?: \|[^`]*)?`, got `float`")
+
+
+_INTEGRAL_DIGITS_MAX = 19  # below 10**19: every int64
+
+
+def _integral_as_int(text: str) -> int | float:
+    """A JSON number written with a fraction or an exponent (``47.0``, ``4.7e1``): the exact
+    integer when it is one, else the float."""
+    try:
+        exact = Decimal(text)
+    except ArithmeticError:
+        return float(text)
+    # bounded before it becomes an int: 1e100000000 would be a hundred million digits (and is no
+    # int64 anyway: left a float, it is refused as before)
+    if exact.is_finite() and exact.adjusted() < _INTEGRAL_DIGITS_MAX and exact == exact.to_integral_value():
+        return int(exact)
+    return float(text)
+
+
+# JSON has one number type and JSON Schema's "integer" is any number without a fractional part,
+# so 47.0 is an integer to every client built on the OpenAPI description: an integer field takes it.
+# msgspec's own lax mode would also take strings ("47") and is not used. The typed decode above
+# stays the fast path; this second pass runs only when it refused a float for an int, and turns
+# exactly the integral number literals into ints (exactly: from the text, never through a float,
+# so 12345678901234567.0 is not rounded) before the same strict validation. A float field still
+# gets a float (msgspec takes an int for a float), and the idempotency digest is of the decoded
+# request, so 47.0 and 47 under one key are the same request.
+_integral_decoder = msgspec.json.Decoder(float_hook=_integral_as_int)
+
+
+def _decode_integral_floats(body: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.convert(_integral_decoder.decode(body), type=kind)
+    except msgspec.ValidationError as error:
+        message = str(error)
+        raise bad_request(field_of_validation_error(message) or "body", message) from None
+    except msgspec.DecodeError as error:
+        raise bad_request("body", f"malformed JSON: {error}") from None
+
+
+_NUL_ESCAPE = b"\\u0000"  # the only way JSON text can carry U+0000
+
+
+def refuse_nul(value: Any, path: str = "") -> None:
+    """400 naming the first string (or key) of ``value`` that holds U+0000: PostgreSQL stores no
+    such text (neither text nor jsonb), and no name, key or description needs it."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise bad_request(path or "body", "text must not contain U+0000 (NUL)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in key:
+                raise bad_request(where, "text must not contain U+0000 (NUL)")
+            refuse_nul(item, where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            refuse_nul(item, f"{path}[{index}]")
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -98,12 +161,17 @@ class Request:
         if not self.body:
             raise bad_request("body", "a JSON body is required")
         try:
-            return msgspec.json.decode(self.body, type=kind)
+            decoded = msgspec.json.decode(self.body, type=kind)
         except msgspec.ValidationError as error:
             message = str(error)
-            raise bad_request(field_of_validation_error(message) or "body", message) from None
+            if not _FLOAT_FOR_INT.search(message):
+                raise bad_request(field_of_validation_error(message) or "body", message) from None
+            decoded = _decode_integral_floats(self.body, kind)
         except msgspec.DecodeError as error:
             raise bad_request("body", f"malformed JSON: {error}") from None
+        if _NUL_ESCAPE in self.body:  # rare: a byte search keeps the common case free
+            refuse_nul(msgspec.json.decode(self.body))
+        return decoded
 
     def expect_no_fields(self) -> None:
         """For endpoints without a body: none, or an empty object; any field is unknown."""
@@ -218,7 +286,10 @@ def encode(value: Any) -> bytes:
 def parse_query(raw: bytes) -> dict[str, str]:
     if not raw:
         return {}
-    return {key: values[-1] for key, values in parse_qs(raw.decode("latin-1")).items()}
+    # a blank value is a value (``?layer=`` is not an absent layer): the handler refuses it
+    return {
+        key: values[-1] for key, values in parse_qs(raw.decode("latin-1"), keep_blank_values=True).items()
+    }
 
 
 async def lifespan(
