@@ -9,11 +9,12 @@ PYTEST_ARGS ?=
 DRILL_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help system-packages venv lint typecheck test drill mixed-run format clean distclean
+.PHONY: help system-packages venv lint typecheck test test-kubernetes drill mixed-run format clean distclean
 
 help:
 	@echo "make drill      install what is missing, start the local topology, run the default drill"
 	@echo "make test       install what is missing, then lint, typecheck and run the test suite"
+	@echo "make test-kubernetes  a real Kubernetes cluster here with the program's objects on it (builds Kubernetes first: 12-15 min)"
 	@echo "make mixed-run  the headline's local rehearsal: 500 + 2,500 TPS for 60 s through the entry, Locust's gates"
 	@echo "make venv       install missing Debian packages and the project into $(VENV)"
 	@echo "make lint       ruff check and ruff format --check"
@@ -55,6 +56,12 @@ typecheck: venv
 test: venv lint typecheck
 	@echo "==> pytest"
 	@$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# the real single-node Kubernetes cluster with the Pulumi program's objects on it (builds the
+# binaries and images first on a fresh machine: 12-15 minutes more; cached outside the work tree)
+test-kubernetes: venv
+	@echo "==> pytest tests/test_kubernetes_cluster.py (a real cluster)"
+	@WATERTIGHT_KUBERNETES_E2E=1 $(BIN)/pytest -q tests/test_kubernetes_cluster.py $(PYTEST_ARGS)
 
 drill: venv
 	@echo "==> watertight drill $(DRILL_ARGS)"

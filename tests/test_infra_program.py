@@ -18,7 +18,7 @@ from cardcore.platform import auth
 from cardcore.platform.settings import AppSettings
 
 from watertight import render
-from watertight.chaos.kubernetes import LABEL_CELL, LABEL_COMPONENT, LABEL_KIND, LABEL_SITE, labels
+from watertight.kube_names import LABEL_CELL, LABEL_COMPONENT, LABEL_KIND, LABEL_SITE, labels
 from watertight.monitoring import rules as monitoring_rules
 from watertight.topology import CENTERS, SITE_NAMES, Topology
 from watertight_infra import components, harness, settings, sizing
@@ -107,14 +107,14 @@ def test_each_site_is_its_own_cluster_adopted_by_its_configured_context(stack: s
 def test_every_kubernetes_object_is_declared_through_its_own_sites_provider(stack: str) -> None:
     run = run_of(stack)
     provider_site = site_of_provider(run)
-    namespace = settings_of(stack).namespace
     objects = run.kubernetes()
     assert len(objects) > 50
     for declared in objects:
         assert declared.provider in provider_site, f"{declared.name} has no explicit provider"
-        assert provider_site[declared.provider] == declared.labels[LABEL_SITE], declared.name
+        site = provider_site[declared.provider]
+        assert site == declared.labels[LABEL_SITE], declared.name
         if declared.kind != "Namespace":
-            assert declared.metadata["namespace"] == namespace, declared.name
+            assert declared.metadata["namespace"] == settings_of(stack).namespace_of(site), declared.name
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -139,6 +139,18 @@ def test_every_object_is_a_child_of_a_topology_component(stack: str) -> None:
 
 
 @pytest.mark.parametrize("stack", STACKS)
+def test_an_etcd_member_is_ready_with_a_leader_and_alive_as_its_etcd_version_allows(stack: str) -> None:
+    run = run_of(stack)
+    for member in [r for r in run.of_kind("StatefulSet") if r.labels[LABEL_KIND] in ("etcd", "etcd-dr")]:
+        container = pod_spec(member)["containers"][0]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health?serializable=true"
+        assert container["livenessProbe"]["httpGet"]["path"] == settings_of(stack).etcd_liveness_path
+    # etcd 3.4 (the local stack's Debian image) needs a leader for /health: it is alive when it answers
+    assert settings_of("local").etcd_liveness_path == "/version"
+    assert settings_of("dev").etcd_liveness_path == "/health?serializable=true"
+
+
+@pytest.mark.parametrize("stack", STACKS)
 def test_one_etcd_member_per_site_and_the_dr_copies_own_etcd_at_dr(stack: str) -> None:
     run = run_of(stack)
     members = [r for r in run.of_kind("StatefulSet") if r.labels[LABEL_KIND] == "etcd"]
@@ -147,12 +159,13 @@ def test_one_etcd_member_per_site_and_the_dr_copies_own_etcd_at_dr(stack: str) -
     assert dr_local.labels[LABEL_SITE] == "dr"
     endpoints = run.outputs["chaos_configuration"]
     assert endpoints["kube_namespace"] == settings_of(stack).namespace
+    assert endpoints["kube_namespaces"] == {s: settings_of(stack).namespace_of(s) for s in SITE_NAMES}
     for member in members:
         args = pod_spec(member)["containers"][0]["args"]
         initial = args[args.index("--initial-cluster") + 1].split(",")
         domains = {s: settings_of(stack).sites[s].service_domain for s in SITE_NAMES}
         assert sorted(initial) == sorted(
-            f"{s}=http://etcd-{s}.{settings_of(stack).namespace}.{domains[s]}:{topology_of(stack).ports.etcd_peer}"
+            f"{s}=http://etcd-{s}.{settings_of(stack).namespace_of(s)}.{domains[s]}:{topology_of(stack).ports.etcd_peer}"
             for s in SITE_NAMES
         )
         assert (
@@ -181,7 +194,7 @@ def test_each_cell_has_a_member_in_each_center_and_a_dr_copy(stack: str) -> None
 def test_center_members_are_synchronous_and_the_dr_copy_is_a_standby_cluster(stack: str) -> None:
     run = run_of(stack)
     topology = topology_of(stack)
-    namespace, sites = settings_of(stack).namespace, settings_of(stack).sites
+    ns, sites = settings_of(stack).namespace_of, settings_of(stack).sites
     configs = patroni_configs(run)
     assert len(configs) == 3 * topology.cells
     for (cell, site), config in configs.items():
@@ -193,20 +206,19 @@ def test_center_members_are_synchronous_and_the_dr_copy_is_a_standby_cluster(sta
             assert dcs["synchronous_node_count"] == 1
             assert "standby_cluster" not in dcs
             assert sorted(config["etcd3"]["hosts"]) == sorted(
-                f"etcd-{s}.{namespace}.{sites[s].service_domain}:{topology.ports.etcd_client}"
-                for s in SITE_NAMES
+                f"etcd-{s}.{ns(s)}.{sites[s].service_domain}:{topology.ports.etcd_client}" for s in SITE_NAMES
             )
             assert config["etcd3"]["hosts"][0].startswith(f"etcd-{site}.")  # its own site's member first
         else:
             assert config["scope"] == f"watertight-cell{cell}-dr"
             assert dcs["synchronous_mode"] is False
             assert config["etcd3"]["hosts"] == [
-                f"etcd-dr-local.{namespace}.{sites['dr'].service_domain}:{topology.ports.etcd_dr_client}"
+                f"etcd-dr-local.{ns('dr')}.{sites['dr'].service_domain}:{topology.ports.etcd_dr_client}"
             ]
             assert dcs["standby_cluster"]["primary_slot_name"] == f"dr_cell{cell}"
         assert config["postgresql"]["listen"] == f"0.0.0.0:{topology.postgres_port(cell)}"
         assert config["postgresql"]["connect_address"] == (
-            f"pg-cell{cell}-{site}.{namespace}.{sites[site].service_domain}:{topology.postgres_port(cell)}"
+            f"pg-cell{cell}-{site}.{ns(site)}.{sites[site].service_domain}:{topology.postgres_port(cell)}"
         )
         assert config["postgresql"]["bin_dir"] == settings_of(stack).postgres_bin_dir
         # replication and clients only from the sites' networks
@@ -225,13 +237,13 @@ def test_leaders_are_spread_over_the_centers_and_the_standby_center_waits_for_it
         assert leaders[1] == "prod" and leaders[2] == "samecity"
     counts = [sum(1 for site in leaders.values() if site == center) for center in CENTERS]
     assert abs(counts[0] - counts[1]) <= 1
-    namespace, sites = settings_of(stack).namespace, settings_of(stack).sites
+    ns, sites = settings_of(stack).namespace_of, settings_of(stack).sites
     configs = patroni_configs(run)
     for cell, leader in leaders.items():
         standby = topology.standby_site(cell)
         # the dr copy streams from the leader center's member first
         first = configs[(cell, "dr")]["bootstrap"]["dcs"]["standby_cluster"]["host"].split(",")[0]
-        assert first == f"pg-cell{cell}-{leader}.{namespace}.{sites[leader].service_domain}"
+        assert first == f"pg-cell{cell}-{leader}.{ns(leader)}.{sites[leader].service_domain}"
         assert not pod_spec(workload(run, "StatefulSet", f"pg-cell{cell}-{leader}", leader)).get(
             "initContainers"
         )
@@ -239,7 +251,7 @@ def test_leaders_are_spread_over_the_centers_and_the_standby_center_waits_for_it
             "initContainers"
         ]
         assert gate["command"][-2] == (
-            f"http://pg-cell{cell}-{leader}.{namespace}.{sites[leader].service_domain}:{topology.patroni_port(cell)}/leader"
+            f"http://pg-cell{cell}-{leader}.{ns(leader)}.{sites[leader].service_domain}:{topology.patroni_port(cell)}/leader"
         )
         # the app servers try the leader's member first
         app = app_settings_of(run, "prod")
@@ -276,10 +288,10 @@ def app_settings_of(run: harness.Run, site: str) -> AppSettings:
 def test_app_and_gateway_settings_name_the_services_of_every_site(stack: str) -> None:
     run = run_of(stack)
     topology = topology_of(stack)
-    namespace, sites = settings_of(stack).namespace, settings_of(stack).sites
+    ns, sites = settings_of(stack).namespace_of, settings_of(stack).sites
 
     def host(site: str, component: str) -> str:
-        return f"{component}.{namespace}.{sites[site].service_domain}"
+        return f"{component}.{ns(site)}.{sites[site].service_domain}"
 
     for site in CENTERS:
         other = next(s for s in CENTERS if s != site)
@@ -572,7 +584,7 @@ def test_services_other_sites_reach_use_the_configured_type_and_gateways_face_ou
         if configured.cross_site_service_type == "LoadBalancer" and kind in ("etcd", "patroni", "app"):
             site = service.labels[LABEL_SITE]
             assert service.metadata["annotations"]["external-dns.alpha.kubernetes.io/hostname"] == (
-                f"{name}.{configured.namespace}.{configured.sites[site].service_domain}"
+                f"{name}.{configured.namespace_of(site)}.{configured.sites[site].service_domain}"
             )
 
 

@@ -34,9 +34,7 @@ import msgspec
 from cardcore.platform.auth import ClientTokens
 from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
-from watertight.monitoring.config import MONITORING_KINDS
-from watertight.runtime import processes
-from watertight.runtime.local import LocalRuntime
+from watertight.runtime.target import Target
 
 HEADLINE_FINANCIAL_TPS = 10_000
 HEADLINE_NONFINANCIAL_TPS = 50_000
@@ -266,47 +264,14 @@ async def offer(
         await asyncio.wait(in_flight, timeout=REQUEST_TIMEOUT_S + 1)
 
 
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # utime, stime, and the time of children already reaped (PostgreSQL backends that exited)
-    return sum(int(value) for value in fields[11:15]) / processes.CLOCK_TICKS
-
-
-def process_kind(component_kind: str, pid: int) -> str:
-    """The kind a process is counted under: PostgreSQL apart from Patroni and its member guard
-    (both live in the ``patroni`` component), both etcd clusters as etcd."""
-    if component_kind == "patroni":
-        try:
-            with open(f"/proc/{pid}/comm", encoding="ascii", errors="replace") as handle:
-                name = handle.read().strip()
-        except OSError:
-            return "patroni"
-        return "postgres" if name.startswith(("postgres", "postmaster")) else "patroni"
-    if component_kind == "etcd-dr":
-        return "etcd"
-    return component_kind
-
-
-def sample(runtime: LocalRuntime) -> dict[int, tuple[str, float]]:
+def sample(runtime: Target) -> dict[Any, tuple[str, float]]:
     """CPU seconds so far of every process of the topology but monitoring's, with the kind it is
-    counted under."""
-    tree = processes.children_map()
-    found: dict[int, tuple[str, float]] = {}
-    for component in runtime.components:
-        if component.kind in MONITORING_KINDS:
-            continue  # the observer, not the core: its cost is no transaction's
-        for pid in runtime.component_pids(component, tree):
-            seconds = cpu_seconds(pid)
-            if seconds is not None:
-                found[pid] = (process_kind(component.kind, pid), seconds)
-    return found
+    counted under (the target says: PostgreSQL apart from Patroni and its member guard, both etcd
+    clusters as etcd)."""
+    return runtime.cpu_sample()
 
 
-def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+def cpu_delta(before: dict[Any, tuple[str, float]], after: dict[Any, tuple[str, float]]) -> dict[str, float]:
     by_kind: dict[str, float] = {}
     for pid, (kind, seconds) in after.items():
         start = before.get(pid, (kind, 0.0))[1]
@@ -373,7 +338,7 @@ class Bench:
     """The measuring loop: offers one class at one rate, samples the CPU of every process."""
 
     def __init__(
-        self, runtime: LocalRuntime, traffic: Traffic, idle_per_second: dict[str, float], counted: set[str]
+        self, runtime: Target, traffic: Traffic, idle_per_second: dict[str, float], counted: set[str]
     ) -> None:
         self.runtime = runtime
         self.traffic = traffic
@@ -505,7 +470,7 @@ def cores_for_headline(financial_us: float | None, nonfinancial_us: float | None
 
 
 async def measure(
-    runtime: LocalRuntime,
+    runtime: Target,
     seconds: float,
     rate_financial: float,
     rate_nonfinancial: float,
@@ -518,10 +483,10 @@ async def measure(
     if via not in VIA_CHOICES:
         raise ValueError(f"via: {via!r} is not one of {', '.join(VIA_CHOICES)}")
     if via == "entry":
-        targets = [runtime.topology.entry_url]
+        targets = [runtime.entry_url]
         counted = set(COUNTED_KINDS) | {"entry"}
     else:
-        targets = [runtime.topology.gateway_url(site) for site in ("prod", "samecity")]
+        targets = list(runtime.gateway_urls().values())
         counted = set(COUNTED_KINDS)
     traffic = Traffic(targets, runtime.client_tokens())
     step_s = saturation_seconds if saturation_seconds is not None else max(3.0, seconds / 3)
@@ -595,7 +560,7 @@ async def measure(
 
 
 def run(
-    runtime: LocalRuntime,
+    runtime: Target,
     seconds: float = 15.0,
     rate_financial: float = 500.0,
     rate_nonfinancial: float = 2_500.0,

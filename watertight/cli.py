@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.add_argument(
+        "--target",
+        choices=("local", "kubernetes"),
+        default=os.environ.get("WATERTIGHT_TARGET") or "local",
+        help="the local topology of the run directory, or the cluster of `watertight cluster` (default: $WATERTIGHT_TARGET or local)",
+    )
+    bench.add_argument(
         "--rate-financial",
         type=_positive_float,
         default=500.0,
@@ -260,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     runbook.add_argument(
         "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"
     )
+    cluster = commands.add_parser(
+        "cluster", help="a real single-node Kubernetes cluster here, with the Pulumi program's objects on it"
+    )
+    cluster.add_argument(
+        "action",
+        choices=("up", "status", "down"),
+        help="up: build or reuse the binaries and images, start the node, apply the objects, wait for every pod; "
+        "status; down: stop everything and put the machine back as it was",
+    )
+    cluster.add_argument(
+        "--json", action="store_true", help="machine-readable output (status, and up's result)"
+    )
+    cluster.add_argument("--purge", action="store_true", help="down: also delete the cluster directory")
     return parser
 
 
@@ -325,16 +344,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_drill(args: argparse.Namespace) -> int:
     from watertight import drill
     from watertight.chaos import safeguards
+    from watertight.runtime.kubernetes import KubernetesRuntimeError
+    from watertight.runtime.target import TargetUnsupported
 
     if args.stop:
         return drill.stop(_run_dir(args), _say)
-    if args.target != "local":
-        print(
-            "watertight drill --target kubernetes is not built yet: it needs the kubernetes runtime "
-            "behind the Target interface (issue 18)",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_BUILT
     experiments = list(args.experiments)
     if args.all:
         experiments += [name for name in drill.catalogue() if name not in experiments]
@@ -342,7 +356,11 @@ def cmd_drill(args: argparse.Namespace) -> int:
     if args.dry_run:
         for name in experiments:
             drill.load_experiment(name)
-        print(drill.dry_run(experiments, _run_dir(args)))
+        try:
+            print(drill.dry_run(experiments, _run_dir(args), args.target))
+        except TargetUnsupported as error:
+            print(f"watertight drill: {error}", file=sys.stderr)
+            return EXIT_NOT_BUILT
         return 0
     try:
         limits = safeguards.parse_limits(",".join(args.safeguard))
@@ -362,16 +380,21 @@ def cmd_drill(args: argparse.Namespace) -> int:
         during=args.during,
         history_path=Path(args.history) if args.history else drill.HISTORY_DEFAULT,
     )
-    code = drill.run(
-        experiments,
-        options.rate_financial,
-        options.rate_nonfinancial,
-        report_dir.absolute(),
-        _run_dir(args),
-        _say,
-        options,
-        Path(args.junit).absolute() if args.junit else None,
-    )
+    try:
+        code = drill.run(
+            experiments,
+            options.rate_financial,
+            options.rate_nonfinancial,
+            report_dir.absolute(),
+            _run_dir(args),
+            _say,
+            options,
+            Path(args.junit).absolute() if args.junit else None,
+            target=args.target,
+        )
+    except (TargetUnsupported, KubernetesRuntimeError) as error:
+        print(f"watertight drill --target {args.target}: {error}", file=sys.stderr)
+        return 2
     verdict = {drill.EXIT_PASSED: "PASSED", drill.EXIT_ABORTED: "ABORTED"}.get(code, "FAILED")
     _say(f"{verdict}: see {report_dir.absolute()}/*/report.html")
     return code
@@ -395,21 +418,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from watertight import bench
-    from watertight.runtime.local import LocalRuntime
+    from watertight.chaos import targets
+    from watertight.runtime.target import TargetUnsupported
 
-    runtime = LocalRuntime(_run_dir(args))
+    runtime = targets.runtime(getattr(args, "target", targets.LOCAL), str(_run_dir(args)))
     say = (lambda line: print(f"==> {line}", file=sys.stderr, flush=True)) if args.json else _say
-    result = bench.run(
-        runtime,
-        args.seconds,
-        args.rate_financial,
-        args.rate_nonfinancial,
-        args.customers,
-        say,
-        saturation=not args.no_saturation,
-        saturation_seconds=args.saturation_seconds,
-        via=args.via,
-    )
+    try:
+        result = bench.run(
+            runtime,
+            args.seconds,
+            args.rate_financial,
+            args.rate_nonfinancial,
+            args.customers,
+            say,
+            saturation=not args.no_saturation,
+            saturation_seconds=args.saturation_seconds,
+            via=args.via,
+        )
+    except TargetUnsupported as error:
+        print(f"watertight bench: {error}", file=sys.stderr)
+        return EXIT_NOT_BUILT
     print(json.dumps(result, indent=2) if args.json else bench.table(result))
     return 0
 
@@ -471,7 +499,38 @@ def cmd_runbook(args: argparse.Namespace) -> int:
     return 0 if summary["rc"] == 0 else 1
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from watertight.cluster import binaries, control, images
+    from watertight.cluster.node import ClusterError
+    from watertight.cluster.spec import SpecError
+
+    say = (lambda line: print(f"==> {line}", file=sys.stderr, flush=True)) if args.json else _say
+    try:
+        if args.action == "up":
+            document = control.up(say)
+            control.print_status(document, args.json)
+            return 0 if document["up"] else 1
+        if args.action == "status":
+            document = control.status()
+            control.print_status(document, args.json)
+            return 0
+        remaining = control.down(say, purge=args.purge)
+    except (ClusterError, SpecError, binaries.BuildError, images.ImageError) as error:
+        print(f"watertight cluster {args.action}: {error}", file=sys.stderr)
+        return 1
+    if remaining:
+        print(
+            "watertight cluster down: the machine differs from before the cluster:\n  "
+            + "\n  ".join(remaining),
+            file=sys.stderr,
+        )
+        return 1
+    say("the cluster is down and the machine is as it was before it")
+    return 0
+
+
 COMMANDS = {
+    "cluster": cmd_cluster,
     "up": cmd_up,
     "status": cmd_status,
     "down": cmd_down,

@@ -30,11 +30,12 @@ import asyncpg
 
 from watertight import junit, report, trend, verdicts
 from watertight import topology as topology_module
-from watertight.chaos import safeguards
+from watertight.chaos import safeguards, targets
 from watertight.faults import FAULTS, Fault
 from watertight.monitoring import detection
 from watertight.monitoring.receiver import AlertReceiver
 from watertight.runtime.local import REPO_ROOT, LocalRuntime, RuntimeError_, http_json
+from watertight.runtime.target import Target, TargetUnsupported
 
 EXPERIMENTS_DIR = REPO_ROOT / "chaos" / "experiments"
 LOCUSTFILE = REPO_ROOT / "loadtests" / "locustfile.py"
@@ -145,7 +146,7 @@ class Sampler(threading.Thread):
     just woken from a freeze is still out of recovery until Patroni demotes it, but every commit
     on it waits for a sync standby that now follows someone else: it acknowledges nothing."""
 
-    def __init__(self, runtime: LocalRuntime) -> None:
+    def __init__(self, runtime: Target) -> None:
         super().__init__(daemon=True)
         self.runtime = runtime
         self.samples: list[tuple[float, int, int]] = []
@@ -154,10 +155,12 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         from watertight.chaos import probes
 
+        # its own runtime: the drill's thread uses the other one meanwhile
+        runtime = targets.runtime(self.runtime.name, str(self.runtime.run_dir))
         while not self.stopping.is_set():
             at = time.time()
             try:
-                counts = probes.writable_primaries_by_cell(run_dir=str(self.runtime.run_dir))
+                counts = probes.writable_primaries_of(runtime)
             except Exception as error:  # a sample lost is a gap, not the end of the drill
                 log.warning("split-brain sample failed: %s", error)
                 counts = {}
@@ -167,17 +170,17 @@ class Sampler(threading.Thread):
 
 
 def start_load(
-    runtime: LocalRuntime, directory: Path, rate_financial: float, rate_nonfinancial: float, seconds: float
+    runtime: Target, directory: Path, rate_financial: float, rate_nonfinancial: float, seconds: float
 ) -> subprocess.Popen[bytes]:
     users = max(20, int((rate_financial + rate_nonfinancial) / 10))
     population = runtime.run_dir / "load" / "population.json"
     population.parent.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", runtime.topology.entry_url,
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", runtime.entry_url,
         "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "5",
         "--rate-financial", f"{rate_financial:g}", "--rate-nonfinancial", f"{rate_nonfinancial:g}",
         "--population", str(population), "--ack-log", str(directory / "ack.jsonl"),
-        "--api-tokens", str(runtime.secrets_path),
+        "--api-tokens", str(runtime.api_tokens_file()),
         "--history", str(directory / "history.jsonl"), "--timeline", str(directory / "timeline.jsonl"),
         "--csv", str(directory / "load"), "--csv-full-history", "--html", str(directory / "load.html"),
         "--summary-json", str(directory / "load-summary.json"),
@@ -226,7 +229,7 @@ ID_TABLES = {"auth_id": "authorizations", "transaction_id": "transactions", "pla
 
 
 async def _ledger_lookup(
-    runtime: LocalRuntime, keys_by_cell: dict[int, list[str]], with_effects: bool
+    runtime: Target, keys_by_cell: dict[int, list[str]], with_effects: bool
 ) -> dict[str, str]:
     """For each idempotency key a cell's primary holds: ``applied``, or with ``with_effects``
     ``partial`` when an id its stored answer names (an auth_id, transaction_id or plan_id) is not
@@ -235,7 +238,7 @@ async def _ledger_lookup(
     found: dict[str, str] = {}
     for cell, keys in keys_by_cell.items():
         conn = await asyncpg.connect(
-            host=[runtime.topology.address(site) for site in runtime.primary_sites()],
+            host=runtime.primary_hosts(cell),
             port=runtime.topology.postgres_port(cell),
             user="postgres",
             password=password,
@@ -271,13 +274,13 @@ async def _ledger_lookup(
     return found
 
 
-async def keys_in_ledgers(runtime: LocalRuntime, keys_by_cell: dict[int, list[str]]) -> set[str]:
+async def keys_in_ledgers(runtime: Target, keys_by_cell: dict[int, list[str]]) -> set[str]:
     """The idempotency keys each cell's primary has committed: every acknowledged financial
     request leaves its key there, in the same transaction as its postings."""
     return set(await _ledger_lookup(runtime, keys_by_cell, with_effects=False))
 
 
-def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[str]:
+def found_in_ledgers(runtime: Target, acked: list[dict[str, Any]]) -> set[str]:
     """Which idempotency keys of ack-log entries the cells' primaries hold."""
     keys_by_cell: dict[int, list[str]] = {}
     for entry in acked:
@@ -285,7 +288,7 @@ def found_in_ledgers(runtime: LocalRuntime, acked: list[dict[str, Any]]) -> set[
     return asyncio.run(keys_in_ledgers(runtime, keys_by_cell))
 
 
-def resolve_indeterminate(runtime: LocalRuntime, requests: list[dict[str, Any]]) -> dict[str, str]:
+def resolve_indeterminate(runtime: Target, requests: list[dict[str, Any]]) -> dict[str, str]:
     """Each indeterminate request's outcome in its cell's ledger: ``applied`` (its key committed
     with everything its answer names), ``partial`` (committed, but something it named is not
     there) or ``absent`` (nothing committed under its key)."""
@@ -296,9 +299,9 @@ def resolve_indeterminate(runtime: LocalRuntime, requests: list[dict[str, Any]])
     return {key: found.get(key, "absent") for keys in keys_by_cell.values() for key in keys}
 
 
-def ledger_checks(runtime: LocalRuntime) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+def ledger_checks(runtime: Target) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
     """Trial balance of every cell through the entry, and the limits of a sample of customers."""
-    entry = runtime.topology.entry_url
+    entry = runtime.entry_url
     tokens = runtime.client_tokens()
     balances = []
     for cell in runtime.topology.cell_numbers:
@@ -345,7 +348,7 @@ class During(threading.Thread):
     """The task of ``--during``: waits (bounded) for the fault's mark, then runs the statement
     cycle or a runbook while the fault is in force; what it did goes into the report."""
 
-    def __init__(self, runtime: LocalRuntime, task: tuple[str, dict[str, str]], marks: Path) -> None:
+    def __init__(self, runtime: Target, task: tuple[str, dict[str, str]], marks: Path) -> None:
         super().__init__(daemon=True, name="drill-during")
         self.runtime = runtime
         self.task = task
@@ -399,7 +402,9 @@ class During(threading.Thread):
             else:
                 from watertight.runbooks import runner
 
-                summary = runner.run(name.split(":", 1)[1], arguments, self.runtime.run_dir)
+                summary = runner.run(
+                    name.split(":", 1)[1], arguments, self.runtime.run_dir, target=self.runtime
+                )
                 self.result["result"] = {"rc": summary["rc"], "failed_step": summary.get("failed_step")}
                 if summary["rc"] != 0:
                     self.result["error"] = f"failed at {summary.get('failed_step')}: {summary.get('error')}"
@@ -409,7 +414,7 @@ class During(threading.Thread):
 
 
 def post_json(
-    runtime: LocalRuntime, path: str, body: dict[str, Any], kind: str, timeout_s: float
+    runtime: Target, path: str, body: dict[str, Any], kind: str, timeout_s: float
 ) -> tuple[int, Any]:
     """POST through the entry as a client of ``kind``; (status, body), status 0 without an answer."""
     import urllib.error
@@ -417,7 +422,7 @@ def post_json(
 
     headers = {"content-type": "application/json", "authorization": f"Bearer {runtime.api_tokens()[kind]}"}
     request = urllib.request.Request(
-        runtime.topology.entry_url + path, data=json.dumps(body).encode(), headers=headers, method="POST"
+        runtime.entry_url + path, data=json.dumps(body).encode(), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as answer:
@@ -432,7 +437,7 @@ def post_json(
 
 
 def run_one(
-    runtime: LocalRuntime,
+    runtime: Target,
     name: str,
     rate_financial: float,
     rate_nonfinancial: float,
@@ -452,8 +457,9 @@ def run_one(
     progress(
         f"{path.stem}: leaders {leaders}; the fault should interrupt cells {affected or 'none'}, not {unaffected or 'none'}"
     )
-    if receiver is not None:
-        detection.wait_quiet(runtime.topology.alertmanager_url, progress)
+    alerting = runtime.alerting()
+    if receiver is not None and alerting is not None:
+        detection.wait_quiet(alerting.alertmanager_url, progress)
     steady_from = time.time()
     load = start_load(runtime, directory, rate_financial, rate_nonfinancial, WARMUP_S + CHAOS_TIMEOUT_S)
     sampler = Sampler(runtime)
@@ -467,7 +473,7 @@ def run_one(
     recovered_at: float | None = None  # the experiment (rollback included) done
     try:
         progress(
-            f"load: {rate_financial:g} financial + {rate_nonfinancial:g} non-financial TPS through {runtime.topology.entry_url}; warming up {WARMUP_S:g} s"
+            f"load: {rate_financial:g} financial + {rate_nonfinancial:g} non-financial TPS through {runtime.entry_url}; warming up {WARMUP_S:g} s"
         )
         time.sleep(WARMUP_S)
         if load.poll() is not None:
@@ -479,6 +485,7 @@ def run_one(
         env = {
             **os.environ,
             "WATERTIGHT_RUN_DIR": str(runtime.run_dir),
+            targets.TARGET_ENV: runtime.name,
             "WATERTIGHT_MARKS_PATH": str(marks),
             "WATERTIGHT_SAFEGUARDS": ",".join(f"{k}={v:g}" for k, v in options.safeguards.items()),
             "WATERTIGHT_TIMELINE_PATH": str(directory / "timeline.jsonl"),
@@ -622,6 +629,16 @@ def run_one(
     return result
 
 
+def runtime_of(target: str, run_dir: Path) -> Target:
+    """The target's runtime; a local topology that does not run yet is the default topology's,
+    which `up` starts."""
+    try:
+        return targets.runtime(target, str(run_dir))
+    except RuntimeError_:
+        text = topology_module.DEFAULT_PATH.read_text()
+        return LocalRuntime(run_dir, topology_module.parse(text, str(topology_module.DEFAULT_PATH)), text)
+
+
 def _commit() -> str | None:
     """The checked-out commit, for the history (None outside a git checkout)."""
     try:
@@ -633,7 +650,7 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def spread_as_designed(runtime: LocalRuntime, progress: Progress) -> dict[int, str]:
+def spread_as_designed(runtime: Target, progress: Progress) -> dict[int, str]:
     """Switch every cell that a failover left on the other center back to the center the topology
     gives it (a Patroni switchover to the streaming sync standby: nothing acknowledged is lost), so
     each experiment meets the cells spread as designed; a site fault after a failover would
@@ -651,7 +668,7 @@ def spread_as_designed(runtime: LocalRuntime, progress: Progress) -> dict[int, s
             continue
         progress(f"cell {cell} is led by {leader} since a failover; switching it back to {home}")
         try:
-            result = ops.switchover_cell(str(runtime.run_dir), cell, home)
+            result = runtime.switchover(cell, home)
         except ops.StepError as error:
             raise RuntimeError_(
                 f"cell {cell} could not be switched back to {home}: {error}; the drill stops so its "
@@ -662,7 +679,7 @@ def spread_as_designed(runtime: LocalRuntime, progress: Progress) -> dict[int, s
     return moved
 
 
-def heal(runtime: LocalRuntime, progress: Progress) -> None:
+def heal(runtime: Target, progress: Progress) -> None:
     """Whatever an experiment left down is started again and every cell goes back to its center,
     so the next one starts whole and spread as designed."""
     started = runtime.start()
@@ -695,18 +712,18 @@ def run(
     progress: Progress,
     options: Options | None = None,
     junit_path: Path | None = None,
+    target: str = targets.LOCAL,
 ) -> int:
     """Drill each experiment in turn; 0 when every one passed, 1 when a verdict failed, 3 when a
-    safeguard or the kill switch aborted one (the remaining ones are not run after a stop)."""
+    safeguard or the kill switch aborted one (the remaining ones are not run after a stop).
+    ``target``: the local topology of ``run_dir`` (started when it does not run), or the
+    Kubernetes clusters (the local cluster of `watertight cluster`; ``run_dir`` holds the drill's
+    own files)."""
     options = options or Options(rate_financial, rate_nonfinancial)
     parse_during(options.during)  # a bad --during fails before anything starts
     for name in experiments:
         load_experiment(name)  # fail before starting anything when a name is wrong
-    try:
-        runtime = LocalRuntime(run_dir)
-    except RuntimeError_:
-        text = topology_module.DEFAULT_PATH.read_text()
-        runtime = LocalRuntime(run_dir, topology_module.parse(text, str(topology_module.DEFAULT_PATH)), text)
+    runtime = runtime_of(target, run_dir)
     started = time.time()
     in_flight = _drills_dir(runtime.run_dir) / f"{os.getpid()}.json"
     in_flight.parent.mkdir(parents=True, exist_ok=True)
@@ -717,11 +734,12 @@ def run(
         progress(f"topology: making sure it is up (run dir {runtime.run_dir})")
         runtime.up(progress)
         spread_as_designed(runtime, progress)
-        if runtime.topology.monitoring.enabled:
+        alerting = runtime.alerting()
+        if alerting is not None:
             try:
-                receiver = AlertReceiver(runtime.topology.alert_receiver_url).start()
+                receiver = AlertReceiver(alerting.receiver_url).start()
                 progress(
-                    f"monitoring: recording every alert Alertmanager delivers at {runtime.topology.alert_receiver_url}"
+                    f"monitoring: recording every alert Alertmanager delivers at {alerting.receiver_url}"
                 )
             except OSError as error:  # another drill of this topology records them
                 progress(f"monitoring: {error}; this drill's reports judge no detection")
@@ -810,9 +828,16 @@ def _in_method(run_dir: Path, pid: int) -> bool:
     return False
 
 
-def dry_run(experiments: list[str], run_dir: Path) -> str:
+def dry_run(experiments: list[str], run_dir: Path, target: str = targets.LOCAL) -> str:
     """What each action of each experiment would hit now, and what its rollback would do."""
     from watertight.chaos import plan
 
-    runtime = LocalRuntime(run_dir)
+    runtime = targets.runtime(target, str(run_dir))
+    if not isinstance(runtime, LocalRuntime):
+        raise TargetUnsupported(
+            "the dry run",
+            runtime.name,
+            "the planner's view of what each action hits, which reads the local runtime's PIDs and sockets (not built for pods)",
+            "run the experiment on the local topology with --dry-run, or without --dry-run here",
+        )
     return "\n\n".join(plan.text(plan.dry_run(load_experiment(name)[0], runtime)) for name in experiments)

@@ -291,7 +291,8 @@ class KubernetesEndpoints(Endpoints):
     DNS, per-cluster domains with forwarding, or external DNS for LoadBalancer Services: the
     platform's choice, given as configuration). Ports are the topology's; pods listen on every
     interface. ``site_networks`` are the pod and node networks of each site: PostgreSQL clients
-    and replication peers connect from them (pg_hba).
+    and replication peers connect from them (pg_hba). ``site_namespaces`` names a site's own
+    namespace where sites share a cluster (one namespace each); the others use ``namespace``.
     """
 
     topology: Topology
@@ -299,6 +300,7 @@ class KubernetesEndpoints(Endpoints):
     service_domains: Mapping[str, str]
     site_networks: Mapping[str, tuple[str, ...]]
     entry: str  # the URL clients use: the bank's global load balancer in front of the gateways
+    site_namespaces: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for site in self.topology.sites:
@@ -309,7 +311,10 @@ class KubernetesEndpoints(Endpoints):
 
     def host(self, site: str, component: str) -> str:
         """The DNS name of a component's Service, as every site resolves it."""
-        return f"{component}.{self.namespace}.{self.service_domains[site]}"
+        return f"{component}.{self.namespace_of(site)}.{self.service_domains[site]}"
+
+    def namespace_of(self, site: str) -> str:
+        return self.site_namespaces.get(site) or self.namespace
 
     def listen_address(self, site: str) -> str:
         return "0.0.0.0"

@@ -22,41 +22,40 @@ import yaml
 from cardcore.platform import auth
 from pulumi_kubernetes.apps import v1 as apps
 from pulumi_kubernetes.autoscaling import v2 as autoscaling
+from pulumi_kubernetes.autoscaling import v2beta2 as autoscaling_v2beta2
 from pulumi_kubernetes.core import v1 as core
 from pulumi_kubernetes.meta import v1 as meta
 from pulumi_kubernetes.networking import v1 as networking
-from pulumi_kubernetes.policy import v1 as policy
 
 from watertight import render
-from watertight.runbooks.kube import (
+from watertight.kube_names import (
     ANNOTATION_ACTIVE_REPLICAS,
+    API_CLIENTS_DIR,
+    API_CLIENTS_FILE,
+    API_CLIENTS_SECRET,
+    API_TOKENS_DIR,
+    API_TOKENS_SECRET,
+    CREDENTIALS_SECRET,
+    DEFAULT_DENY_POLICY,
     DRAIN_CONFIG_MAP,
     DRAIN_FILE,
     ETCD_CONTAINER,
+    LOCUST_CONTAINER,
+    LOCUST_MASTER,
+    LOCUST_WORKER,
     MEMBER_GUARD,
     PATRONI_CONFIG_DIR,
     PATRONI_CONTAINER,
     PATRONI_FILE,
     WATCHDOG_PIPE,
 )
-from watertight.runbooks.kube import POSTGRES_DATA_DIR as POSTGRES_DATA_PATH
+from watertight.kube_names import POSTGRES_DATA_DIR as POSTGRES_DATA_PATH
 from watertight.topology import CENTERS, Topology
 from watertight_infra import kube, monitoring
-from watertight_infra.settings import PodSize, SiteSettings, StackSettings
+from watertight_infra.settings import HPA_V2_SINCE, PodSize, SiteSettings, StackSettings
 from watertight_infra.sizing import Plan
 
 TYPE_PREFIX = "watertight:infra"
-CREDENTIALS_SECRET = "watertight-credentials"
-# the digests of the accepted API tokens, mounted (as a directory: the kubelet refreshes it, and
-# the servers read it again, so a rotation needs no restart) into every app server and gateway
-API_TOKENS_SECRET = "watertight-api-tokens"
-API_TOKENS_DIR = "/etc/cardcore-tokens"
-# the clients' side: {"api_tokens": {...}} as `secrets.json` (Locust) and the operator's token
-# alone as `operator` (Prometheus scraping /metrics)
-API_CLIENTS_SECRET = monitoring.API_CLIENTS_SECRET
-API_CLIENTS_DIR = "/etc/watertight-clients"
-API_CLIENTS_FILE = "secrets.json"
-DEFAULT_DENY_POLICY = "default-deny-ingress"
 
 # paths inside the images (core-app/Containerfile)
 PYTHON = "python"
@@ -224,7 +223,7 @@ class Site(pulumi.ComponentResource):
         )
         self.namespace = core.Namespace(
             f"{name}-namespace",
-            metadata=kube.metadata(context.settings.namespace, None, kube.labels(name, "namespace")),
+            metadata=kube.metadata(context.settings.namespace_of(name), None, kube.labels(name, "namespace")),
             opts=_opts(self, self.provider),
         )
         self.namespace_name: pulumi.Output[str] = self.namespace.metadata.apply(lambda m: m.name or "")
@@ -361,10 +360,11 @@ class EtcdMember(pulumi.ComponentResource):
                                 args=argv[1:],
                                 ports=[kube.port("client", client_port), kube.port("peer", peer_port)],
                                 # serializable: the member itself answers, with or without quorum
-                                # (a partitioned member is not restarted for it)
+                                # (a partitioned member is not restarted for it); etcd 3.4 ignores
+                                # it, so its liveness asks another path (etcdLivenessPath)
                                 readiness_probe=kube.http_probe("/health?serializable=true", "client", 5, 3),
                                 liveness_probe=kube.http_probe(
-                                    "/health?serializable=true", "client", 10, 6, 10
+                                    settings.etcd_liveness_path, "client", 10, 6, 10
                                 ),
                                 resources=kube.resources(settings.resources.etcd),
                                 security_context=kube.container_security(),
@@ -398,10 +398,14 @@ class EtcdMember(pulumi.ComponentResource):
             opts=opts,
         )
         # a voluntary eviction waits for the operator: losing a member costs the quorum's margin
-        policy.PodDisruptionBudget(
+        kube.disruption_budget(
             f"{component}-pdb",
-            metadata=kube.metadata(component, namespace, pod_labels),
-            spec=kube.disruption_budget_spec(site, component, min_available=1, max_unavailable=None),
+            kube.metadata(component, namespace, pod_labels),
+            site,
+            component,
+            min_available=1,
+            max_unavailable=None,
+            kubernetes_minor=context.settings.kubernetes_minor(),
             opts=opts,
         )
         if dr_local:
@@ -590,10 +594,14 @@ class AppTier(pulumi.ComponentResource):
             ),
             opts=opts,
         )
-        policy.PodDisruptionBudget(
+        kube.disruption_budget(
             f"{component}-pdb",
-            metadata=kube.metadata(component, namespace, pod_labels),
-            spec=kube.disruption_budget_spec(site, component, min_available=None, max_unavailable=1),
+            kube.metadata(component, namespace, pod_labels),
+            site,
+            component,
+            min_available=None,
+            max_unavailable=1,
+            kubernetes_minor=context.settings.kubernetes_minor(),
             opts=opts,
         )
         if not idle:  # an autoscaler cannot hold a Deployment at zero
@@ -621,21 +629,23 @@ class AppTier(pulumi.ComponentResource):
         settings: StackSettings,
         opts: pulumi.ResourceOptions,
     ) -> None:
-        autoscaling.HorizontalPodAutoscaler(
+        # autoscaling/v2, or on a cluster older than 1.23 v2beta2, whose spec has the same fields
+        api: Any = autoscaling if settings.kubernetes_minor() >= HPA_V2_SINCE else autoscaling_v2beta2
+        api.HorizontalPodAutoscaler(
             f"{component}-hpa",
             metadata=kube.metadata(component, namespace, pod_labels),
-            spec=autoscaling.HorizontalPodAutoscalerSpecArgs(
-                scale_target_ref=autoscaling.CrossVersionObjectReferenceArgs(
+            spec=api.HorizontalPodAutoscalerSpecArgs(
+                scale_target_ref=api.CrossVersionObjectReferenceArgs(
                     api_version="apps/v1", kind="Deployment", name=component
                 ),
                 min_replicas=replicas,
                 max_replicas=replicas_max,
                 metrics=[
-                    autoscaling.MetricSpecArgs(
+                    api.MetricSpecArgs(
                         type="Resource",
-                        resource=autoscaling.ResourceMetricSourceArgs(
+                        resource=api.ResourceMetricSourceArgs(
                             name="cpu",
-                            target=autoscaling.MetricTargetArgs(
+                            target=api.MetricTargetArgs(
                                 type="Utilization",
                                 average_utilization=round(settings.sizing.target_cpu_utilization * 100),
                             ),
@@ -820,10 +830,14 @@ class CellMember(pulumi.ComponentResource):
         )
         # a drain waits until the operator moved the leader away (patronictl switchover): an
         # evicted primary costs the cell a failover, an evicted standby its RPO 0
-        policy.PodDisruptionBudget(
+        kube.disruption_budget(
             f"{component}-pdb",
-            metadata=kube.metadata(component, namespace, pod_labels),
-            spec=kube.disruption_budget_spec(site.name, component, min_available=1, max_unavailable=None),
+            kube.metadata(component, namespace, pod_labels),
+            site.name,
+            component,
+            min_available=1,
+            max_unavailable=None,
+            kubernetes_minor=context.settings.kubernetes_minor(),
             opts=opts,
         )
         # this member takes PostgreSQL from this site's app servers and, by address, from the other
@@ -857,7 +871,7 @@ class LoadGenerator(pulumi.ComponentResource):
         namespace = site.namespace_name
         opts = _opts(self, site.provider)
         host = settings.entry_url or context.endpoints.gateway_url(site.name)
-        master, worker = "locust-master", "locust-worker"
+        master, worker = LOCUST_MASTER, LOCUST_WORKER
         rates = [
             "--rate-financial",
             str(round(settings.load.financial_tps)),
@@ -880,7 +894,7 @@ class LoadGenerator(pulumi.ComponentResource):
         ):
             pod_labels = kube.labels(site.name, component, component=component)
             container = core.ContainerArgs(
-                name="locust",
+                name=LOCUST_CONTAINER,
                 image=settings.images.locust,
                 image_pull_policy=settings.images.pull_policy,
                 command=command,
@@ -935,10 +949,14 @@ class LoadGenerator(pulumi.ComponentResource):
                 ),
                 opts=opts,
             )
-            policy.PodDisruptionBudget(
+            kube.disruption_budget(
                 f"{component}-pdb",
-                metadata=kube.metadata(component, namespace, pod_labels),
-                spec=kube.disruption_budget_spec(site.name, component, min_available=None, max_unavailable=1),
+                kube.metadata(component, namespace, pod_labels),
+                site.name,
+                component,
+                min_available=None,
+                max_unavailable=1,
+                kubernetes_minor=context.settings.kubernetes_minor(),
                 opts=opts,
             )
         core.Service(

@@ -2,8 +2,8 @@
 with the topology's labels, the restricted security context, probes, requests = limits, topology
 spread, PodDisruptionBudgets, Services and NetworkPolicy rules.
 
-Owns: the conventions (labels from ``watertight.chaos.kubernetes``, so the chaos target finds
-every pod; non-root; read-only root filesystem). Never: declare a resource (callers do, with
+Owns: the conventions (labels from ``watertight.kube_names``, so the chaos target finds every
+pod; non-root; read-only root filesystem). Never: declare a resource (callers do, with
 their site's provider and their component as parent).
 """
 
@@ -17,21 +17,23 @@ from pulumi_kubernetes.core import v1 as core
 from pulumi_kubernetes.meta import v1 as meta
 from pulumi_kubernetes.networking import v1 as networking
 from pulumi_kubernetes.policy import v1 as policy
+from pulumi_kubernetes.policy import v1beta1 as policy_v1beta1
 
-from watertight.chaos.kubernetes import (
+from watertight.kube_names import (
+    ANNOTATION_CONFIG_CHECKSUM,
     LABEL_CELL,
     LABEL_COMPONENT,
     LABEL_KIND,
+    LABEL_MANAGED_BY,
     LABEL_PART_OF,
     LABEL_SITE,
+    MANAGED_BY,
     PART_OF,
 )
-from watertight.chaos.kubernetes import labels as topology_labels
-from watertight_infra.settings import PodSize
+from watertight.kube_names import labels as topology_labels
+from watertight_infra.settings import PDB_V1_SINCE, PodSize
 
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGED_BY = "pulumi"
-ANNOTATION_CONFIG_CHECKSUM = "watertight.io/config-sha256"
+__all__ = ["ANNOTATION_CONFIG_CHECKSUM"]
 ZONE_KEY = "topology.kubernetes.io/zone"
 HOST_KEY = "kubernetes.io/hostname"
 TMP_VOLUME = "tmp"
@@ -167,13 +169,28 @@ def service_spec(
     )
 
 
-def disruption_budget_spec(
-    site: str, component: str, min_available: int | None, max_unavailable: int | None
-) -> policy.PodDisruptionBudgetSpecArgs:
-    return policy.PodDisruptionBudgetSpecArgs(
-        selector=meta.LabelSelectorArgs(match_labels=selector_labels(site, component)),
-        min_available=min_available,
-        max_unavailable=max_unavailable,
+def disruption_budget(
+    resource_name: str,
+    metadata: meta.ObjectMetaArgs,
+    site: str,
+    component: str,
+    min_available: int | None,
+    max_unavailable: int | None,
+    kubernetes_minor: int,
+    opts: pulumi.ResourceOptions,
+) -> pulumi.CustomResource:
+    """A PodDisruptionBudget selecting one component's pods: policy/v1, or on a cluster older
+    than 1.21 (``kubernetesVersion``) policy/v1beta1, whose spec has the same fields."""
+    module = policy if kubernetes_minor >= PDB_V1_SINCE else policy_v1beta1
+    return module.PodDisruptionBudget(
+        resource_name,
+        metadata=metadata,
+        spec=module.PodDisruptionBudgetSpecArgs(
+            selector=meta.LabelSelectorArgs(match_labels=selector_labels(site, component)),
+            min_available=min_available,
+            max_unavailable=max_unavailable,
+        ),
+        opts=opts,
     )
 
 

@@ -16,7 +16,8 @@ import pulumi_kubernetes as k8s
 from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.core import v1 as core
 
-from watertight.chaos.kubernetes import (
+from watertight.kube_names import (
+    API_CLIENTS_SECRET,
     LABEL_CELL,
     LABEL_COMPONENT,
     LABEL_KIND,
@@ -52,8 +53,9 @@ RELABELINGS = [
 ]
 
 
-# the clients' API tokens (components.Site makes it): Prometheus scrapes /metrics with the operator's
-API_CLIENTS_SECRET = "watertight-api-clients"
+__all__ = [
+    "API_CLIENTS_SECRET"
+]  # the clients' API tokens (components.Site makes it): Prometheus scrapes /metrics with the operator's
 
 
 def service_monitor_spec(namespace: str, token_secret: str = API_CLIENTS_SECRET) -> dict[str, Any]:

@@ -27,7 +27,8 @@ WORKLOAD_TYPES = (
     "kubernetes:apps/v1:StatefulSet",
     "kubernetes:apps/v1:DaemonSet",
 )
-PDB_TYPE = "kubernetes:policy/v1:PodDisruptionBudget"
+# policy/v1beta1 on clusters older than 1.21 (kubernetesVersion)
+PDB_TYPES = ("kubernetes:policy/v1:PodDisruptionBudget", "kubernetes:policy/v1beta1:PodDisruptionBudget")
 RESOURCE_NAMES = ("cpu", "memory")
 
 
@@ -141,7 +142,7 @@ def _provider_urn(resource: Any) -> str | None:
 def disruption_budgets(args: StackValidationArgs, report_violation: ReportViolation) -> None:
     """Every Deployment and StatefulSet has a PodDisruptionBudget in its cluster and namespace
     that selects its pods: a node drain must not take a cell's members or every app server."""
-    budgets = [r for r in args.resources if r.resource_type == PDB_TYPE]
+    budgets = [r for r in args.resources if r.resource_type in PDB_TYPES]
     for workload in args.resources:
         if workload.resource_type not in WORKLOAD_TYPES:
             continue

@@ -25,6 +25,7 @@ def endpoints_of(settings: StackSettings, topology: Any) -> render.KubernetesEnd
     return render.KubernetesEndpoints(
         topology=topology,
         namespace=settings.namespace,
+        site_namespaces={name: settings.namespace_of(name) for name in sites},
         service_domains={name: site.service_domain for name, site in sites.items()},
         site_networks={name: tuple(site.networks) for name, site in sites.items()},
         entry=settings.entry_url or "",
@@ -32,10 +33,12 @@ def endpoints_of(settings: StackSettings, topology: Any) -> render.KubernetesEnd
 
 
 def chaos_configuration(settings: StackSettings, endpoints: render.KubernetesEndpoints) -> dict[str, Any]:
-    """The Chaos Toolkit ``configuration`` of the kubernetes target (watertight.chaos.kubernetes)."""
+    """The Chaos Toolkit ``configuration`` of the kubernetes target (watertight.runtime.kubernetes)."""
     return {
         "kube_contexts": {name: settings.sites[name].context for name in SITE_NAMES},
         "kube_namespace": settings.namespace,
+        # where sites share a cluster, each has its own namespace (sites.<site>.namespace)
+        "kube_namespaces": {name: settings.namespace_of(name) for name in SITE_NAMES},
         "site_cidrs": {name: list(settings.sites[name].networks) for name in SITE_NAMES},
         # without a global load balancer: the first center's gateway, as the sites resolve it
         "entry_url": settings.entry_url or endpoints.gateway_url(CENTERS[0]),

@@ -42,6 +42,14 @@ SECRET_KEYS = (
     SECRET_API_TOKENS_PREVIOUS,
 )
 
+# the Kubernetes version the program is written against; an older cluster (kubernetesVersion)
+# gets the older API versions of the same objects, with the same fields
+KUBERNETES_VERSION_DEFAULT = "1.31"
+# (first minor version with the GA API, the older API version used below it)
+PDB_V1_SINCE = 21  # policy/v1 PodDisruptionBudget; policy/v1beta1 before
+HPA_V2_SINCE = 23  # autoscaling/v2 HorizontalPodAutoscaler; autoscaling/v2beta2 before
+KUBERNETES_MINOR_MIN = 20
+
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -59,6 +67,9 @@ class SiteSettings(msgspec.Struct, forbid_unknown_fields=True, rename="camel", f
     networks: list[str]  # pod and node CIDRs of the site: pg_hba and NetworkPolicy ipBlocks
     kubeconfig: str | None = None  # path or content; None: $KUBECONFIG or ~/.kube/config
     storage_class: str | None = None  # None: the cluster's default StorageClass
+    # the site's namespace when it differs from the stack's ``namespace``: several sites sharing
+    # one cluster (one namespace each), as on the local cluster of `watertight cluster`
+    namespace: str | None = None
 
 
 class Images(msgspec.Struct, forbid_unknown_fields=True, rename="camel", frozen=True):
@@ -148,6 +159,9 @@ class StackSettings(msgspec.Struct, forbid_unknown_fields=True, rename="camel", 
     topology: str = "../topology.yaml"  # relative to infra/
     cells: int | None = None  # overrides the topology's cell count
     namespace: str = "watertight"
+    # "1.<minor>" of the oldest cluster: PodDisruptionBudgets and autoscalers take the API
+    # version it serves (policy/v1beta1 before 1.21, autoscaling/v2beta2 before 1.23)
+    kubernetes_version: str = KUBERNETES_VERSION_DEFAULT
     entry_url: str | None = None  # the global load balancer's URL in front of the gateways
     images: Images = Images()
     postgres_bin_dir: str = "/usr/lib/postgresql/15/bin"
@@ -155,6 +169,10 @@ class StackSettings(msgspec.Struct, forbid_unknown_fields=True, rename="camel", 
     # member in its leader center to lead, so the cells start led as the topology says
     leader_bootstrap_wait_seconds: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 600
     etcd_binary: str = "/usr/local/bin/etcd"
+    # what the kubelet asks an etcd member to see it alive: etcd 3.5 answers this without quorum;
+    # etcd 3.4 (Debian's, the local stack) ignores `serializable` and needs a leader, so a member
+    # cut off or starved would be restarted for it: there, /version
+    etcd_liveness_path: str = "/health?serializable=true"
     cross_site_service_type: ServiceType = "ClusterIP"
     cross_site_service_annotations: dict[str, str] = {}
     gateway_service_type: ServiceType = "LoadBalancer"
@@ -183,6 +201,30 @@ class StackSettings(msgspec.Struct, forbid_unknown_fields=True, rename="camel", 
                     f"sites.{name}.serviceDomain: must be a DNS suffix like svc.{name}.example"
                 )
         _dns_label("namespace", self.namespace)
+        for name, site in self.sites.items():
+            if site.namespace is not None:
+                _dns_label(f"sites.{name}.namespace", site.namespace)
+        namespaces = [self.namespace_of(name) for name in self.sites]
+        shared = {self.sites[name].context for name in self.sites}
+        if len(shared) < len(self.sites) and len(set(namespaces)) < len(namespaces):
+            raise SettingsError(
+                "sites: two sites share a kube context and a namespace; give each its own "
+                "sites.<site>.namespace (their objects have the same names)"
+            )
+        self.kubernetes_minor()
+
+    def namespace_of(self, site: str) -> str:
+        """The namespace of ``site``'s objects in its cluster."""
+        return self.sites[site].namespace or self.namespace
+
+    def kubernetes_minor(self) -> int:
+        major, _, minor = self.kubernetes_version.partition(".")
+        if major != "1" or not minor.isdigit() or int(minor) < KUBERNETES_MINOR_MIN:
+            raise SettingsError(
+                f"kubernetesVersion: {self.kubernetes_version!r} is not 1.<minor> with minor >= "
+                f"{KUBERNETES_MINOR_MIN} (the oldest cluster the stack deploys to, e.g. 1.31)"
+            )
+        return int(minor)
 
 
 def _dns_label(key: str, value: str) -> None:
@@ -214,9 +256,11 @@ _STRING_KEYS = frozenset(
     (
         "topology",
         "namespace",
+        "kubernetesVersion",
         "entryUrl",
         "postgresBinDir",
         "etcdBinary",
+        "etcdLivenessPath",
         "crossSiteServiceType",
         "gatewayServiceType",
     )

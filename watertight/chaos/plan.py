@@ -77,7 +77,7 @@ class Planner:
         return render.pg_name(cell, site) if site else None
 
     def connections_between(self, pairs: set[frozenset[str]]) -> int:
-        net = targets.site_network(self.runtime)
+        net = self.runtime.site_network()
         crossing = network.crossing_connections(network.tcp_sockets(), network.socket_owners(net.pids), pairs)
         return len(crossing) // 2
 
@@ -160,7 +160,7 @@ class Planner:
                 "would": f"drop every packet between site {site} and {', '.join(others)}, new and existing connections",
                 "addresses_cut": {s: self.runtime.topology.address(s) for s in [str(site), *others]},
                 "existing_connections_cut": self.connections_between(
-                    network.pairs_for_partition(targets.site_network(self.runtime), str(site))
+                    network.pairs_for_partition(self.runtime.site_network(), str(site))
                 ),
                 "hits": self.components(site=site),
             }

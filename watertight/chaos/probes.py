@@ -1,9 +1,10 @@
 """Chaos Toolkit probes of the watertight extension: is the topology in its steady state, who
 leads each cell, how many primaries accept writes, and what the load timeline says.
 
-Every probe takes topology names, ``target`` ("local" or "kubernetes") and ``run_dir`` (default
-$WATERTIGHT_RUN_DIR or run/), finds the topology again on each call and holds no state. Probes
-answer; they never change anything.
+Every probe takes topology names, ``target`` ("local" or "kubernetes"), ``run_dir`` (default
+$WATERTIGHT_RUN_DIR or run/) and the experiment's ``configuration``, finds the topology again on
+each call through the Target interface, and holds no state. Probes answer; they never change
+anything.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import psycopg
 
-from watertight import pg, render
-from watertight.chaos import kubernetes, targets
+from watertight import pg
+from watertight.chaos import targets
 from watertight.chaos.timeline import read_timeline
-from watertight.runtime.local import LocalRuntime, http_json
+from watertight.runtime.local import http_json
+from watertight.runtime.target import Target
 
 __all__ = [
     "cell_leader_site",
@@ -41,10 +43,11 @@ MEMBER_PROBE_TIMEOUT_S = 3.0
 ENTRY_TIMEOUT_S = 2.0
 
 
-def _local(target: str, run_dir: str | None, what: str, needs: str) -> LocalRuntime:
-    if targets.check_target(target) == targets.KUBERNETES:
-        raise kubernetes.unsupported(what, needs)
-    return targets.local_runtime(run_dir)
+Configuration = dict[str, Any] | None
+
+
+def _runtime(target: str, run_dir: str | None, configuration: Configuration) -> Target:
+    return targets.runtime(target, run_dir, configuration)
 
 
 def entry_answers(
@@ -52,14 +55,11 @@ def entry_answers(
     timeout_s: float = ENTRY_TIMEOUT_S,
     target: str = "local",
     run_dir: str | None = None,
-    configuration: dict[str, Any] | None = None,
+    configuration: Configuration = None,
 ) -> bool:
     """The entry (what clients use) answers ready: at least one cell servable, or every cell
     with ``all_cells``."""
-    if targets.check_target(target) == targets.KUBERNETES:
-        url = kubernetes.entry_url(configuration)
-    else:
-        url = targets.local_runtime(run_dir).topology.entry_url
+    url = _runtime(target, run_dir, configuration).entry_url
     status, body = http_json(f"{url}/readyz", timeout_s=timeout_s)
     if status != 200:
         return False
@@ -69,32 +69,19 @@ def entry_answers(
     return True
 
 
-def not_steady_reasons(target: str = "local", run_dir: str | None = None) -> list[str]:
+def not_steady_reasons(
+    target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> list[str]:
     """Why the topology is not in its steady state (empty when it is): every cell has a running
     leader and a streaming sync standby, every gateway and the entry answer ready."""
-    runtime = _local(target, run_dir, "not_steady_reasons", "the cells' Patroni REST APIs")
-    reasons = []
-    for cell in runtime.topology.cell_numbers:
-        view = runtime.cell_view(cell)
-        if view["leader_site"] is None:
-            reasons.append(f"cell {cell} has no leader")
-        elif view["sync_standby"] is None:
-            reasons.append(f"cell {cell} has no streaming sync standby")
-    for component in runtime.components:
-        if (
-            component.kind in ("gateway", "entry")
-            and runtime.expected(component)
-            and http_json(component.ready_url or "")[0] != 200
-        ):
-            reasons.append(f"{component.name} is not ready")
-    return reasons
+    return _runtime(target, run_dir, configuration).not_ready_reasons()
 
 
-def every_cell_has_leader_and_sync_standby(target: str = "local", run_dir: str | None = None) -> bool:
+def every_cell_has_leader_and_sync_standby(
+    target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> bool:
     """Every cell has a running leader and a streaming synchronous standby (the other center)."""
-    runtime = _local(
-        target, run_dir, "every_cell_has_leader_and_sync_standby", "the cells' Patroni REST APIs"
-    )
+    runtime = _runtime(target, run_dir, configuration)
     for cell in runtime.topology.cell_numbers:
         view = runtime.cell_view(cell)
         if view["leader_site"] is None or view["sync_standby"] is None:
@@ -102,18 +89,22 @@ def every_cell_has_leader_and_sync_standby(target: str = "local", run_dir: str |
     return True
 
 
-def cell_leader_site(cell: int, target: str = "local", run_dir: str | None = None) -> str | None:
+def cell_leader_site(
+    cell: int, target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> str | None:
     """The site whose member leads ``cell`` (None while it has no leader)."""
-    runtime = _local(target, run_dir, "cell_leader_site", "the cells' Patroni REST APIs")
-    runtime.select(cell=cell)  # names the cells when there is no such cell
+    runtime = _runtime(target, run_dir, configuration)
+    runtime.components_of(cell=cell)  # names the cells when there is no such cell
     leader: str | None = runtime.cell_view(cell)["leader_site"]
     return leader
 
 
-def cell_sync_standby_site(cell: int, target: str = "local", run_dir: str | None = None) -> str | None:
+def cell_sync_standby_site(
+    cell: int, target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> str | None:
     """The site of ``cell``'s streaming synchronous standby (None when it has none)."""
-    runtime = _local(target, run_dir, "cell_sync_standby_site", "the cells' Patroni REST APIs")
-    runtime.select(cell=cell)
+    runtime = _runtime(target, run_dir, configuration)
+    runtime.components_of(cell=cell)
     standby: str | None = runtime.cell_view(cell)["sync_standby"]
     return standby
 
@@ -131,7 +122,10 @@ def _member_state(host: str, port: int, password: str) -> dict[str, bool] | None
 
     ``out_of_recovery``: a primary in its own eyes, not read-only. ``writable``: it would also
     acknowledge a commit now, i.e. synchronous replication is off or has a sync standby attached;
-    a demoted-to-be primary waiting on a standby that left acknowledges nothing."""
+    a demoted-to-be primary waiting on a standby that left acknowledges nothing. A member with
+    no host (its pod is gone) does not answer."""
+    if not host:
+        return None
     try:
         with pg.connect_superuser(host, port, password, PG_CONNECT_TIMEOUT_S) as connection:
             row = connection.execute(MEMBER_STATE_SQL).fetchone()
@@ -163,38 +157,36 @@ def _in_parallel(calls: dict[str, Callable[[], Any]], timeout_s: float) -> dict[
     return {name: answers.get(name) for name in calls}
 
 
-def primaries(cell: int, target: str = "local", run_dir: str | None = None) -> list[dict[str, Any]]:
+def primaries(
+    cell: int, target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> list[dict[str, Any]]:
     """Every member of ``cell`` (both centers and the dr copy): whether its PostgreSQL is out of
     recovery, whether it would acknowledge a write (None: it did not answer within
     MEMBER_PROBE_TIMEOUT_S), and the role its Patroni REST API reports."""
-    return _primaries(
-        _local(target, run_dir, "primaries", "a SQL connection to every member of the cell"), cell
-    )
+    return _primaries(_runtime(target, run_dir, configuration), cell)
 
 
-def _primaries(runtime: LocalRuntime, cell: int) -> list[dict[str, Any]]:
-    members = [c for c in runtime.select(cell=cell) if c.kind == "patroni"]
+def _primaries(runtime: Target, cell: int) -> list[dict[str, Any]]:
+    members = runtime.members(cell)
     password = runtime.superuser_password()
-    endpoints = render.LocalEndpoints(runtime.topology)
-    port = endpoints.postgres_port(cell)
-    sites = {m.name: m.site or "" for m in members}
     states = _in_parallel(
         {
-            name: functools.partial(_member_state, endpoints.postgres_host(cell, site), port, password)
-            for name, site in sites.items()
+            m.name: functools.partial(_member_state, m.postgres_host, m.postgres_port, password)
+            for m in members
         },
         MEMBER_PROBE_TIMEOUT_S,
     )
     roles = _in_parallel(
         {
-            name: functools.partial(http_json, f"{endpoints.patroni_api_url(cell, site)}/patroni", 0.5)
-            for name, site in sites.items()
+            m.name: functools.partial(http_json, f"{m.patroni_url}/patroni", 0.5)
+            for m in members
+            if m.patroni_url
         },
         MEMBER_PROBE_TIMEOUT_S,
     )
     found = []
     for member in members:
-        state, answer = states[member.name], roles[member.name]
+        state, answer = states[member.name], roles.get(member.name)
         role = answer[1] if answer else None
         found.append(
             {
@@ -208,17 +200,25 @@ def _primaries(runtime: LocalRuntime, cell: int) -> list[dict[str, Any]]:
     return found
 
 
-def writable_primaries(cell: int, target: str = "local", run_dir: str | None = None) -> int:
+def writable_primaries(
+    cell: int, target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> int:
     """How many members of ``cell`` would acknowledge a write right now, asked of each member's
     PostgreSQL (out of recovery, not read-only, synchronous replication off or with its sync
     standby attached): 1 in steady state, 0 during a failover, 2 or more is split brain."""
-    return sum(1 for member in primaries(cell, target, run_dir) if member["writable"])
+    return sum(1 for member in primaries(cell, target, run_dir, configuration) if member["writable"])
 
 
-def writable_primaries_by_cell(target: str = "local", run_dir: str | None = None) -> dict[str, int]:
+def writable_primaries_by_cell(
+    target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> dict[str, int]:
     """``{"1": n, "2": n, ...}``: writable primaries of every cell (a split-brain sample)."""
-    runtime = _local(target, run_dir, "writable_primaries_by_cell", "a SQL connection to every member")
-    runtime.components  # rendered once here, not once per cell's thread  # noqa: B018
+    return writable_primaries_of(_runtime(target, run_dir, configuration))
+
+
+def writable_primaries_of(runtime: Target) -> dict[str, int]:
+    """``writable_primaries_by_cell`` of a runtime already found (the drill's sampler keeps one)."""
+    runtime.members(runtime.topology.cell_numbers[0])  # rendered once here, not once per cell's thread
     counts = _in_parallel(
         {
             str(cell): functools.partial(
@@ -231,10 +231,11 @@ def writable_primaries_by_cell(target: str = "local", run_dir: str | None = None
     return {cell: int(count or 0) for cell, count in counts.items()}
 
 
-def topology_status(target: str = "local", run_dir: str | None = None) -> dict[str, Any]:
+def topology_status(
+    target: str = "local", run_dir: str | None = None, configuration: Configuration = None
+) -> dict[str, Any]:
     """The runtime's status (sites, cells, components), for the journal."""
-    runtime = _local(target, run_dir, "topology_status", "the kubernetes status view (not built)")
-    return runtime.status()
+    return _runtime(target, run_dir, configuration).status()
 
 
 def load_error_ratio(

@@ -159,7 +159,7 @@ class Watch:
         from watertight import drill
 
         assert self.ack_log is not None
-        runtime = targets.local_runtime(str(self.run_dir))
+        runtime = targets.runtime(self.target, str(self.run_dir))
         keys_by_cell: dict[int, list[str]] = {}
         for entry in read_ack_log(self.ack_log):
             key = str(entry.get("idempotency_key", ""))
@@ -239,9 +239,9 @@ def before_method_control(
     if watch is None:
         return
     raw = (configuration or {}).get("watertight_fault")
-    if isinstance(raw, Mapping) and "kind" in raw and watch.target == targets.LOCAL:
+    if isinstance(raw, Mapping) and "kind" in raw:
         try:
-            runtime = targets.local_runtime(str(watch.run_dir))
+            runtime = targets.runtime(watch.target, str(watch.run_dir))
             leaders = {cell: runtime.cell_view(cell)["leader_site"] for cell in runtime.topology.cell_numbers}
             fault = faults.Fault.from_configuration(raw)
             affected = fault.affected_cells(leaders)

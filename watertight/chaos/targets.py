@@ -1,20 +1,26 @@
 """Where a chaos activity acts: the run directory of a local topology, or Kubernetes clusters.
 
-Owns: turning the ``target`` and ``run_dir`` arguments every activity takes into a runtime, the
-same way each time (explicit argument, else $WATERTIGHT_RUN_DIR, else run/ of the repository).
+Owns: turning the ``target``, ``run_dir`` and ``configuration`` arguments every activity takes
+into a runtime of ``watertight.runtime.target.Target``, the same way each time (the run directory:
+explicit argument, else $WATERTIGHT_RUN_DIR, else run/ of the repository; the clusters: the
+configuration's ``kube_contexts``..., else the local cluster of ``watertight cluster``). This is
+the one place that knows which runtime implements which target.
 Never: keep anything between calls; every activity finds its topology again.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from watertight.chaos import network
 from watertight.runtime.local import RUN_DIR_DEFAULT, LocalRuntime
+from watertight.runtime.target import Target
 
 TARGETS = ("local", "kubernetes")
 RUN_DIR_ENV = "WATERTIGHT_RUN_DIR"
+TARGET_ENV = "WATERTIGHT_TARGET"
 LOCAL = "local"
 KUBERNETES = "kubernetes"
 
@@ -43,10 +49,13 @@ def local_runtime(run_dir: str | None) -> LocalRuntime:
     return LocalRuntime(run_dir_of(run_dir))
 
 
-def site_network(runtime: LocalRuntime) -> network.SiteNetwork:
-    """The sites' addresses and the PIDs of each site's processes, for network faults."""
-    return network.SiteNetwork(
-        runtime.run_dir,
-        {name: site.address for name, site in runtime.topology.sites.items()},
-        {name: runtime.pids(site=name) for name in runtime.topology.sites},
-    )
+def runtime(
+    target: str = LOCAL, run_dir: str | None = None, configuration: Mapping[str, Any] | None = None
+) -> Target:
+    """The runtime of ``target``: the local topology of the run directory, or the Kubernetes
+    clusters the configuration names (the local cluster when it names none)."""
+    if check_target(target) == KUBERNETES:
+        from watertight.runtime.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime.from_configuration(configuration, run_dir_of(run_dir))
+    return local_runtime(run_dir)

@@ -1,16 +1,18 @@
 """The kubernetes target of the runbooks: what the playbooks' kubernetes.core tasks need to find
 the topology in three clusters (one per site), as Ansible extra variables.
 
-Owns: the names the runbooks address in the clusters (each cell member's pod and Patroni name, the
-Patroni config path, the drain ConfigMap, the idle dr Deployments' active-replicas annotation),
-read from the same ``render`` functions and infra constants the Pulumi program builds the objects
-from, so the two cannot drift apart; the kube contexts (``prod=ctx-a,samecity=ctx-b,dr=ctx-c``);
+Owns: the extra variables that name what the runbooks address in the clusters (each cell
+member's pod and Patroni name, the Patroni config path, the drain ConfigMap, the idle dr
+Deployments' active-replicas annotation), built from the ``render`` functions and the names of
+``watertight.kube_names`` the Pulumi program builds the objects from, so the two cannot drift
+apart; the kube contexts (``prod=ctx-a,samecity=ctx-b,dr=ctx-c``);
 installing the kubernetes.core collection where the runner finds it.
 Never: guess a context; every missing piece is named in the error, before anything runs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -24,13 +26,25 @@ from typing import Any
 
 from watertight import render
 from watertight import topology as topology_module
-from watertight.chaos.kubernetes import (
+from watertight.kube_names import (
+    ANNOTATION_ACTIVE_REPLICAS,
+    DATA_CLAIM,
+    DRAIN_CONFIG_MAP,
+    DRAIN_FILE,
+    ETCD_CONTAINER,
     LABEL_COMPONENT,
     LABEL_KIND,
     LABEL_PART_OF,
     LABEL_SITE,
+    MEMBER_GUARD,
     NAMESPACE_DEFAULT,
     PART_OF,
+    PATRONI_CONFIG,
+    PATRONI_CONFIG_DIR,
+    PATRONI_CONTAINER,
+    PATRONI_FILE,
+    POSTGRES_DATA_DIR,
+    WATCHDOG_PIPE,
 )
 from watertight.topology import SITE_NAMES, Topology
 
@@ -38,25 +52,27 @@ CONTEXTS_ENV = "WATERTIGHT_KUBE_CONTEXTS"
 NAMESPACE_ENV = "WATERTIGHT_KUBE_NAMESPACE"
 TOPOLOGY_ENV = "WATERTIGHT_TOPOLOGY"
 
-# names the Pulumi program (infra/watertight_infra/components.py, which imports them from here)
-# gives the objects the runbooks address; the labels are the chaos target's
-PATRONI_CONTAINER = "patroni"
-PATRONI_CONFIG_DIR = "/etc/patroni"
-PATRONI_FILE = "patroni.yml"
-PATRONI_CONFIG = f"{PATRONI_CONFIG_DIR}/{PATRONI_FILE}"
-POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # the data volume: PGDATA, the socket and pgpass
-# the member guard (watertight/runtime/guard.py) in the patroni image: the container's command, so
-# PostgreSQL never outlives Patroni in a pod either; its watchdog pipe is on the pod's /tmp
-MEMBER_GUARD = "/opt/watertight/guard.py"
-WATCHDOG_PIPE = "/tmp/watertight-watchdog"
-DATA_CLAIM = "data"  # a member's PersistentVolumeClaim is <claim>-<statefulset>-0
-ETCD_CONTAINER = "etcd"
-# the cells drained for maintenance: one ConfigMap per site that drain-cell rewrites
-DRAIN_CONFIG_MAP = "watertight-drain"
-DRAIN_FILE = "drained-cells.json"
-# on each app, gateway and Locust Deployment: the size activate-dr (dr) and failback (the centers)
-# scale it to
-ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
+# the names the runbooks address in the clusters (pods, containers, paths, the drain ConfigMap,
+# the active-replicas annotation) are watertight.kube_names', which the Pulumi program imports too
+__all__ = [
+    "ANNOTATION_ACTIVE_REPLICAS",
+    "DATA_CLAIM",
+    "DRAIN_CONFIG_MAP",
+    "DRAIN_FILE",
+    "ETCD_CONTAINER",
+    "MEMBER_GUARD",
+    "PATRONI_CONFIG",
+    "PATRONI_CONFIG_DIR",
+    "PATRONI_CONTAINER",
+    "PATRONI_FILE",
+    "POSTGRES_DATA_DIR",
+    "WATCHDOG_PIPE",
+    "KubeTarget",
+    "KubeTargetError",
+    "collection_path",
+    "install_collection",
+    "parse_contexts",
+]
 
 # bounds of the kubernetes tasks' waits (a ConfigMap volume is refreshed by the kubelet's sync,
 # up to a minute and its cache TTL after the change)
@@ -123,6 +139,20 @@ class KubeTarget:
         return cls(
             parse_contexts(text), namespace or os.environ.get(NAMESPACE_ENV) or NAMESPACE_DEFAULT, topology
         )
+
+    def runbook_vars(self) -> dict[str, Any]:
+        """The extra variables, once the collection and the client the tasks drive are there."""
+        if collection_path() is None:
+            raise KubeTargetError(
+                f"target kubernetes needs the {COLLECTION} collection: run `make venv` (or "
+                f"`python -m watertight.runbooks.kube`, or ansible-galaxy collection install -r runbooks/collections/requirements.yml)"
+            )
+        if importlib.util.find_spec("kubernetes") is None:
+            raise KubeTargetError(
+                "target kubernetes needs the kubernetes Python client that kubernetes.core drives: "
+                "pip install 'watertight[kubernetes]'"
+            )
+        return self.extravars()
 
     def extravars(self) -> dict[str, Any]:
         """What every kubernetes task file of runbooks/kubernetes/ reads."""

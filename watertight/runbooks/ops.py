@@ -27,6 +27,7 @@ from cardcore.gateway import drain as gateway_drain
 
 from watertight import render
 from watertight.runtime.local import LocalRuntime, RuntimeError_, http_json
+from watertight.runtime.target import Target
 from watertight.topology import CENTERS
 
 SWITCHOVER_TIMEOUT_S = 60.0
@@ -76,12 +77,12 @@ def wait_until(what: str, done: Callable[[], bool], timeout_s: float, hint: str)
     return round(time.monotonic() - started, 2)
 
 
-def _check_site(runtime: LocalRuntime, site: str, allowed: tuple[str, ...]) -> None:
+def _check_site(runtime: Target, site: str, allowed: tuple[str, ...]) -> None:
     if site not in allowed:
         raise StepError(f"site must be one of {', '.join(allowed)}; got {site!r}")
 
 
-def _check_cell(runtime: LocalRuntime, cell: int) -> None:
+def _check_cell(runtime: Target, cell: int) -> None:
     if cell not in runtime.topology.cell_numbers:
         raise StepError(f"no cell {cell}; cells are 1..{runtime.topology.cells}")
 
@@ -123,7 +124,12 @@ def switchover_cell(run_dir: str, cell: int, to_site: str, check: bool = False) 
     """Make ``to_site``'s member the leader of ``cell`` by a Patroni switchover (the sync standby
     takes over after the leader has shut down cleanly: nothing acknowledged is lost), and wait until
     the old leader streams again as the sync standby."""
-    runtime = _runtime(run_dir)
+    return switchover(_runtime(run_dir), cell, to_site, check)
+
+
+def switchover(runtime: Target, cell: int, to_site: str, check: bool = False) -> Result:
+    """``switchover_cell`` on any target: through the Patroni REST API of the cell's leader, as
+    the target reaches it."""
     _check_cell(runtime, cell)
     _check_site(runtime, to_site, CENTERS)
     view = runtime.cell_view(cell)
@@ -144,7 +150,7 @@ def switchover_cell(run_dir: str, cell: int, to_site: str, check: bool = False) 
             "to it could lose transactions. Wait for it to catch up, then run the runbook again"
         )
     started = time.monotonic()
-    api = render.LocalEndpoints(runtime.topology).patroni_api_url(cell, leader)
+    api = next(m.patroni_url for m in runtime.members(cell) if m.site == leader)
     status, text = _send(
         "POST",
         f"{api}/switchover",

@@ -11,7 +11,6 @@ Never: run a playbook that is not in runbooks/, or run without a bound (``RUNBOO
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from watertight.runbooks import kube
 from watertight.runtime.local import RUN_DIR_DEFAULT, LocalRuntime, RuntimeError_
@@ -168,17 +167,14 @@ def step_of(event: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _kubernetes_ready(target: kube.KubeTarget) -> dict[str, Any]:
     """The kubernetes target's extra variables, once its collection and client are there."""
-    if kube.collection_path() is None:
-        raise RunbookError(
-            f"target kubernetes needs the {kube.COLLECTION} collection: run `make venv` (or "
-            f"`python -m watertight.runbooks.kube`, or ansible-galaxy collection install -r runbooks/collections/requirements.yml)"
-        )
-    if importlib.util.find_spec("kubernetes") is None:
-        raise RunbookError(
-            "target kubernetes needs the kubernetes Python client that kubernetes.core drives: "
-            "pip install 'watertight[kubernetes]'"
-        )
-    return target.extravars()
+    try:
+        return target.runbook_vars()
+    except kube.KubeTargetError as error:
+        raise RunbookError(str(error)) from None
+
+
+class RunbookTarget(Protocol):
+    def runbook_vars(self) -> dict[str, Any]: ...
 
 
 def run(
@@ -187,24 +183,28 @@ def run(
     run_dir: Path | None = None,
     check: bool = False,
     progress: Progress = print,
-    target: kube.KubeTarget | None = None,
+    target: RunbookTarget | None = None,
 ) -> dict[str, Any]:
     """Run runbook ``name``; returns the summary (also written to ``summary.json`` beside the
     artifacts). ``check`` runs it in Ansible's check mode: every step says what it would do.
-    ``target`` None is the local topology of ``run_dir``; a KubeTarget, the three clusters (the
-    artifacts still go under ``run_dir``)."""
+    ``target`` None is the local topology of ``run_dir``; otherwise any target (a runtime of
+    ``watertight.runtime.target``, or a KubeTarget: the three clusters) gives the runbook its
+    variables, and the artifacts go under ``run_dir`` (or the runtime's own)."""
     import ansible_runner
 
     if name not in names():
         raise RunbookError(f"no runbook named {name!r}; runbooks are {', '.join(names())}")
     if target is None:
         try:
-            runtime = LocalRuntime(run_dir) if run_dir is not None else LocalRuntime()
+            target = LocalRuntime(run_dir) if run_dir is not None else LocalRuntime()
         except RuntimeError_ as error:
             raise RunbookError(str(error)) from None
-        base, target_vars = runtime.run_dir, {"watertight_target": "local"}
-    else:
-        base, target_vars = (run_dir or RUN_DIR_DEFAULT).resolve(), _kubernetes_ready(target)
+    try:
+        target_vars = target.runbook_vars()
+    except (kube.KubeTargetError, RuntimeError) as error:
+        raise RunbookError(str(error)) from None
+    own_dir = getattr(target, "run_dir", None)
+    base = Path(own_dir) if own_dir is not None else (run_dir or RUN_DIR_DEFAULT).resolve()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     private = base / "runbooks" / f"{stamp}-{name}"
     private.mkdir(parents=True)

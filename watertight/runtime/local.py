@@ -30,7 +30,9 @@ from watertight import pg, private_files, render
 from watertight.chaos import network
 from watertight.monitoring import config as monitoring_config
 from watertight.runtime import processes
+from watertight.runtime.common import writers_in_flight
 from watertight.runtime.processes import ProcessRecord
+from watertight.runtime.target import Alerting, Member
 from watertight.topology import CENTERS, Topology, parse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -894,6 +896,162 @@ class LocalRuntime:
             self.start_component(item)
         return [c.name for c in chosen]
 
+    # ---- the rest of the Target interface (watertight.runtime.target) --------------------------
+
+    name = "local"
+
+    @property
+    def entry_url(self) -> str:
+        return self.topology.entry_url
+
+    def gateway_urls(self) -> dict[str, str]:
+        return {site: self.topology.gateway_url(site) for site in CENTERS}
+
+    def alerting(self) -> Alerting | None:
+        """The topology's Alertmanager and the drill's receiver, when the topology has monitoring."""
+        if not self.topology.monitoring.enabled:
+            return None
+        return Alerting(self.topology.alertmanager_url, self.topology.alert_receiver_url)
+
+    def api_tokens_file(self) -> Path:
+        self._secrets()  # made on first use
+        return self.secrets_path
+
+    def components_of(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return [c.name for c in self.select(site, cell, component)]
+
+    def instances(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        tree = processes.children_map()
+        return [
+            f"{c.name} pid {pid}"
+            for c in self.select(site, cell, component)
+            for pid in self.component_pids(c, tree)
+        ]
+
+    def members(self, cell: int) -> list[Member]:
+        self.select(cell=cell)  # names the cells when there is no such cell
+        endpoints = render.LocalEndpoints(self.topology)
+        return [
+            Member(
+                name=c.name,
+                site=c.site or "",
+                postgres_host=endpoints.postgres_host(cell, c.site or ""),
+                postgres_port=endpoints.postgres_port(cell),
+                patroni_url=endpoints.patroni_api_url(cell, c.site or ""),
+            )
+            for c in self.components
+            if c.kind == "patroni" and c.cell == cell
+        ]
+
+    def primary_hosts(self, cell: int) -> list[str]:
+        return [self.topology.address(site) for site in self.primary_sites()]
+
+    def ready_urls(self) -> dict[str, str]:
+        return {
+            c.name: c.ready_url or ""
+            for c in self.components
+            if c.kind in ("gateway", "entry") and self.expected(c)
+        }
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why the topology is not in its steady state: every cell has a running leader and a
+        streaming sync standby, every expected gateway and the entry answer ready."""
+        self.reload()
+        reasons = []
+        for cell in self.topology.cell_numbers:
+            view = self.cell_view(cell)
+            if view["leader_site"] is None:
+                reasons.append(f"cell {cell} has no leader")
+            elif view["sync_standby"] is None:
+                reasons.append(f"cell {cell} has no streaming sync standby")
+        for name, url in self.ready_urls().items():
+            if http_json(url)[0] != 200:
+                reasons.append(f"{name} is not ready")
+        return reasons
+
+    def frozen(
+        self, site: str | None = None, cell: int | None = None, component: str | None = None
+    ) -> list[str]:
+        return [
+            c.name
+            for c in self.select(site, cell, component)
+            if (record := self.records.get(c.name)) is not None and processes.frozen(record)
+        ]
+
+    def kill_listed_pids(self, site: str, every_process: bool = False) -> dict[str, Any]:
+        """SIGKILL exactly the PIDs ``status()`` lists for ``site`` (each component's ``pid``;
+        with ``every_process`` also every PID of its ``processes``), one by one, as a user's own
+        script does: no process tree, no cgroup."""
+        self.select(site=site)
+        listed: list[int] = []
+        for component in self.status()["components"]:
+            if component["site"] != site:
+                continue
+            if component["pid"]:
+                listed.append(int(component["pid"]))
+            if every_process:
+                listed += [int(p["pid"]) for p in component["processes"] if int(p["pid"]) not in listed]
+        killed = processes.signal_pids(listed, signal.SIGKILL)
+        return {"site": site, "listed": listed, "killed": killed}
+
+    def writers_in_flight(self, site: str) -> int:
+        """Group commits of ``site``'s app server running now: its writer sessions not idle on the
+        cells' leaders."""
+        return writers_in_flight(self, site)
+
+    def site_network(self) -> network.SiteNetwork:
+        """The sites' addresses and the PIDs of each site's processes, for network faults."""
+        return network.SiteNetwork(
+            self.run_dir,
+            {name: site.address for name, site in self.topology.sites.items()},
+            {name: self.pids(site=name) for name in self.topology.sites},
+        )
+
+    def partition(self, site: str) -> dict[str, Any]:
+        """nftables with cgroup v2 matching (root): packets between ``site`` and the others dropped."""
+        self.select(site=site)
+        return network.partition(self.site_network(), site)
+
+    def heal_partition(self) -> dict[str, Any]:
+        return network.heal_partition(self.site_network())
+
+    def add_latency(self, delay_ms: int, sites: list[str] | None = None) -> dict[str, Any]:
+        """An NFQUEUE delayer (the kernel here has no netem)."""
+        return network.add_latency(self.site_network(), delay_ms, sites)
+
+    def remove_latency(self) -> dict[str, Any]:
+        return network.remove_latency(self.site_network())
+
+    def heal_network(self) -> dict[str, Any]:
+        return network.heal_all(self.site_network()) if network.read_state(self.run_dir) else {}
+
+    def switchover(self, cell: int, to_site: str) -> dict[str, Any]:
+        from watertight.runbooks import ops
+
+        return ops.switchover(self, cell, to_site)
+
+    def cpu_sample(self) -> dict[Any, tuple[str, float]]:
+        """CPU seconds so far of every process of the topology but monitoring's, by PID, with the
+        kind it is counted under: PostgreSQL apart from Patroni and its member guard (both live in
+        the ``patroni`` component), both etcd clusters as ``etcd``."""
+        tree = processes.children_map()
+        found: dict[Any, tuple[str, float]] = {}
+        for component in self.components:
+            if component.kind in monitoring_config.MONITORING_KINDS:
+                continue  # the observer, not the core: its cost is no transaction's
+            for pid in self.component_pids(component, tree):
+                seconds = processes.cpu_seconds(pid)
+                if seconds is not None:
+                    found[pid] = (_process_kind(component.kind, pid), seconds)
+        return found
+
+    def runbook_vars(self) -> dict[str, Any]:
+        return {"watertight_target": self.name}
+
     # ---- strays ---------------------------------------------------------------------------------
 
     def stray_pids(self) -> list[int]:
@@ -982,3 +1140,17 @@ class LocalRuntime:
             self.records = {}
             self._write_state()
         return stopped
+
+
+def _process_kind(component_kind: str, pid: int) -> str:
+    """The kind bench counts a process under (see ``LocalRuntime.cpu_sample``)."""
+    if component_kind == "patroni":
+        try:
+            with open(f"/proc/{pid}/comm", encoding="ascii", errors="replace") as handle:
+                name = handle.read().strip()
+        except OSError:
+            return "patroni"
+        return "postgres" if name.startswith(("postgres", "postmaster")) else "patroni"
+    if component_kind == "etcd-dr":
+        return "etcd"
+    return component_kind

@@ -48,6 +48,17 @@ def state_of(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds so far of a process: user and system time, and that of its children already
+    reaped (PostgreSQL backends that exited); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+
+
 def alive(record: ProcessRecord) -> bool:
     """The recorded process still exists (a zombie counts as gone)."""
     return start_ticks(record.pid) == record.start_ticks and state_of(record.pid) not in (None, "Z", "X")
