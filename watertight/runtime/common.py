@@ -7,7 +7,8 @@ Never: import a particular target, or change anything.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from watertight import pg
 
@@ -36,3 +37,42 @@ def writers_in_flight(target: Target, site: str) -> int:
         except Exception:  # a cell without a leader has nothing in flight to catch
             continue
     return busy
+
+
+def cell_view_of(
+    members: list[dict[str, Any]],
+    dr_members: list[dict[str, Any]],
+    site_of_member: Callable[[Mapping[str, Any]], str | None],
+) -> dict[str, Any]:
+    """A cell's view from its Patroni cluster's member list (the centers' members) and its dr
+    standby cluster's: who leads, the streaming sync standby, the dr copy, every member."""
+    leader = next((m for m in members if m.get("role") == "leader" and m.get("state") == "running"), None)
+    sync = next(
+        (m for m in members if m.get("role") == "sync_standby" and m.get("state") == "streaming"), None
+    )
+    dr = next((m for m in dr_members if m.get("role") in ("standby_leader", "leader")), None)
+    return {
+        "leader_site": site_of_member(leader) if leader else None,
+        "sync_standby": site_of_member(sync) if sync else None,
+        "timeline": leader.get("timeline") if leader else None,
+        "replication_lag_bytes": sync.get("lag") if sync else None,
+        "dr_copy": {
+            "role": dr.get("role"),
+            "state": dr.get("state"),
+            "lag": dr.get("lag"),
+            "timeline": dr.get("timeline"),
+        }
+        if dr
+        else None,
+        "members": [
+            {
+                "name": m.get("name"),
+                "site": site_of_member(m),
+                "role": m.get("role"),
+                "state": m.get("state"),
+                "lag": m.get("lag"),
+                "timeline": m.get("timeline"),
+            }
+            for m in [*members, *dr_members]
+        ],
+    }

@@ -51,7 +51,7 @@ from watertight.kube_names import (
     stateful_pod,
 )
 from watertight.render import DR_SITE
-from watertight.runtime.common import writers_in_flight
+from watertight.runtime.common import cell_view_of, writers_in_flight
 from watertight.runtime.local import RUN_DIR_DEFAULT, choose_view, http_json
 from watertight.runtime.target import Alerting, Member, Progress, TargetUnsupported
 from watertight.topology import CENTERS, SITE_NAMES, Topology
@@ -738,36 +738,7 @@ class KubernetesRuntime:
         endpoints = self.members(cell)
         members = self._cluster_members([m for m in endpoints if m.site != DR_SITE])
         dr_members = self._cluster_members([m for m in endpoints if m.site == DR_SITE])
-        leader = next((m for m in members if m.get("role") == "leader" and m.get("state") == "running"), None)
-        sync = next(
-            (m for m in members if m.get("role") == "sync_standby" and m.get("state") == "streaming"), None
-        )
-        dr = next((m for m in dr_members if m.get("role") in ("standby_leader", "leader")), None)
-        return {
-            "leader_site": self.site_of_member(leader) if leader else None,
-            "sync_standby": self.site_of_member(sync) if sync else None,
-            "timeline": leader.get("timeline") if leader else None,
-            "replication_lag_bytes": sync.get("lag") if sync else None,
-            "dr_copy": {
-                "role": dr.get("role"),
-                "state": dr.get("state"),
-                "lag": dr.get("lag"),
-                "timeline": dr.get("timeline"),
-            }
-            if dr
-            else None,
-            "members": [
-                {
-                    "name": m.get("name"),
-                    "site": self.site_of_member(m),
-                    "role": m.get("role"),
-                    "state": m.get("state"),
-                    "lag": m.get("lag"),
-                    "timeline": m.get("timeline"),
-                }
-                for m in [*members, *dr_members]
-            ],
-        }
+        return cell_view_of(members, dr_members, self.site_of_member)
 
     def leader_site(self, cell: int) -> str:
         self.select(cell=cell)

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from watertight import pg, private_files, render
 from watertight.chaos import network
 from watertight.monitoring import config as monitoring_config
 from watertight.runtime import processes
-from watertight.runtime.common import writers_in_flight
+from watertight.runtime.common import cell_view_of, writers_in_flight
 from watertight.runtime.processes import ProcessRecord
 from watertight.runtime.target import Alerting, Member
 from watertight.topology import CENTERS, Topology, parse
@@ -665,45 +665,16 @@ class LocalRuntime:
                 views.append(body.get("members", []))
         return choose_view(views, _claims_primary)
 
-    def site_of_member(self, member: dict[str, Any]) -> str | None:
+    def site_of_member(self, member: Mapping[str, Any]) -> str | None:
         for name, site in self.topology.sites.items():
             if member.get("host") == site.address:
                 return name
         return None
 
     def cell_view(self, cell: int) -> dict[str, Any]:
-        members = self.cluster_members(cell)
-        leader = next((m for m in members if m.get("role") == "leader" and m.get("state") == "running"), None)
-        sync = next(
-            (m for m in members if m.get("role") == "sync_standby" and m.get("state") == "streaming"), None
+        return cell_view_of(
+            self.cluster_members(cell), self.cluster_members(cell, dr=True), self.site_of_member
         )
-        dr_members = self.cluster_members(cell, dr=True)
-        dr = next((m for m in dr_members if m.get("role") in ("standby_leader", "leader")), None)
-        return {
-            "leader_site": self.site_of_member(leader) if leader else None,
-            "sync_standby": self.site_of_member(sync) if sync else None,
-            "timeline": leader.get("timeline") if leader else None,
-            "replication_lag_bytes": sync.get("lag") if sync else None,
-            "dr_copy": {
-                "role": dr.get("role"),
-                "state": dr.get("state"),
-                "lag": dr.get("lag"),
-                "timeline": dr.get("timeline"),
-            }
-            if dr
-            else None,
-            "members": [
-                {
-                    "name": m.get("name"),
-                    "site": self.site_of_member(m),
-                    "role": m.get("role"),
-                    "state": m.get("state"),
-                    "lag": m.get("lag"),
-                    "timeline": m.get("timeline"),
-                }
-                for m in [*members, *dr_members]
-            ],
-        }
 
     def status(self) -> dict[str, Any]:
         self.reload()
