@@ -286,6 +286,9 @@ def settings_for(upstreams: dict[str, list[str]], **overrides: Any) -> GatewaySe
     return GatewaySettings(**values)
 
 
+UPSTREAMS_SEEN_S = 10.0
+
+
 @contextlib.asynccontextmanager
 async def two_cells(**overrides: Any) -> AsyncIterator[tuple[Gateway, FakeApp, FakeApp]]:
     """App server a leads cell 1 (prod), b leads cell 2 (samecity); the gateway routes to both."""
@@ -295,6 +298,12 @@ async def two_cells(**overrides: Any) -> AsyncIterator[tuple[Gateway, FakeApp, F
     await b.start()
     gateway = Gateway(settings_for({"1": [a.url], "2": [b.url]}, **overrides))
     await gateway.startup()
+    # the first poll may time out on a busy machine (200 ms here): the scenarios start once the
+    # gateway sees both app servers, as a gateway in service would by its next polls
+    deadline = asyncio.get_running_loop().time() + UPSTREAMS_SEEN_S
+    while not all(gateway.health.candidates(cell) for cell in (1, 2)):
+        assert asyncio.get_running_loop().time() < deadline, "the gateway never saw both app servers"
+        await asyncio.sleep(0.05)
     try:
         yield gateway, a, b
     finally:

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import topologies
 from tests.cards import customers_in_each_cell
-from tests.topologies import moved, test_net
+from tests.topologies import moved
 from tests.writers import Writers, ledger_transactions
 from watertight import bench
 from watertight import topology as topology_module
@@ -130,16 +131,16 @@ def test_status_and_up_on_the_command_line(runtime: LocalRuntime) -> None:
         env=env,
         check=True,
     )
-    assert f'"entry": "http://127.{test_net()}.0.1:28080"' in as_json.stdout
-    assert f'"prometheus": "http://127.{test_net()}.0.1:28090"' in as_json.stdout
-    assert f'"alertmanager": "http://127.{test_net()}.0.1:28093"' in as_json.stdout
+    assert f'"entry": "http://127.{topologies.test_net()}.0.1:28080"' in as_json.stdout
+    assert f'"prometheus": "http://127.{topologies.test_net()}.0.1:28090"' in as_json.stdout
+    assert f'"alertmanager": "http://127.{topologies.test_net()}.0.1:28093"' in as_json.stdout
     assert "monitoring: Prometheus" in shown.stdout and "targets up" in shown.stdout
 
 
 def test_up_starts_prometheus_and_alertmanager_with_every_target_up(runtime: LocalRuntime) -> None:
     status = runtime.status()
     monitoring = status["monitoring"]
-    net = test_net()
+    net = topologies.test_net()
     assert monitoring["prometheus"] == f"http://127.{net}.0.1:28090"
     assert monitoring["alertmanager"] == f"http://127.{net}.0.1:28093"
     targets = monitoring["targets"]
