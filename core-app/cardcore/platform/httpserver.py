@@ -682,9 +682,15 @@ def run(
     header_read_timeout_s: float = HEADER_READ_TIMEOUT_S,
 ) -> None:
     """Serve ``app`` on host:port on uvloop until SIGTERM or SIGINT."""
+    run_until_signalled(lambda: Server(app, host, port, connections_max, header_read_timeout_s))
+
+
+def run_until_signalled(make_server: Callable[[], Any]) -> None:
+    """Run the server ``make_server`` builds on the event loop (anything with ``serve()`` and
+    ``stop()``: this module's, or granian's embedded one) on uvloop until SIGTERM or SIGINT."""
 
     async def main() -> None:
-        server = Server(app, host, port, connections_max, header_read_timeout_s)
+        server = make_server()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)

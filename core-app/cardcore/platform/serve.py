@@ -13,12 +13,10 @@ Never: fork workers (the topology counts and signals processes by PID).
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
 import resource
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -78,8 +76,10 @@ def serve(target: str, host: str, port: int, limits: ServeLimits | None = None) 
     from granian.http import HTTP1Settings
     from granian.server.embed import Server
 
-    async def main() -> None:
-        server = Server(
+    from cardcore.platform.httpserver import run_until_signalled
+
+    run_until_signalled(
+        lambda: Server(
             app,
             address=host,
             port=port,
@@ -93,14 +93,4 @@ def serve(target: str, host: str, port: int, limits: ServeLimits | None = None) 
             http1_settings=HTTP1Settings(header_read_timeout=limits.header_read_timeout_ms),
             log_access=False,
         )
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.stop)
-        await server.serve()
-
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    )
