@@ -100,6 +100,9 @@ def test_every_cell_has_a_synchronous_not_strict_cluster_over_both_centers(topo:
             assert dcs["synchronous_node_count"] == 1
             assert "standby_cluster" not in dcs
             assert dcs["postgresql"]["use_pg_rewind"] is True
+            # a deposed primary that cannot be rewound is copied afresh, not left down
+            assert config["postgresql"]["remove_data_directory_on_rewind_failure"] is True
+            assert config["postgresql"]["remove_data_directory_on_diverged_timelines"] is True
             parameters = dcs["postgresql"]["parameters"]
             assert parameters["wal_level"] == "replica"
             assert parameters["hot_standby"] == "on"

@@ -607,6 +607,12 @@ def _patroni_common(
             "use_unix_socket": True,
             # a replica's copy starts with a checkpoint on the primary: a spread one takes minutes
             "basebackup": [{"checkpoint": "fast"}],
+            # a deposed primary that pg_rewind cannot bring back (WAL gone, a rewind cut short) is
+            # copied afresh from the leader instead of staying down until an operator comes: what
+            # it holds past the divergence was never acknowledged (synchronous mode), so nothing
+            # acknowledged is dropped with it, and the cell gets its sync standby back by itself
+            "remove_data_directory_on_rewind_failure": True,
+            "remove_data_directory_on_diverged_timelines": True,
             # passwords come from PATRONI_SUPERUSER_PASSWORD / PATRONI_REPLICATION_PASSWORD
             "authentication": {
                 "superuser": {"username": SUPERUSER},

@@ -76,3 +76,18 @@ def cell_view_of(
             for m in [*members, *dr_members]
         ],
     }
+
+
+def cell_not_steady(cell: int, view: Mapping[str, Any]) -> str | None:
+    """Why cell ``cell`` (its ``cell_view_of``) is not steady, naming what each center member says
+    (a member stuck after a failed rewind or a start that failed is then plain), or None."""
+    if view["leader_site"] is not None and view["sync_standby"] is not None:
+        return None
+    what = "has no leader" if view["leader_site"] is None else "has no streaming sync standby"
+    members = ", ".join(
+        f"{m['name']} {m.get('role') or '?'} {m.get('state') or '?'}"
+        + (f" timeline {m['timeline']}" if m.get("timeline") is not None else "")
+        for m in view["members"]
+        if m.get("site") != "dr"
+    )
+    return f"cell {cell} {what} (members: {members or 'none answer'})"

@@ -51,7 +51,7 @@ from watertight.kube_names import (
     stateful_pod,
 )
 from watertight.render import DR_SITE
-from watertight.runtime.common import cell_view_of, writers_in_flight
+from watertight.runtime.common import cell_not_steady, cell_view_of, writers_in_flight
 from watertight.runtime.local import RUN_DIR_DEFAULT, choose_view, http_json
 from watertight.runtime.target import Alerting, Member, Progress, TargetUnsupported
 from watertight.topology import CENTERS, SITE_NAMES, Topology
@@ -826,10 +826,8 @@ class KubernetesRuntime:
         reasons = []
         for cell in self.topology.cell_numbers:
             view = self.cell_view(cell)
-            if view["leader_site"] is None:
-                reasons.append(f"cell {cell} has no leader")
-            elif view["sync_standby"] is None:
-                reasons.append(f"cell {cell} has no streaming sync standby")
+            if (reason := cell_not_steady(cell, view)) is not None:
+                reasons.append(reason)
         for name, url in self.ready_urls().items():
             if not url or http_json(url)[0] != 200:
                 reasons.append(f"{name} is not ready")

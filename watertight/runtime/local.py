@@ -30,7 +30,7 @@ from watertight import pg, private_files, render
 from watertight.chaos import network
 from watertight.monitoring import config as monitoring_config
 from watertight.runtime import processes
-from watertight.runtime.common import cell_view_of, writers_in_flight
+from watertight.runtime.common import cell_not_steady, cell_view_of, writers_in_flight
 from watertight.runtime.processes import ProcessRecord
 from watertight.runtime.target import Alerting, Member
 from watertight.topology import CENTERS, Topology, parse
@@ -633,10 +633,8 @@ class LocalRuntime:
                     missing.append(f"cell {cell}'s dr copy is not a running primary")
                 continue
             view = self.cell_view(cell)
-            if view["leader_site"] is None:
-                missing.append(f"cell {cell} has no leader")
-            elif view["sync_standby"] is None:
-                missing.append(f"cell {cell} has no streaming sync standby")
+            if (reason := cell_not_steady(cell, view)) is not None:
+                missing.append(reason)
         for component in self.components:
             if (
                 component.kind in ("gateway", "entry")
@@ -935,10 +933,8 @@ class LocalRuntime:
         reasons = []
         for cell in self.topology.cell_numbers:
             view = self.cell_view(cell)
-            if view["leader_site"] is None:
-                reasons.append(f"cell {cell} has no leader")
-            elif view["sync_standby"] is None:
-                reasons.append(f"cell {cell} has no streaming sync standby")
+            if (reason := cell_not_steady(cell, view)) is not None:
+                reasons.append(reason)
         for name, url in self.ready_urls().items():
             if http_json(url)[0] != 200:
                 reasons.append(f"{name} is not ready")
