@@ -156,3 +156,44 @@ def test_a_commit_the_sync_standby_never_confirmed_is_not_a_success(
                 await conn.close()
 
     asyncio.run(scenario())
+
+
+@pytest.fixture
+def promoted() -> Iterator[PostgresServer]:
+    """A primary on timeline 2: started as a standby of nothing, then promoted (what Patroni
+    does to the sync standby after a failover)."""
+    base_dir = service_tempdir("watertight-test-pg-")
+    server = PostgresServer(
+        datadir=base_dir / "data", port=free_port(), socket_dir=base_dir / "socket", fast=True
+    )
+    try:
+        server.initdb()
+        (server.datadir / "standby.signal").touch()
+        server.start()
+        server.psql("SELECT pg_promote(true, 30)")
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def test_of_two_writable_members_the_newest_timeline_wins(
+    postgres: PostgresServer, promoted: PostgresServer
+) -> None:
+    """A deposed primary whose Patroni is gone stays writable beside the one a promotion made:
+    without the leader lock, new connections go to the newer timeline, whichever answers first."""
+    deposed = f"{postgres.host}:{postgres.port}"
+    newer = f"{promoted.host}:{promoted.port}"
+
+    async def scenario() -> None:
+        for members in ([deposed, newer], [newer, deposed]):
+            conn = await db.connect_writable(
+                f"postgresql://postgres@{deposed},{newer}/postgres", members, timeout=TIMEOUT_S
+            )
+            try:
+                assert await conn.fetchval("SELECT inet_server_port()") == promoted.port
+                assert (await conn.fetchval(db.TIMELINE_SQL)).startswith("00000002")
+            finally:
+                await conn.close()
+
+    asyncio.run(scenario())

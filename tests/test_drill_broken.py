@@ -1,7 +1,10 @@
 """A drill against a deliberately broken topology fails: with the member guard and the app
 servers' leader-lock fencing switched off, killing the PIDs `watertight status --json` lists for
-prod leaves prod's PostgreSQL running as a primary beside the one samecity promotes, app servers
-keep reading from it, and the drill's stale-read verdict (judged from what the clients saw) fails.
+prod leaves prod's PostgreSQL running as a primary beside the one samecity promotes. The app
+server's writer, timed out on the deposed primary (its sync standby is gone), reconnects to the
+newer timeline and acknowledges writes there, while the pooled connections it reads through stay
+on the deposed one: the drill's stale-read verdict (judged from what the clients saw) fails, every
+run, though the RTO looks fine.
 The same drill passes on the real topology (tests/test_drill.py, tests/test_member_faults.py)."""
 
 from __future__ import annotations

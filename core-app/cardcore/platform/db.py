@@ -108,34 +108,61 @@ class ConfirmedCommitConnection(asyncpg.Connection):
         return result
 
 
+TIMELINE_SQL = "SELECT pg_walfile_name(pg_current_wal_lsn())"
+CHOICE_GRACE_S = 0.25  # how long the other members may take to answer once one writable has
+
+
+async def _writable_on_timeline(dsn: str, member: str, **kwargs: Any) -> tuple[int, asyncpg.Connection]:
+    """A connection to ``member`` if it is writable, with the timeline it writes on."""
+    host, _, port = member.rpartition(":")
+    conn = await asyncpg.connect(dsn, host=host, port=int(port), **kwargs)
+    try:
+        walfile = await conn.fetchval(TIMELINE_SQL, timeout=kwargs.get("timeout"))
+    except BaseException:
+        conn.terminate()
+        raise
+    return int(str(walfile)[:8], 16), conn
+
+
 async def connect_writable(dsn: str, members: list[str], **kwargs: Any) -> asyncpg.Connection:
     """A connection to the writable member among ``members`` (``host:port``), trying them all at
     once, each with the full ``timeout``: libpq-style multi-host tries them in turn within one
     timeout, so a member that accepts TCP but never answers (frozen, or cut off by a partition)
     first in the list would use it all up and the primary behind it would never be reached.
-    Without members, the DSN as it is."""
+    Without members, the DSN as it is.
+
+    When two answer writable (a deposed primary whose Patroni is gone beside the one a promotion
+    made: what only the leader lock tells apart, see engine's fencing), the newest timeline wins,
+    as the best a client that knows nothing of Patroni can do; those that answer within
+    ``CHOICE_GRACE_S`` of the first are compared. Connections opened before the promotion stay
+    where they are: that, not this choice, is why the app fences by the leader lock."""
     kwargs["target_session_attrs"] = "read-write"
     kwargs.setdefault("connection_class", ConfirmedCommitConnection)
     if len(members) < 2:
         return await asyncpg.connect(dsn, **kwargs)
-    attempts = []
-    for member in members:
-        host, _, port = member.rpartition(":")
-        attempts.append(asyncio.ensure_future(asyncpg.connect(dsn, host=host, port=int(port), **kwargs)))
-    chosen: asyncpg.Connection | None = None
+    attempts = [asyncio.ensure_future(_writable_on_timeline(dsn, member, **kwargs)) for member in members]
+    answered: list[tuple[int, asyncpg.Connection]] = []
     errors: list[BaseException] = []
+    chosen: asyncpg.Connection | None = None
     try:
-        pending = set(attempts)
-        while pending and chosen is None:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        pending: set[asyncio.Future[tuple[int, asyncpg.Connection]]] = set(attempts)
+        grace_ends: float | None = None
+        loop = asyncio.get_running_loop()
+        while pending:
+            wait_s = None if grace_ends is None else max(0.0, grace_ends - loop.time())
+            done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
             for attempt in done:
                 error = attempt.exception()
                 if error is not None:
                     errors.append(error)
-                elif chosen is None:
-                    chosen = attempt.result()
                 else:
-                    attempt.result().terminate()
+                    answered.append(attempt.result())
+            if answered and grace_ends is None:
+                grace_ends = loop.time() + CHOICE_GRACE_S
+            if not done and grace_ends is not None:  # the grace ran out
+                break
+        if answered:
+            chosen = max(answered, key=lambda found: found[0])[1]
     finally:
         for attempt in attempts:
             if not attempt.done():
@@ -143,8 +170,8 @@ async def connect_writable(dsn: str, members: list[str], **kwargs: Any) -> async
         # one that connected while we were choosing must not stay open
         for attempt in attempts:
             if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
-                if attempt.result() is not chosen:
-                    attempt.result().terminate()
+                if attempt.result()[1] is not chosen:
+                    attempt.result()[1].terminate()
     if chosen is not None:
         return chosen
     # every member answered, none writable (a promotion under way): say so rather than a timeout
