@@ -197,3 +197,24 @@ def test_of_two_writable_members_the_newest_timeline_wins(
                 await conn.close()
 
     asyncio.run(scenario())
+
+
+def test_the_one_member_named_is_the_only_one_tried(postgres: PostgresServer) -> None:
+    """The app names one member (the leader lock's holder) while the cell's DSN lists both centers,
+    the deposed primary first: a frozen one there must not eat the timeout (issue 13/17: after a
+    site freeze the app served cell 1 again only when the site thawed)."""
+    primary = f"{postgres.host}:{postgres.port}"
+
+    async def scenario() -> None:
+        async with silent_member() as frozen:
+            started = time.monotonic()
+            conn = await db.connect_writable(
+                f"postgresql://postgres@{frozen},{primary}/postgres", [primary], timeout=TIMEOUT_S
+            )
+            try:
+                assert time.monotonic() - started < TIMEOUT_S / 2
+                assert await conn.fetchval("SELECT inet_server_port()") == postgres.port
+            finally:
+                await conn.close()
+
+    asyncio.run(scenario())

@@ -129,7 +129,7 @@ async def connect_writable(dsn: str, members: list[str], **kwargs: Any) -> async
     once, each with the full ``timeout``: libpq-style multi-host tries them in turn within one
     timeout, so a member that accepts TCP but never answers (frozen, or cut off by a partition)
     first in the list would use it all up and the primary behind it would never be reached.
-    Without members, the DSN as it is.
+    One member: that one only (the DSN's hosts are not tried). Without members, the DSN as it is.
 
     When two answer writable (a deposed primary whose Patroni is gone beside the one a promotion
     made: what only the leader lock tells apart, see engine's fencing), the newest timeline wins,
@@ -138,8 +138,11 @@ async def connect_writable(dsn: str, members: list[str], **kwargs: Any) -> async
     where they are: that, not this choice, is why the app fences by the leader lock."""
     kwargs["target_session_attrs"] = "read-write"
     kwargs.setdefault("connection_class", ConfirmedCommitConnection)
-    if len(members) < 2:
+    if not members:
         return await asyncpg.connect(dsn, **kwargs)
+    if len(members) == 1:  # the lock holder alone: never the DSN's other hosts (one may be frozen)
+        host, _, port = members[0].rpartition(":")
+        return await asyncpg.connect(dsn, host=host, port=int(port), **kwargs)
     attempts = [asyncio.ensure_future(_writable_on_timeline(dsn, member, **kwargs)) for member in members]
     answered: list[tuple[int, asyncpg.Connection]] = []
     errors: list[BaseException] = []
