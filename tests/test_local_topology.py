@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from tests import topologies
 from tests.cards import customers_in_each_cell
 from tests.topologies import moved
 from tests.writers import Writers, ledger_transactions
-from watertight import bench
+from watertight import bench, pg, tls
 from watertight import topology as topology_module
 from watertight.chaos import network
 from watertight.pg import service_tempdir
@@ -74,6 +75,36 @@ def test_up_brings_every_cell_a_leader_and_a_sync_standby_in_the_other_center(ru
         "centers_follow_dr": False,
     }
     assert 0 < status["rss_total_bytes"] < RSS_MAX_BYTES
+
+
+def test_postgresql_speaks_tls_only_and_every_client_verifies_it(
+    runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    """Issue 16: links between sites are encrypted. A member refuses a connection in clear; the
+    app servers' sessions and replication (to the other center and to dr) run over TLS; a client
+    that verifies with another CA refuses the member."""
+    root_cert = runtime.postgres_root_cert()
+    assert root_cert is not None and Path(root_cert).stat().st_mode & 0o777 == 0o644
+    password = runtime.superuser_password()
+    leader = runtime.topology.leader_site(1)
+    member = next(m for m in runtime.members(1) if m.site == leader)
+    with pytest.raises(psycopg.OperationalError, match=r"no pg_hba\.conf entry"):
+        pg.connect_superuser(member.postgres_host, member.postgres_port, password, 2).close()
+    other = tmp_path / "other-ca.crt"
+    other.write_text(tls.make_ca()["cert"])
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        pg.connect_superuser(member.postgres_host, member.postgres_port, password, 2, str(other)).close()
+    with pg.connect_superuser(member.postgres_host, member.postgres_port, password, 2, root_cert) as conn:
+        rows = conn.execute(
+            "SELECT a.backend_type, a.application_name, s.ssl, s.version FROM pg_stat_activity a"
+            " JOIN pg_stat_ssl s USING (pid) WHERE a.client_addr IS NOT NULL"
+        ).fetchall()
+    kinds = {(kind, name.split("-")[0] if kind == "client backend" else name) for kind, name, _, _ in rows}
+    print(f"TCP sessions on {member.name}: {sorted(kinds)}")
+    assert ("walsender", f"pg-cell1-{runtime.topology.standby_site(1)}") in kinds, rows
+    assert any(kind == "walsender" and name.startswith("pg-cell1-dr") for kind, name, _, _ in rows), rows
+    assert ("client backend", "cardcore") in kinds, rows
+    assert all(encrypted and version == "TLSv1.3" for _, _, encrypted, version in rows), rows
 
 
 def cgroup_of(pid: int) -> str:

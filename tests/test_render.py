@@ -522,3 +522,38 @@ def test_patroni_component_runs_patroni_on_its_yaml_under_the_member_guard(
     config = patroni_of(c)
     assert config["postgresql"]["bin_dir"] == str(pg.pg_bindir())
     assert config["postgresql"]["data_dir"] == str(RUN_DIR / "data" / "pg-cell2-samecity" / "pgdata")
+
+
+# ---- TLS between sites (issue 16) ----------------------------------------------------------------
+
+
+def test_with_a_ca_in_the_secrets_postgresql_serves_tls_only_and_every_client_verifies_it(
+    topo: Topology, secrets: dict[str, Any]
+) -> None:
+    addresses = [topo.address(site) for site in topo.sites]
+    with_tls = render.complete_secrets(secrets, addresses)
+    found = components(topo, with_tls)
+    member = found["pg-cell1-prod"]
+    own = render.component_dir(RUN_DIR, "pg-cell1-prod")
+    assert member.files[render.TLS_KEY_FILE] == with_tls[render.SECRET_TLS_SERVER]["key"]
+    assert member.files[render.TLS_CA_FILE] == with_tls[render.SECRET_TLS_CA]["cert"]
+    config = yaml.safe_load(member.files["patroni.yml"])
+    postgresql = config["postgresql"]
+    assert postgresql["parameters"]["ssl"] == "on"
+    assert postgresql["parameters"]["ssl_key_file"] == str(own / render.TLS_KEY_FILE)
+    network_lines = [line for line in postgresql["pg_hba"] if not line.startswith("local ")]
+    assert network_lines and all(line.startswith("hostssl ") for line in network_lines), network_lines
+    for role in ("superuser", "replication"):  # replication, pg_rewind, basebackup
+        assert postgresql["authentication"][role]["sslmode"] == "verify-full"
+        assert postgresql["authentication"][role]["sslrootcert"] == str(own / render.TLS_CA_FILE)
+    app = found["app-samecity"]
+    assert render.TLS_KEY_FILE not in app.files  # clients get the CA's certificate only
+    dsn = json.loads(app.files["app.json"])["cells"]["1"]["dsn"]
+    ca_path = render.component_dir(RUN_DIR, "app-samecity") / render.TLS_CA_FILE
+    assert dsn.endswith(f"&sslmode=verify-full&sslrootcert={ca_path}"), dsn
+
+
+def test_without_a_ca_postgresql_serves_in_clear_as_before(topo: Topology, secrets: dict[str, Any]) -> None:
+    config = yaml.safe_load(components(topo, secrets)["pg-cell1-prod"].files["patroni.yml"])
+    assert "ssl" not in config["postgresql"]["parameters"]
+    assert "sslmode" not in config["postgresql"]["authentication"]["replication"]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -235,6 +236,10 @@ async def _ledger_lookup(
     ``partial`` when an id its stored answer names (an auth_id, transaction_id or plan_id) is not
     in its table. Keys the cells do not hold are not in the result."""
     password = runtime.superuser_password()
+    root_cert = runtime.postgres_root_cert()
+    tls: dict[str, Any] = {}
+    if root_cert is not None:  # verify-full: the CA signed it, for the address dialled
+        tls["ssl"] = ssl.create_default_context(cafile=root_cert)
     found: dict[str, str] = {}
     for cell, keys in keys_by_cell.items():
         conn = await asyncpg.connect(
@@ -245,6 +250,7 @@ async def _ledger_lookup(
             database="cardcore",
             target_session_attrs="read-write",
             timeout=10,
+            **tls,
         )
         try:
             for start in range(0, len(keys), 5000):

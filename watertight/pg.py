@@ -437,9 +437,16 @@ class PostgresServer:
         )
 
 
-def connect_superuser(host: str, port: int, password: str, timeout_s: int) -> psycopg.Connection[Any]:
+def connect_superuser(
+    host: str, port: int, password: str, timeout_s: int, root_cert: str | None = None
+) -> psycopg.Connection[Any]:
     """A psycopg autocommit connection as the superuser to the ``postgres`` database of a member
-    (probes and runbook steps that ask a member about itself or change its settings)."""
+    (probes and runbook steps that ask a member about itself or change its settings). With
+    ``root_cert`` (the target's ``postgres_root_cert``) over TLS, the server verified
+    (``verify-full``); without, in clear."""
+    tls: dict[str, Any] = (
+        {"sslmode": "verify-full", "sslrootcert": root_cert} if root_cert else {"sslmode": "disable"}
+    )
     return psycopg.connect(
         host=host,
         port=port,
@@ -448,5 +455,5 @@ def connect_superuser(host: str, port: int, password: str, timeout_s: int) -> ps
         dbname="postgres",
         connect_timeout=timeout_s,
         autocommit=True,
-        sslmode="disable",
+        **tls,
     )

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import abc
 import secrets as secrets_module
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import msgspec
 import yaml
 from cardcore.platform import auth
 
-from watertight import pg
+from watertight import pg, tls
 from watertight.topology import CENTERS, Topology
 
 # ---- names ----------------------------------------------------------------------------------------
@@ -53,6 +53,11 @@ SECRET_API_TOKENS_NEXT = "api_tokens_next"
 # {"current": N, "keys": {"N": "<64 hex>", ...}}: the master keys of card and identity data by
 # version (cardcore.common.crypto); version 1 is the first pan_key_hex
 SECRET_KEY_RING = "key_ring"
+# {"cert": PEM, "key": PEM}: the run's CA, and the server certificate PostgreSQL presents, signed
+# by it for every site address ({"cert", "key", "addresses"}); see watertight.tls. Optional: a
+# target that has none serves PostgreSQL without TLS
+SECRET_TLS_CA = "tls_ca"
+SECRET_TLS_SERVER = "tls_server"
 REQUIRED_SECRETS = (
     SECRET_PAN_KEY,
     SECRET_SUPERUSER_PASSWORD,
@@ -134,10 +139,18 @@ def generate_secrets() -> dict[str, Any]:
     return complete_secrets({})
 
 
-def complete_secrets(secrets: Mapping[str, Any]) -> dict[str, Any]:
+def complete_secrets(secrets: Mapping[str, Any], tls_addresses: Iterable[str] = ()) -> dict[str, Any]:
     """``secrets`` with every missing key of REQUIRED_SECRETS made: random, except the key ring of
-    a run that has a PAN key already, which starts from it (version 1), so its data stays readable."""
+    a run that has a PAN key already, which starts from it (version 1), so its data stays readable.
+    With ``tls_addresses`` (where PostgreSQL listens), also the run's CA and a server certificate
+    naming every one of them (a new one when they changed or it expires within 30 days)."""
     done = dict(secrets)
+    wanted = sorted(set(tls_addresses))
+    if wanted:
+        if not done.get(SECRET_TLS_CA):
+            done[SECRET_TLS_CA] = tls.make_ca()
+        if not tls.covers(done.get(SECRET_TLS_SERVER), done[SECRET_TLS_CA], wanted):
+            done[SECRET_TLS_SERVER] = tls.make_server(done[SECRET_TLS_CA], wanted)
     done.setdefault(SECRET_PAN_KEY, secrets_module.token_hex(32))
     done.setdefault(SECRET_SUPERUSER_PASSWORD, secrets_module.token_urlsafe(24))
     done.setdefault(SECRET_REPLICATION_PASSWORD, secrets_module.token_urlsafe(24))
@@ -555,13 +568,46 @@ def _postgres_parameters(topology: Topology) -> dict[str, Any]:
     }
 
 
-def _pg_hba(endpoints: Endpoints) -> list[str]:
+def _pg_hba(endpoints: Endpoints, tls_only: bool = False) -> list[str]:
     # the socket lives in the member's own 0700 directory of the service user: trust there
     lines = ["local all all trust"]
+    kind = "hostssl" if tls_only else "host"  # with TLS, a connection in clear is refused
     for network in endpoints.client_networks():
-        lines.append(f"host replication {REPLICATION_USER} {network} scram-sha-256")
-        lines.append(f"host all all {network} scram-sha-256")
+        lines.append(f"{kind} replication {REPLICATION_USER} {network} scram-sha-256")
+        lines.append(f"{kind} all all {network} scram-sha-256")
     return lines
+
+
+@dataclass(frozen=True)
+class PostgresTls:
+    """Where a member finds its TLS files: the CA's certificate (what clients verify with, and
+    what it verifies the primary it replicates from with), its server certificate and key."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+# in a member's and an app server's component directory (0600, the member's owned by the service
+# user, as PostgreSQL wants its key)
+TLS_CA_FILE = "tls/ca.crt"
+TLS_CERT_FILE = "tls/server.crt"
+TLS_KEY_FILE = "tls/server.key"
+# in the run directory, readable by anyone: what operators' clients verify the members with
+TLS_ROOT_CERT = "tls-ca.crt"
+
+
+def tls_files(secrets: Mapping[str, Any], server: bool) -> dict[str, str]:
+    """A component's TLS files from the run's secrets (``server``: with the certificate and key
+    PostgreSQL presents); none when the secrets hold no CA."""
+    ca = secrets.get(SECRET_TLS_CA)
+    if not ca:
+        return {}
+    files = {TLS_CA_FILE: str(ca["cert"])}
+    if server:
+        files[TLS_CERT_FILE] = str(secrets[SECRET_TLS_SERVER]["cert"])
+        files[TLS_KEY_FILE] = str(secrets[SECRET_TLS_SERVER]["key"])
+    return files
 
 
 def _watchdog(device: Path | None) -> dict[str, Any]:
@@ -582,6 +628,7 @@ def _patroni_common(
     data_dir: Path,
     bin_dir: Path,
     watchdog_device: Path | None = None,
+    tls_files_at: PostgresTls | None = None,
 ) -> dict[str, Any]:
     listen = endpoints.listen_address(site)
     port = endpoints.postgres_port(cell)
@@ -613,15 +660,33 @@ def _patroni_common(
             # acknowledged is dropped with it, and the cell gets its sync standby back by itself
             "remove_data_directory_on_rewind_failure": True,
             "remove_data_directory_on_diverged_timelines": True,
-            # passwords come from PATRONI_SUPERUSER_PASSWORD / PATRONI_REPLICATION_PASSWORD
+            # passwords come from PATRONI_SUPERUSER_PASSWORD / PATRONI_REPLICATION_PASSWORD;
+            # with TLS, replication, pg_rewind and Patroni's own checks verify the server as
+            # libpq's verify-full does (the CA signed it, for the address dialled)
             "authentication": {
-                "superuser": {"username": SUPERUSER},
-                "replication": {"username": REPLICATION_USER},
+                "superuser": {"username": SUPERUSER, **_client_tls(tls_files_at)},
+                "replication": {"username": REPLICATION_USER, **_client_tls(tls_files_at)},
             },
-            "parameters": {"unix_socket_directories": str(data_dir)},
-            "pg_hba": _pg_hba(endpoints),
+            "parameters": {"unix_socket_directories": str(data_dir), **_server_tls(tls_files_at)},
+            "pg_hba": _pg_hba(endpoints, tls_only=tls_files_at is not None),
         },
         "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+    }
+
+
+def _client_tls(files: PostgresTls | None) -> dict[str, str]:
+    return {} if files is None else {"sslmode": "verify-full", "sslrootcert": str(files.ca_file)}
+
+
+def _server_tls(files: PostgresTls | None) -> dict[str, str]:
+    if files is None:
+        return {}
+    return {
+        "ssl": "on",
+        "ssl_cert_file": str(files.cert_file),
+        "ssl_key_file": str(files.key_file),
+        "ssl_ca_file": str(files.ca_file),
+        "ssl_min_protocol_version": "TLSv1.3",
     }
 
 
@@ -650,6 +715,7 @@ def patroni_config(
     bin_dir: Path,
     centers_follow_dr: bool = False,
     watchdog_device: Path | None = None,
+    tls_files_at: PostgresTls | None = None,
 ) -> dict[str, Any]:
     """Patroni YAML (as a dict) of a cell's member in ``site``.
 
@@ -669,12 +735,17 @@ def patroni_config(
 
     ``watchdog_device``: the named pipe of the member guard (watertight.runtime.guard) that runs
     this Patroni; without it the watchdog is off.
+
+    ``tls_files_at``: PostgreSQL serves TLS only (``hostssl``) with these files, and every client
+    Patroni starts verifies the server (``verify-full``); without it, TCP in clear.
     """
     if not 1 <= cell <= topology.cells:
         raise ValueError(f"patroni_config: cell {cell} is not one of 1..{topology.cells}")
     if site not in topology.sites:
         raise ValueError(f"patroni_config: unknown site {site!r}")
-    config = _patroni_common(topology, endpoints, cell, site, data_dir, bin_dir, watchdog_device)
+    config = _patroni_common(
+        topology, endpoints, cell, site, data_dir, bin_dir, watchdog_device, tls_files_at
+    )
     dcs = _bootstrap_dcs(topology)
     if site in CENTERS:
         config["scope"] = scope(cell)
@@ -740,8 +811,11 @@ def patroni_env(secrets: Mapping[str, Any]) -> dict[str, str]:
 # ---- app, gateway, entry -------------------------------------------------------------------------
 
 
-def _dsn(members: list[str]) -> str:
-    return f"postgresql://{SUPERUSER}@{','.join(members)}/{DATABASE}?target_session_attrs=read-write"
+def _dsn(members: list[str], root_cert: str | None = None) -> str:
+    dsn = f"postgresql://{SUPERUSER}@{','.join(members)}/{DATABASE}?target_session_attrs=read-write"
+    if root_cert is not None:
+        dsn += f"&sslmode=verify-full&sslrootcert={quote(root_cert, safe='/')}"
+    return dsn
 
 
 def app_settings(
@@ -751,6 +825,7 @@ def app_settings(
     pan_key_hex: str,
     api_tokens_file: str = API_TOKENS_FILE,
     keys_file: str | None = None,
+    root_cert: str | None = None,
 ) -> dict[str, Any]:
     """cardcore AppSettings of ``site``'s app server, as a dict.
 
@@ -759,7 +834,9 @@ def app_settings(
     (idle until the activate-dr runbook) it names the dr members. The password is not in it: the
     app server reads PGPASSWORD. ``api_tokens_file``: where it finds the digests of the accepted
     API tokens (``api_tokens_document``; relative to the settings file, or absolute). ``keys_file``:
-    its key ring (``key_ring_document``), instead of the one key ``pan_key_hex``.
+    its key ring (``key_ring_document``), instead of the one key ``pan_key_hex``. ``root_cert``:
+    the CA's certificate (absolute path) when PostgreSQL serves TLS: every connection verifies the
+    member (``sslmode=verify-full``).
     """
     if site not in topology.sites:
         raise ValueError(f"app_settings: unknown site {site!r}")
@@ -768,7 +845,7 @@ def app_settings(
         sites = [DR_SITE] if site == DR_SITE else _centers_leader_first(topology, cell)
         members = [endpoints.postgres_member(cell, s) for s in sites]
         cells[str(cell)] = {
-            "dsn": _dsn(members),
+            "dsn": _dsn(members, root_cert),
             "member_sites": dict(zip(members, sites, strict=True)),
             "leader_site": sites[0],
             # serve only from the member whose Patroni holds the leader lock
@@ -902,6 +979,7 @@ def render_local(
         member_dir = data_dir(run_dir, name)
         own_dir = component_dir(run_dir, name)
         fifo = own_dir / WATCHDOG_PIPE if topology.fencing.member_guard else None
+        member_tls = tls_files(secrets, server=True)
         config = patroni_config(
             topology,
             endpoints,
@@ -911,6 +989,9 @@ def render_local(
             bin_dir,
             centers_follow_dr and site in CENTERS,
             watchdog_device=fifo,
+            tls_files_at=PostgresTls(own_dir / TLS_CA_FILE, own_dir / TLS_CERT_FILE, own_dir / TLS_KEY_FILE)
+            if member_tls
+            else None,
         )
         postmaster_pid = pgdata(member_dir) / "postmaster.pid"
         patroni = [python, "-m", "patroni", str(own_dir / "patroni.yml")]
@@ -934,7 +1015,7 @@ def render_local(
             env=patroni_env(secrets),
             # libyaml's dumper: the same text as safe_dump, five times faster (every LocalRuntime
             # renders the set; probes and the drill's samplers make one several times a second)
-            files={"patroni.yml": yaml.dump(config, Dumper=yaml.CSafeDumper, sort_keys=False)},
+            files={"patroni.yml": yaml.dump(config, Dumper=yaml.CSafeDumper, sort_keys=False), **member_tls},
             service_user=True,
             ready_url=endpoints.patroni_api_url(cell, site) + "/readiness",
             stage=stage,
@@ -955,6 +1036,7 @@ def render_local(
 
     drain = str(drain_file(run_dir))
     tokens = api_tokens_document(secrets)
+    app_tls = tls_files(secrets, server=False)
     for site in (*CENTERS, DR_SITE):
         name = app_name(site)
         components.append(
@@ -966,8 +1048,18 @@ def render_local(
                 argv=[python, "-m", "cardcore", "--config", str(component_dir(run_dir, name) / "app.json")],
                 env={"PGPASSWORD": secrets[SECRET_SUPERUSER_PASSWORD]},
                 files={
-                    "app.json": _json(app_settings(topology, endpoints, site, "", keys_file=KEY_RING_FILE)),
+                    "app.json": _json(
+                        app_settings(
+                            topology,
+                            endpoints,
+                            site,
+                            "",
+                            keys_file=KEY_RING_FILE,
+                            root_cert=str(component_dir(run_dir, name) / TLS_CA_FILE) if app_tls else None,
+                        )
+                    ),
                     KEY_RING_FILE: key_ring_document(secrets),
+                    **app_tls,
                     API_TOKENS_FILE: tokens,
                 },
                 ready_url=endpoints.app_url(site) + "/readyz",

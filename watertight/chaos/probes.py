@@ -117,7 +117,7 @@ SELECT pg_is_in_recovery(),
 """
 
 
-def _member_state(host: str, port: int, password: str) -> dict[str, bool] | None:
+def _member_state(host: str, port: int, password: str, root_cert: str | None) -> dict[str, bool] | None:
     """What a member's PostgreSQL says of itself; None when it does not answer.
 
     ``out_of_recovery``: a primary in its own eyes, not read-only. ``writable``: it would also
@@ -127,7 +127,7 @@ def _member_state(host: str, port: int, password: str) -> dict[str, bool] | None
     if not host:
         return None
     try:
-        with pg.connect_superuser(host, port, password, PG_CONNECT_TIMEOUT_S) as connection:
+        with pg.connect_superuser(host, port, password, PG_CONNECT_TIMEOUT_S, root_cert) as connection:
             row = connection.execute(MEMBER_STATE_SQL).fetchone()
     except psycopg.Error:
         return None
@@ -169,9 +169,10 @@ def primaries(
 def _primaries(runtime: Target, cell: int) -> list[dict[str, Any]]:
     members = runtime.members(cell)
     password = runtime.superuser_password()
+    root_cert = runtime.postgres_root_cert()
     states = _in_parallel(
         {
-            m.name: functools.partial(_member_state, m.postgres_host, m.postgres_port, password)
+            m.name: functools.partial(_member_state, m.postgres_host, m.postgres_port, password, root_cert)
             for m in members
         },
         MEMBER_PROBE_TIMEOUT_S,

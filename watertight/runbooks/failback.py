@@ -256,8 +256,9 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     endpoints = render.LocalEndpoints(runtime.topology)
     host, port = endpoints.postgres_host(cell, render.DR_SITE), endpoints.postgres_port(cell)
     password = runtime.superuser_password()
+    root_cert = runtime.postgres_root_cert()
     try:
-        with pg.connect_superuser(host, port, password, int(SEAL_TIMEOUT_S)) as connection:
+        with pg.connect_superuser(host, port, password, int(SEAL_TIMEOUT_S), root_cert) as connection:
             connection.execute(f"SET statement_timeout = {int(SEAL_TIMEOUT_S * 1000)}")
             row = connection.execute(
                 "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
@@ -283,7 +284,7 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
         ) from None
     wait_until(
         f"cell {cell}'s dr primary read-only",
-        lambda: _dr_read_only(host, port, password),
+        lambda: _dr_read_only(host, port, password, root_cert),
         SEAL_TIMEOUT_S,
         f"read the log of pg-cell{cell}-dr",
     )
@@ -294,10 +295,10 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     }
 
 
-def _dr_read_only(host: str, port: int, password: str) -> bool:
+def _dr_read_only(host: str, port: int, password: str, root_cert: str | None) -> bool:
     """A new session sees the reloaded setting."""
     try:
-        with pg.connect_superuser(host, port, password, 2) as connection:
+        with pg.connect_superuser(host, port, password, 2, root_cert) as connection:
             row = connection.execute("SHOW default_transaction_read_only").fetchone()
     except psycopg.Error:
         return False

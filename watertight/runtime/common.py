@@ -24,13 +24,14 @@ def writers_in_flight(target: Target, site: str) -> int:
     """Group commits of ``site``'s app server running now: its writer sessions not idle on the
     cells' leaders."""
     password = target.superuser_password()
+    root_cert = target.postgres_root_cert()
     busy = 0
     for cell in target.topology.cell_numbers:
         try:
             leader = target.leader_site(cell)
             member = next(m for m in target.members(cell) if m.site == leader)
             with pg.connect_superuser(
-                member.postgres_host, member.postgres_port, password, PG_CONNECT_TIMEOUT_S
+                member.postgres_host, member.postgres_port, password, PG_CONNECT_TIMEOUT_S, root_cert
             ) as conn:
                 row = conn.execute(IN_FLIGHT_SQL, (f"cardcore-{site}-cell{cell}-writer",)).fetchone()
                 busy += int(row[0]) if row else 0

@@ -806,6 +806,10 @@ class KubernetesRuntime:
     def superuser_password(self) -> str:
         return self._secret(CREDENTIALS_SECRET)[render.SECRET_SUPERUSER_PASSWORD]
 
+    def postgres_root_cert(self) -> str | None:
+        """None: the stack makes no certificates yet, so its PostgreSQL serves without TLS."""
+        return None
+
     def ready_urls(self) -> dict[str, str]:
         """Every Ready-or-not pod of the expected gateways (dr's only while it serves) and the entry."""
         sites = [*CENTERS, DR_SITE] if self.dr_active else list(CENTERS)

@@ -193,13 +193,32 @@ class LocalRuntime:
         older version lacks (kept 0600 throughout)."""
         path = self.secrets_path
         loaded: dict[str, Any] = private_files.read_json(path) if path.exists() else {}
-        completed = render.complete_secrets(loaded)
-        missing = sorted(set(completed) - set(loaded))
-        if missing:
+        completed = render.complete_secrets(loaded, self._tls_addresses())
+        changed = sorted(key for key in completed if completed[key] != loaded.get(key))
+        if changed:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             private_files.write_private_json(path, completed)
-            log.info("secrets: made %s in %s (mode 0600)", ", ".join(missing), path)
+            log.info("secrets: made %s in %s (mode 0600)", ", ".join(changed), path)
         return completed
+
+    def _tls_addresses(self) -> list[str]:
+        """Where the members' PostgreSQL listens: what its server certificate names."""
+        endpoints = render.LocalEndpoints(self.topology)
+        return sorted(
+            {endpoints.postgres_host(c, s) for c in self.topology.cell_numbers for s in self.topology.sites}
+        )
+
+    def postgres_root_cert(self) -> str | None:
+        """The run's CA certificate (``tls-ca.crt`` in the run directory, readable by anyone: it
+        is no secret), written from the secrets when missing or changed."""
+        ca = self._secrets().get(render.SECRET_TLS_CA)
+        if not ca:
+            return None
+        path = self.run_dir / render.TLS_ROOT_CERT
+        if not path.exists() or path.read_text() != ca["cert"]:
+            private_files.write_private(path, ca["cert"])
+            path.chmod(0o644)
+        return str(path)
 
     def read_secrets(self) -> dict[str, Any]:
         """The run's secrets, to change and give back to ``write_secrets`` (a rotation)."""

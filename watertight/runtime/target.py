@@ -97,6 +97,11 @@ class Target(Protocol):
         """PostgreSQL's superuser password (probes and ledger checks connect with it)."""
         ...
 
+    def postgres_root_cert(self) -> str | None:
+        """The CA certificate file clients verify the members' PostgreSQL with (``verify-full``);
+        None where PostgreSQL serves without TLS."""
+        ...
+
     # ---- views -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """Sites, cells and components with what runs (``watertight status --json`` locally)."""

@@ -1,0 +1,80 @@
+"""The run's CA and PostgreSQL's server certificate (watertight.tls): a real TLS handshake that
+verifies as libpq's verify-full does, and the renewal rules `watertight up` relies on."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+
+from watertight import render, tls
+
+
+def handshake(tmp_path: Path, server: dict[str, str], ca: dict[str, str], address: str) -> None:
+    """A TLS server on ``address`` with ``server``'s certificate; a client that trusts ``ca`` only
+    and checks the name it dialled."""
+    (tmp_path / "server.crt").write_text(server["cert"])
+    (tmp_path / "server.key").write_text(server["key"])
+    (tmp_path / "ca.crt").write_text(ca["cert"])
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    listener = socket.create_server((address, 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with served.wrap_socket(conn, server_side=True) as wrapped:
+                wrapped.sendall(b"ok")
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = ssl.create_default_context(cafile=tmp_path / "ca.crt")
+        with socket.create_connection((address, port), timeout=5) as raw:
+            with client.wrap_socket(raw, server_hostname=address) as wrapped:
+                assert wrapped.recv(2) == b"ok"
+    finally:
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_the_server_certificate_verifies_for_every_address_it_names(tmp_path: Path) -> None:
+    ca = tls.make_ca()
+    server = tls.make_server(ca, ["127.0.1.1", "127.0.2.1"])
+    assert server["addresses"] == ["127.0.1.1", "127.0.2.1"]
+    handshake(tmp_path, server, ca, "127.0.2.1")
+
+
+def test_a_client_refuses_another_address_and_another_ca(tmp_path: Path) -> None:
+    ca = tls.make_ca()
+    with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
+        handshake(tmp_path, tls.make_server(ca, ["127.0.1.1"]), ca, "127.0.0.1")
+    with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
+        handshake(tmp_path, tls.make_server(tls.make_ca(), ["127.0.0.1"]), ca, "127.0.0.1")
+
+
+def test_covers_says_when_a_new_server_certificate_is_due() -> None:
+    ca = tls.make_ca()
+    server = tls.make_server(ca, ["127.0.1.1", "127.0.2.1"])
+    assert tls.covers(server, ca, ["127.0.1.1"])
+    assert not tls.covers(server, ca, ["127.0.1.1", "127.0.9.1"])
+    assert not tls.covers(server, tls.make_ca(), ["127.0.1.1"])
+    assert not tls.covers(None, ca, ["127.0.1.1"])
+    with pytest.raises(ValueError, match="at least one address"):
+        tls.make_server(ca, [])
+
+
+def test_secrets_keep_the_ca_and_renew_the_server_certificate_only_when_needed() -> None:
+    first = render.complete_secrets({}, ["127.0.1.1"])
+    again = render.complete_secrets(first, ["127.0.1.1"])
+    assert again == first
+    moved = render.complete_secrets(first, ["127.0.1.1", "127.0.5.1"])
+    assert moved[render.SECRET_TLS_CA] == first[render.SECRET_TLS_CA]
+    assert moved[render.SECRET_TLS_SERVER]["addresses"] == ["127.0.1.1", "127.0.5.1"]
+    assert render.SECRET_TLS_CA not in render.complete_secrets({})  # a target without TLS

@@ -1,0 +1,138 @@
+"""The run's certificate authority and the server certificate PostgreSQL presents on every link
+between sites (issue 16: application to PostgreSQL, replication, pg_rewind and the probes, each
+client checking the server as libpq's ``verify-full`` does).
+
+``watertight up`` makes them once per run directory and keeps them in the run's secrets (0600):
+one CA (ECDSA P-256, ten years) and one server certificate signed by it whose subject alternative
+names are every site address of the topology (a member is reached by its site's address); a
+topology whose addresses the certificate does not name gets a new one. Clients get the CA's
+certificate only.
+
+Owns: making and checking these PEM documents. Never: write a file (the runtime writes them, 0600
+from the first byte), or log a key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_DAYS = 3650
+SERVER_DAYS = 825  # what browsers and most CAs still accept for a server certificate
+CA_NAME = "watertight run CA"
+SERVER_NAME = "watertight postgresql"
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+
+
+def _pem_cert(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def make_ca() -> dict[str, str]:
+    """A new CA: ``{"cert": PEM, "key": PEM}``."""
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return {"cert": _pem_cert(cert), "key": _pem_key(key)}
+
+
+def _names(addresses: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for address in sorted(set(addresses)):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(address)))
+        except ValueError:
+            names.append(x509.DNSName(address))
+    return names
+
+
+def make_server(ca: Mapping[str, str], addresses: Iterable[str]) -> dict[str, Any]:
+    """A server certificate signed by ``ca`` for ``addresses`` (IP addresses or host names):
+    ``{"cert": PEM, "key": PEM, "addresses": [...]}``."""
+    wanted = sorted(set(addresses))
+    if not wanted:
+        raise ValueError("a server certificate needs at least one address")
+    ca_cert = x509.load_pem_x509_certificate(ca["cert"].encode("ascii"))
+    ca_key = serialization.load_pem_private_key(ca["key"].encode("ascii"), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the run's CA key is not an ECDSA key")
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+        .add_extension(x509.SubjectAlternativeName(_names(wanted)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return {"cert": _pem_cert(cert), "key": _pem_key(key), "addresses": wanted}
+
+
+def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: Iterable[str]) -> bool:
+    """Whether ``server`` was signed by ``ca``, names every one of ``addresses`` and is valid for
+    at least 30 more days."""
+    if not server or not server.get("cert"):
+        return False
+    cert = x509.load_pem_x509_certificate(str(server["cert"]).encode("ascii"))
+    ca_cert = x509.load_pem_x509_certificate(ca["cert"].encode("ascii"))
+    if cert.issuer != ca_cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, Exception):  # InvalidSignature included
+        return False
+    if cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=30):
+        return False
+    named = {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
+    return set(addresses) <= named
