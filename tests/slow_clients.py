@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+# the attacker's own address: the load and the probes come from 127.0.0.1, and the servers bound
+# connections per client address (a test on one address would cap the load with the attack)
+SOURCE_ADDRESS = "127.0.0.2"
 PARTIAL = b"POST /v1/authorizations HTTP/1.1\r\nHost: core\r\nContent-Type: application/json\r\n"
 RECONNECT_PAUSE_S = 0.05
 
@@ -23,7 +26,7 @@ RECONNECT_PAUSE_S = 0.05
 async def hold_one(host: str, port: int, held: dict[str, int], key: str, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, local_addr=(SOURCE_ADDRESS, 0))
         except OSError:
             await asyncio.sleep(RECONNECT_PAUSE_S)
             continue

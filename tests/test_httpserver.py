@@ -281,6 +281,38 @@ def test_connections_beyond_the_bound_wait_unanswered_until_one_closes_then_are_
     with_server(scenario, connections_max=2)
 
 
+def test_one_address_holds_at_most_its_bound_and_the_others_are_served() -> None:
+    """Issue 16, hostile clients: connections from one client address beyond
+    ``connections_per_client_max`` are answered 503 (Retry-After) and closed at once, before
+    anything of theirs is read; another address is served, and the address gets a connection
+    again once one of its own closed."""
+
+    async def scenario(server: httpserver.Server) -> None:
+        held = [await asyncio.open_connection(*server.address, local_addr=("127.0.0.2", 0)) for _ in range(3)]
+        for _, writer in held:  # heads that never end: what a slowloris holds
+            writer.write(b"POST /v1/x HTTP/1.1\r\n")
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection(*server.address, local_addr=("127.0.0.2", 0))
+        answer = await asyncio.wait_for(reader.read(), 5)  # answered, then closed
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer, answer
+        assert b'"code":"overloaded"' in answer
+        writer.close()
+        assert server.refused_per_client == 1 and server.by_client == {"127.0.0.2": 3}
+        other = await exchange(server, b"GET /other HTTP/1.1\r\n\r\n")  # 127.0.0.1
+        assert other[0].startswith(b"HTTP/1.1 201"), other
+        held[0][1].close()
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection(*server.address, local_addr=("127.0.0.2", 0))
+        writer.write(b"GET /again HTTP/1.1\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b"GET /again  "), 5)
+        assert answer.startswith(b"HTTP/1.1 201")
+        writer.close()
+        for _, holder in held[1:]:
+            holder.close()
+
+    with_server(scenario, connections_per_client_max=3)
+
+
 def test_an_idle_keep_alive_connection_is_closed_the_header_read_time_after_its_last_answer() -> None:
     async def scenario(server: httpserver.Server) -> None:
         reader, writer = await asyncio.open_connection(*server.address)
@@ -362,13 +394,27 @@ def test_the_serving_limits_reach_the_lean_server(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(httpserver, "run", fake_run)
     monkeypatch.setenv(serve.SERVER_ENV, "lean")
     monkeypatch.setattr(serve, "load_factory", lambda target: lambda: "the app")
-    serve.serve("x:y", "127.0.0.1", 1, ServeLimits(connections_max=100, header_read_timeout_ms=2500))
-    assert seen == {"app": "the app", "connections_max": 100, "header_read_timeout_s": 2.5}
+    serve.serve(
+        "x:y",
+        "127.0.0.1",
+        1,
+        ServeLimits(connections_max=100, header_read_timeout_ms=2500, connections_per_client_max=40),
+    )
+    assert seen == {
+        "app": "the app",
+        "connections_max": 100,
+        "header_read_timeout_s": 2.5,
+        "connections_per_client_max": 40,
+    }
 
 
 def test_a_server_with_a_bound_that_cannot_hold_is_refused() -> None:
     async def scenario() -> None:
-        for options in ({"connections_max": 0}, {"header_read_timeout_s": 0.0}):
+        for options in (
+            {"connections_max": 0},
+            {"header_read_timeout_s": 0.0},
+            {"connections_per_client_max": 0},
+        ):
             with pytest.raises(ValueError, match="connections_max"):
                 httpserver.Server(echo, "127.0.0.1", 1, **options)
 

@@ -51,10 +51,11 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     # drain-cell runbook) rewrite; read again when it changes, checked every drain_poll_ms
     drain_file: str | None = None
     drain_poll_ms: Millis = 250
-    # hostile clients (cardcore.platform.admission): connections in total and the time to read a
-    # request's headers (the HTTP server), the time to read its body, requests in flight per client
-    # address and in total (above them: 503 overloaded at once)
+    # hostile clients (cardcore.platform.admission): connections in total and per client address
+    # and the time to read a request's headers (the HTTP server), the time to read its body,
+    # requests in flight per client address and in total (above them: 503 overloaded at once)
     connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 16384
+    connections_per_client_max: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 2048
     header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = HEADER_READ_TIMEOUT_MS
     body_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
     requests_in_flight_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
@@ -63,6 +64,7 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     def serve_limits(self) -> ServeLimits:
         return ServeLimits(
             connections_max=self.connections_max,
+            connections_per_client_max=self.connections_per_client_max,
             header_read_timeout_ms=self.header_read_timeout_ms,
             body_read_timeout_ms=self.body_read_timeout_ms,
             requests_in_flight_max=self.requests_in_flight_max,

@@ -8,12 +8,11 @@ once (503 ``overloaded`` with Retry-After) instead of queueing them, so a client
 requests and never finishes them cannot starve the others. The probes (``/healthz``,
 ``/readyz``) are never shed: an orchestrator must see the process alive while it sheds.
 
-What is not here, and why: granian takes a connection permit before it accepts (and the lean
-server stops accepting at the same bound), so connections are not counted per client address
-before their headers arrive; a client that
-holds many connections without finishing its headers is bounded by the header read time (each
-such connection is closed after it) and by the total (``connections_max``, far above what it
-takes to hold the normal load).
+Connections are bounded by the HTTP server, before a request's headers arrive: in total
+(``connections_max``, far above what it takes to hold the normal load), per client address
+(``connections_per_client_max``: the lean server answers a connection beyond it 503 and closes it;
+granian, the A/B alternative, has no such bound), and in time (the header read time: a connection
+whose headers do not all arrive in it is closed).
 Never: read a body without a deadline; let the in-flight count of a client leak (``leave`` in a
 ``finally``).
 """
@@ -42,6 +41,7 @@ HEADER_READ_TIMEOUT_MS = 15_000
 @dataclass(frozen=True, slots=True)
 class ServeLimits:
     connections_max: int = 8192
+    connections_per_client_max: int = 1024
     header_read_timeout_ms: int = HEADER_READ_TIMEOUT_MS
     body_read_timeout_ms: int = 5000
     requests_in_flight_max: int = 4096

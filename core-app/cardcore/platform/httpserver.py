@@ -1,7 +1,9 @@
 """A lean HTTP/1.1 server for ASGI apps on the event loop (uvloop) of this one process and thread.
 
 Owns: accepting connections (at most ``connections_max`` open: beyond it the server stops
-accepting and new ones wait in the kernel's backlog until one closes, as granian's permits do),
+accepting and new ones wait in the kernel's backlog until one closes, as granian's permits do;
+at most ``connections_per_client_max`` from one client address: beyond it a new one is answered
+503 and closed at once, so one address cannot hold the whole total),
 parsing request heads (bounded by ``HEAD_BYTES_MAX``) and bodies (Content-Length or chunked,
 bounded by ``BODY_BYTES_MAX``), keep-alive, calling the ASGI app with an ``http`` scope as soon
 as a head has arrived (the body follows through ``receive``; the app bounds that wait: its body
@@ -40,6 +42,17 @@ log = logging.getLogger("cardcore.httpserver")
 HEAD_BYTES_MAX = 64 * 1024
 BODY_BYTES_MAX = 1024 * 1024
 CONNECTIONS_MAX = 8192
+CONNECTIONS_PER_CLIENT_MAX = 1024
+# what a connection beyond its address's bound is told before it is closed (best effort: a fresh
+# socket's send buffer takes it whole)
+_REFUSED_BODY = (
+    b'{"error":{"code":"overloaded","message":"too many connections from this address","field":null}}'
+)
+REFUSED_PER_CLIENT = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_REFUSED_BODY), _REFUSED_BODY)
+)
+REFUSED_LOG_EVERY_S = 10.0
 # a connection whose next request's head has not all arrived this long after the last answer (or
 # after it connected) is closed: a client that never finishes its headers, or an idle one
 # (ServeLimits.header_read_timeout_ms in the servers, granian's header_read_timeout)
@@ -299,8 +312,9 @@ class HttpProtocol(asyncio.Protocol):
     admission and its body deadline see a request whose body is slow); the body is handed over
     by ``receive`` once all of it arrived. Requests are answered one at a time, in order."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, client_address: str = "") -> None:
         self.server = server
+        self.client_address = client_address  # what the server counts it under
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
         self.buffer = bytearray()
@@ -322,7 +336,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
-        self.server.released()
+        self.server.released(self.client_address)
         self.transport = None
         if self.current is not None:
             self.current.end_body()  # the app hears a disconnect
@@ -503,15 +517,22 @@ class Server:
         port: int,
         connections_max: int = CONNECTIONS_MAX,
         header_read_timeout_s: float = HEADER_READ_TIMEOUT_S,
+        connections_per_client_max: int = CONNECTIONS_PER_CLIENT_MAX,
     ) -> None:
-        if connections_max < 1 or header_read_timeout_s <= 0:
+        if connections_max < 1 or header_read_timeout_s <= 0 or connections_per_client_max < 1:
             raise ValueError(
-                f"connections_max {connections_max} must be >= 1 and header_read_timeout_s "
+                f"connections_max {connections_max} and connections_per_client_max "
+                f"{connections_per_client_max} must be >= 1, header_read_timeout_s "
                 f"{header_read_timeout_s} > 0"
             )
         self.app = app
         self.address = (host, port)
         self.connections_max = connections_max
+        # open connections per client address: one address cannot take the whole total
+        self.connections_per_client_max = connections_per_client_max
+        self.by_client: dict[str, int] = {}
+        self.refused_per_client = 0
+        self._refused_logged_at = 0.0
         self.header_read_timeout_s = header_read_timeout_s
         self.connections: set[HttpProtocol] = set()
         self.open = 0  # connections accepted and not yet closed (adopted by a protocol or not)
@@ -595,7 +616,7 @@ class Server:
                 self._stop_accepting()
                 return
             try:
-                conn, _ = listener.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -607,25 +628,56 @@ class Server:
                 self._stop_accepting()
                 self.loop.call_later(ACCEPT_RETRY_S, self._start_accepting)
                 return
+            client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            if self.by_client.get(client, 0) >= self.connections_per_client_max:
+                self._refuse(conn, client)
+                continue
+            self.by_client[client] = self.by_client.get(client, 0) + 1
             self.open += 1
             try:
                 conn.setblocking(False)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 conn.close()
-                self.released()
+                self.released(client)
                 continue
-            self.spawn(self._adopt(conn))
+            self.spawn(self._adopt(conn, client))
 
-    async def _adopt(self, conn: socket.socket) -> None:
+    def _refuse(self, conn: socket.socket, client: str) -> None:
+        """A connection beyond its address's bound: told so (503, Retry-After) and closed at once,
+        before anything of it is read; the connections of other addresses are not touched."""
+        self.refused_per_client += 1
         try:
-            await self.loop.connect_accepted_socket(lambda: HttpProtocol(self), conn)
+            conn.setblocking(False)
+            conn.send(REFUSED_PER_CLIENT)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            self._refused_logged_at = now
+            log.warning(
+                "client %s holds %d connections, the most one address may: refusing more (%d so far)",
+                client,
+                self.connections_per_client_max,
+                self.refused_per_client,
+            )
+
+    async def _adopt(self, conn: socket.socket, client: str) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: HttpProtocol(self, client), conn)
         except OSError:  # the client went away before it was adopted
             conn.close()
-            self.released()
+            self.released(client)
 
-    def released(self) -> None:
-        """A connection closed: accept again if the bound had stopped it."""
+    def released(self, client: str) -> None:
+        """A connection of ``client`` closed: accept again if a bound had stopped it."""
+        left = self.by_client.get(client, 0) - 1
+        if left > 0:
+            self.by_client[client] = left
+        else:
+            self.by_client.pop(client, None)
         self.open -= 1
         if not self.accepting and self.open < self.connections_max:
             self._start_accepting()
@@ -680,9 +732,12 @@ def run(
     port: int,
     connections_max: int = CONNECTIONS_MAX,
     header_read_timeout_s: float = HEADER_READ_TIMEOUT_S,
+    connections_per_client_max: int = CONNECTIONS_PER_CLIENT_MAX,
 ) -> None:
     """Serve ``app`` on host:port on uvloop until SIGTERM or SIGINT."""
-    run_until_signalled(lambda: Server(app, host, port, connections_max, header_read_timeout_s))
+    run_until_signalled(
+        lambda: Server(app, host, port, connections_max, header_read_timeout_s, connections_per_client_max)
+    )
 
 
 def run_until_signalled(make_server: Callable[[], Any]) -> None:

@@ -69,6 +69,7 @@ def serve(target: str, host: str, port: int, limits: ServeLimits | None = None) 
             port,
             connections_max=connections_max,
             header_read_timeout_s=limits.header_read_timeout_ms / 1000,
+            connections_per_client_max=min(limits.connections_per_client_max, connections_max),
         )
         return
 
