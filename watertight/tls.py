@@ -44,10 +44,11 @@ def _pem_cert(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
-def make_ca() -> dict[str, str]:
-    """A new CA: ``{"cert": PEM, "key": PEM}``."""
+def new_ca(common_name: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA key and certificate (ECDSA P-256), valid ``days`` from now: the run's CA
+    here, the local Kubernetes cluster's in watertight.cluster.pki."""
     key = _key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -56,11 +57,11 @@ def make_ca() -> dict[str, str]:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False,
+                digital_signature=True,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
@@ -75,6 +76,12 @@ def make_ca() -> dict[str, str]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return key, cert
+
+
+def make_ca() -> dict[str, str]:
+    """A new CA for a run: ``{"cert": PEM, "key": PEM}``."""
+    key, cert = new_ca(CA_NAME, CA_DAYS)
     return {"cert": _pem_cert(cert), "key": _pem_key(key)}
 
 
