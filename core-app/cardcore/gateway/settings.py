@@ -20,7 +20,7 @@ import msgspec
 
 from cardcore.common.routing import Router
 from cardcore.platform import auth
-from cardcore.platform.admission import HEADER_READ_TIMEOUT_MS, ServeLimits
+from cardcore.platform.admission import ServeLimitSettings
 from cardcore.platform.upstream import parse_base_url
 
 ENV_CONFIG = "WATERTIGHT_GATEWAY_CONFIG"
@@ -32,7 +32,7 @@ class GatewayConfigError(ValueError):
     """The configuration is unusable; the message names the key."""
 
 
-class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
+class GatewaySettings(ServeLimitSettings, kw_only=True, forbid_unknown_fields=True):
     site: str
     cell_count: Annotated[int, msgspec.Meta(ge=1, le=99)]
     upstreams: dict[str, list[str]]
@@ -41,7 +41,7 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     api_tokens_file: str
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
-    slot_overrides: dict[int, int] = {}
+    slot_overrides: dict[int, int] = msgspec.field(default_factory=dict)
     health_interval_ms: Millis = 500
     health_timeout_ms: Millis = 500
     request_timeout_ms: Millis = 5000
@@ -51,25 +51,10 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True):
     # drain-cell runbook) rewrite; read again when it changes, checked every drain_poll_ms
     drain_file: str | None = None
     drain_poll_ms: Millis = 250
-    # hostile clients (cardcore.platform.admission): connections in total and per client address
-    # and the time to read a request's headers (the HTTP server), the time to read its body,
-    # requests in flight per client address and in total (above them: 503 overloaded at once)
+    # hostile clients (cardcore.platform.admission.ServeLimitSettings has the other limits): a
+    # gateway and the entry take every client's connections, an app server only the gateways'
     connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 16384
     connections_per_client_max: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 2048
-    header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = HEADER_READ_TIMEOUT_MS
-    body_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
-    requests_in_flight_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
-    requests_per_client_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
-
-    def serve_limits(self) -> ServeLimits:
-        return ServeLimits(
-            connections_max=self.connections_max,
-            connections_per_client_max=self.connections_per_client_max,
-            header_read_timeout_ms=self.header_read_timeout_ms,
-            body_read_timeout_ms=self.body_read_timeout_ms,
-            requests_in_flight_max=self.requests_in_flight_max,
-            requests_per_client_max=self.requests_per_client_max,
-        )
 
     def validate(self) -> None:
         """Checks msgspec cannot express; raises GatewayConfigError naming the key."""

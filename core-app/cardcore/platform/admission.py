@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -46,6 +46,31 @@ class ServeLimits:
     body_read_timeout_ms: int = 5000
     requests_in_flight_max: int = 4096
     requests_per_client_max: int = 512
+
+
+class ServeLimitSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The serving limits as settings keys, shared by the gateway's and the app server's settings
+    (each may change a default); ``serve_limits`` hands them to the server. Connections in total
+    and per client address and the time to read a request's headers are the HTTP server's; the
+    time to read its body and the requests in flight per client address and in total (above
+    them: 503 overloaded at once) are ``Admission``'s."""
+
+    connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4096
+    connections_per_client_max: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 1024
+    header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = HEADER_READ_TIMEOUT_MS
+    body_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
+    requests_in_flight_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    requests_per_client_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+
+    def serve_limits(self) -> ServeLimits:
+        return ServeLimits(
+            connections_max=self.connections_max,
+            connections_per_client_max=self.connections_per_client_max,
+            header_read_timeout_ms=self.header_read_timeout_ms,
+            body_read_timeout_ms=self.body_read_timeout_ms,
+            requests_in_flight_max=self.requests_in_flight_max,
+            requests_per_client_max=self.requests_per_client_max,
+        )
 
 
 SHED_BODY = msgspec.json.encode(

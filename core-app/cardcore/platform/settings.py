@@ -14,7 +14,7 @@ import msgspec
 
 from cardcore.common.crypto import KeyRingError, PanVault, parse_ring
 from cardcore.platform import auth
-from cardcore.platform.admission import HEADER_READ_TIMEOUT_MS, ServeLimits
+from cardcore.platform.admission import ServeLimitSettings
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -29,7 +29,7 @@ class CellSettings(msgspec.Struct, forbid_unknown_fields=True):
     patroni_urls: dict[str, str] = {}
 
 
-class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
+class AppSettings(ServeLimitSettings, kw_only=True, forbid_unknown_fields=True):
     site: str
     cells: dict[str, CellSettings]
     cell_count: Positive
@@ -42,7 +42,7 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
     pan_key_hex: str | None = None
     host: str = "127.0.0.1"
     port: int = 8100
-    slot_overrides: dict[int, int] = {}
+    slot_overrides: dict[int, int] = msgspec.field(default_factory=dict)
     hold_ttl_seconds: Positive = 7 * 24 * 3600
     batch_size_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     batch_wait_ms_max: Annotated[float, msgspec.Meta(ge=0, le=50)] = 1.0
@@ -55,25 +55,7 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
     # card-not-present: this many wrong CVV2 or expiry dates in a row lock a card for online use
     cnp_failures_max: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     cnp_lock_seconds: Annotated[int, msgspec.Meta(ge=1, le=30 * 24 * 3600)] = 1800
-    # hostile clients (cardcore.platform.admission): connections in total and per client address
-    # and the time to read a request's headers (the HTTP server), the time to read its body,
-    # requests in flight per client address and in total (above them: 503 overloaded at once)
-    connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4096
-    connections_per_client_max: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 1024
-    header_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = HEADER_READ_TIMEOUT_MS
-    body_read_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 5000
-    requests_in_flight_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
-    requests_per_client_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
-
-    def serve_limits(self) -> ServeLimits:
-        return ServeLimits(
-            connections_max=self.connections_max,
-            connections_per_client_max=self.connections_per_client_max,
-            header_read_timeout_ms=self.header_read_timeout_ms,
-            body_read_timeout_ms=self.body_read_timeout_ms,
-            requests_in_flight_max=self.requests_in_flight_max,
-            requests_per_client_max=self.requests_per_client_max,
-        )
+    # hostile clients: cardcore.platform.admission.ServeLimitSettings (its defaults are an app server's)
 
     def cell_numbers(self) -> list[int]:
         numbers = []
