@@ -437,6 +437,12 @@ class PostgresServer:
         )
 
 
+def verify_full(root_cert: str) -> dict[str, str]:
+    """libpq's parameters for a client that verifies the server: signed by the CA in
+    ``root_cert``, for the address dialled."""
+    return {"sslmode": "verify-full", "sslrootcert": root_cert}
+
+
 def connect_superuser(
     host: str, port: int, password: str, timeout_s: int, root_cert: str | None = None
 ) -> psycopg.Connection[Any]:
@@ -444,9 +450,7 @@ def connect_superuser(
     (probes and runbook steps that ask a member about itself or change its settings). With
     ``root_cert`` (the target's ``postgres_root_cert``) over TLS, the server verified
     (``verify-full``); without, in clear."""
-    tls: dict[str, Any] = (
-        {"sslmode": "verify-full", "sslrootcert": root_cert} if root_cert else {"sslmode": "disable"}
-    )
+    tls: dict[str, Any] = verify_full(root_cert) if root_cert else {"sslmode": "disable"}
     return psycopg.connect(
         host=host,
         port=port,

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import msgspec
 import yaml
@@ -675,7 +675,7 @@ def _patroni_common(
 
 
 def _client_tls(files: PostgresTls | None) -> dict[str, str]:
-    return {} if files is None else {"sslmode": "verify-full", "sslrootcert": str(files.ca_file)}
+    return {} if files is None else pg.verify_full(str(files.ca_file))
 
 
 def _server_tls(files: PostgresTls | None) -> dict[str, str]:
@@ -814,7 +814,7 @@ def patroni_env(secrets: Mapping[str, Any]) -> dict[str, str]:
 def _dsn(members: list[str], root_cert: str | None = None) -> str:
     dsn = f"postgresql://{SUPERUSER}@{','.join(members)}/{DATABASE}?target_session_attrs=read-write"
     if root_cert is not None:
-        dsn += f"&sslmode=verify-full&sslrootcert={quote(root_cert, safe='/')}"
+        dsn += "&" + urlencode(pg.verify_full(root_cert), safe="/", quote_via=quote)
     return dsn
 
 

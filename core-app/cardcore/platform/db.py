@@ -112,10 +112,15 @@ TIMELINE_SQL = "SELECT pg_walfile_name(pg_current_wal_lsn())"
 CHOICE_GRACE_S = 0.25  # how long the other members may take to answer once one writable has
 
 
+async def _connect_member(dsn: str, member: str, **kwargs: Any) -> asyncpg.Connection:
+    """A connection to ``member`` (``host:port``) alone, with the DSN's other parameters."""
+    host, _, port = member.rpartition(":")
+    return await asyncpg.connect(dsn, host=host, port=int(port), **kwargs)
+
+
 async def _writable_on_timeline(dsn: str, member: str, **kwargs: Any) -> tuple[int, asyncpg.Connection]:
     """A connection to ``member`` if it is writable, with the timeline it writes on."""
-    host, _, port = member.rpartition(":")
-    conn = await asyncpg.connect(dsn, host=host, port=int(port), **kwargs)
+    conn = await _connect_member(dsn, member, **kwargs)
     try:
         walfile = await conn.fetchval(TIMELINE_SQL, timeout=kwargs.get("timeout"))
     except BaseException:
@@ -141,8 +146,7 @@ async def connect_writable(dsn: str, members: list[str], **kwargs: Any) -> async
     if not members:
         return await asyncpg.connect(dsn, **kwargs)
     if len(members) == 1:  # the lock holder alone: never the DSN's other hosts (one may be frozen)
-        host, _, port = members[0].rpartition(":")
-        return await asyncpg.connect(dsn, host=host, port=int(port), **kwargs)
+        return await _connect_member(dsn, members[0], **kwargs)
     attempts = [asyncio.ensure_future(_writable_on_timeline(dsn, member, **kwargs)) for member in members]
     answered: list[tuple[int, asyncpg.Connection]] = []
     errors: list[BaseException] = []
