@@ -405,7 +405,19 @@ def test_the_serving_limits_reach_the_lean_server(monkeypatch: pytest.MonkeyPatc
         "connections_max": 100,
         "header_read_timeout_s": 2.5,
         "connections_per_client_max": 40,
+        "tls": None,
     }
+
+
+def test_granian_refuses_settings_that_ask_for_a_tls_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    """granian serves one listener: rather than serve the clear one only (the other center's
+    gateway would find nothing), it refuses to start, naming the way out."""
+    from cardcore.platform import serve
+    from cardcore.platform.tls import TlsListen
+
+    monkeypatch.setenv(serve.SERVER_ENV, "granian")
+    with pytest.raises(SystemExit, match=r"TLS one too \(port 8143\); unset WATERTIGHT_HTTP_SERVER"):
+        serve.serve("x:y", "127.0.0.1", 1, tls=TlsListen(port=8143, cert_file="c", key_file="k"))
 
 
 def test_a_server_with_a_bound_that_cannot_hold_is_refused() -> None:

@@ -107,6 +107,29 @@ def test_postgresql_speaks_tls_only_and_every_client_verifies_it(
     assert all(encrypted and version == "TLSv1.3" for _, _, encrypted, version in rows), rows
 
 
+def test_a_gateway_reaches_the_other_centers_app_server_over_tls_only(runtime: LocalRuntime) -> None:
+    """Issue 16: PANs cross sites in a gateway's requests. prod's gateway sends a cell that
+    samecity leads to samecity's app server, over TLS 1.3 (its TLS listener, verified with the
+    run's CA): every connection prod's gateway holds to samecity goes to that port; to its own
+    site's app server it stays in clear."""
+    topology = runtime.topology
+    led_by_samecity = next(c for c in topology.cell_numbers if topology.leader_site(c) == "samecity")
+    client = httpx.Client(base_url=topology.entry_url, timeout=10.0)
+    card_id = customers_in_each_cell(client)[led_by_samecity]["card_id"]
+    through_prod = httpx.Client(base_url=topology.gateway_url("prod"), timeout=10.0)
+    for _ in range(5):
+        response = through_prod.get(f"/v1/cards/{card_id}")
+        assert response.status_code == 200, response.text
+    gateway = runtime.records["gateway-prod"].pid
+    owners = network.socket_owners({"prod": [gateway]})
+    remotes = {(t[2], t[3]) for inode, t in network.tcp_sockets().items() if inode in owners}
+    samecity, prod = topology.address("samecity"), topology.address("prod")
+    assert {port for address, port in remotes if address == samecity} == {topology.ports.app_tls}, remotes
+    assert (prod, topology.ports.app) in remotes, remotes
+    with pytest.raises(httpx.HTTPError):  # the TLS port answers nothing in clear
+        httpx.get(f"http://{samecity}:{topology.ports.app_tls}/healthz", timeout=2.0)
+
+
 def cgroup_of(pid: int) -> str:
     """The cgroup v2 path of a process (its "0::" line)."""
     lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()

@@ -38,6 +38,7 @@ ports:
   postgres_base: 25500
   patroni_base: 28800
   app: 28100
+  app_tls: 28143
   gateway: 28000
 patroni: {ttl: 30, loop_wait: 2, retry_timeout: 7, maximum_lag_on_failover: 4096}
 postgres: {shared_buffers: 48MB, max_connections: 60}
@@ -547,10 +548,40 @@ def test_with_a_ca_in_the_secrets_postgresql_serves_tls_only_and_every_client_ve
         assert postgresql["authentication"][role]["sslmode"] == "verify-full"
         assert postgresql["authentication"][role]["sslrootcert"] == str(own / render.TLS_CA_FILE)
     app = found["app-samecity"]
-    assert render.TLS_KEY_FILE not in app.files  # clients get the CA's certificate only
     dsn = json.loads(app.files["app.json"])["cells"]["1"]["dsn"]
     ca_path = render.component_dir(RUN_DIR, "app-samecity") / render.TLS_CA_FILE
     assert dsn.endswith(f"&sslmode=verify-full&sslrootcert={ca_path}"), dsn
+
+
+def test_with_a_ca_a_gateway_reaches_the_other_centers_app_server_over_tls_only(
+    topo: Topology, secrets: dict[str, Any]
+) -> None:
+    """PANs cross sites in the gateway's requests: to the other center's app server they go to its
+    TLS listener, verified with the CA (the gateway holds the CA's certificate, no key); to its own
+    site's app server they stay in clear."""
+    with_tls = render.complete_secrets(secrets, [topo.address(site) for site in topo.sites])
+    found = components(topo, with_tls)
+    for site, other in (("prod", "samecity"), ("samecity", "prod")):
+        app = found[f"app-{site}"]
+        settings = json.loads(app.files["app.json"])
+        assert settings["tls"] == {
+            "port": 28143,
+            "cert_file": render.TLS_CERT_FILE,
+            "key_file": render.TLS_KEY_FILE,
+        }
+        assert app.files[render.TLS_KEY_FILE] == with_tls[render.SECRET_TLS_SERVER]["key"]
+        assert (topo.address(site), 28143) in app.listens
+        gateway = found[f"gateway-{site}"]
+        assert render.TLS_KEY_FILE not in gateway.files  # clients get the CA's certificate only
+        assert gateway.files[render.TLS_CA_FILE] == with_tls[render.SECRET_TLS_CA]["cert"]
+        config = json.loads(gateway.files["gateway.json"])
+        assert config["tls_ca_file"] == render.TLS_CA_FILE
+        for urls in config["upstreams"].values():
+            assert urls == [f"http://{topo.address(site)}:28100", f"https://{topo.address(other)}:28143"]
+    # without a CA, as before: every hop in clear
+    plain = json.loads(components(topo, secrets)["gateway-prod"].files["gateway.json"])
+    assert "tls_ca_file" not in plain
+    assert all(url.startswith("http://") for urls in plain["upstreams"].values() for url in urls)
 
 
 def test_without_a_ca_postgresql_serves_in_clear_as_before(topo: Topology, secrets: dict[str, Any]) -> None:

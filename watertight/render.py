@@ -231,6 +231,11 @@ class Endpoints(abc.ABC):
     def app_url(self, site: str) -> str: ...
 
     @abc.abstractmethod
+    def app_tls_url(self, site: str) -> str | None:
+        """Where the gateway of another site reaches ``site``'s app server over TLS; None where
+        the deployment makes no certificates (the hop then stays on ``app_url``)."""
+
+    @abc.abstractmethod
     def gateway_url(self, site: str) -> str: ...
 
     @abc.abstractmethod
@@ -285,6 +290,9 @@ class LocalEndpoints(Endpoints):
 
     def app_url(self, site: str) -> str:
         return self.topology.app_url(site)
+
+    def app_tls_url(self, site: str) -> str:
+        return self.topology.app_tls_url(site)
 
     def gateway_url(self, site: str) -> str:
         return self.topology.gateway_url(site)
@@ -359,6 +367,9 @@ class KubernetesEndpoints(Endpoints):
 
     def app_url(self, site: str) -> str:
         return f"http://{self.host(site, app_name(site))}:{self.topology.ports.app}"
+
+    def app_tls_url(self, site: str) -> None:
+        return None  # the stack makes no certificates yet (issue 16)
 
     def gateway_url(self, site: str) -> str:
         return f"http://{self.host(site, gateway_name(site))}:{self.topology.ports.gateway}"
@@ -826,6 +837,7 @@ def app_settings(
     api_tokens_file: str = API_TOKENS_FILE,
     keys_file: str | None = None,
     root_cert: str | None = None,
+    serve_tls: bool = False,
 ) -> dict[str, Any]:
     """cardcore AppSettings of ``site``'s app server, as a dict.
 
@@ -836,7 +848,8 @@ def app_settings(
     API tokens (``api_tokens_document``; relative to the settings file, or absolute). ``keys_file``:
     its key ring (``key_ring_document``), instead of the one key ``pan_key_hex``. ``root_cert``:
     the CA's certificate (absolute path) when PostgreSQL serves TLS: every connection verifies the
-    member (``sslmode=verify-full``).
+    member (``sslmode=verify-full``). ``serve_tls``: it also listens with TLS at
+    ``endpoints.app_tls_url`` (where there is one), presenting ``TLS_CERT_FILE`` (cardcore.platform.tls).
     """
     if site not in topology.sites:
         raise ValueError(f"app_settings: unknown site {site!r}")
@@ -856,6 +869,10 @@ def app_settings(
             else {},
         }
     url = endpoints.app_url(site)
+    tls_url = endpoints.app_tls_url(site) if serve_tls else None
+    tls_listen = (
+        {"port": _port(tls_url), "cert_file": TLS_CERT_FILE, "key_file": TLS_KEY_FILE} if tls_url else None
+    )
     return {
         "site": site,
         "cells": cells,
@@ -864,6 +881,7 @@ def app_settings(
         "api_tokens_file": api_tokens_file,
         "host": endpoints.listen_address(site),
         "port": _port(url),
+        **({"tls": tls_listen} if tls_listen else {}),
         "hold_ttl_seconds": topology.app.hold_ttl_seconds,
         "batch_size_max": topology.app.batch_size_max,
         "batch_wait_ms_max": topology.app.batch_wait_ms_max,
@@ -876,13 +894,21 @@ def gateway_settings(
     site: str,
     drain_file: str | None = None,
     api_tokens_file: str = API_TOKENS_FILE,
+    tls_ca_file: str | None = None,
 ) -> dict[str, Any]:
     """cardcore GatewaySettings of ``site``'s gateway: every cell -> its own site's app server, then
     the other center's (the gateway spreads over the healthy ones). ``drain_file``: where the
-    drain-cell runbook names the cells drained for maintenance."""
+    drain-cell runbook names the cells drained for maintenance. ``tls_ca_file``: the other
+    center's app server is reached over TLS (``endpoints.app_tls_url``, where there is one) and
+    verified with this CA; its own site's stays in clear."""
     if site not in topology.sites:
         raise ValueError(f"gateway_settings: unknown site {site!r}")
-    apps = [endpoints.app_url(site)] + [endpoints.app_url(s) for s in CENTERS if s != site]
+
+    def other(s: str) -> str:
+        tls_url = endpoints.app_tls_url(s) if tls_ca_file is not None else None
+        return tls_url or endpoints.app_url(s)
+
+    apps = [endpoints.app_url(site)] + [other(s) for s in CENTERS if s != site]
     if site == DR_SITE:
         apps = [endpoints.app_url(DR_SITE)]
     url = endpoints.gateway_url(site)
@@ -894,6 +920,7 @@ def gateway_settings(
         "host": endpoints.listen_address(site),
         "port": _port(url),
         **({"drain_file": drain_file} if drain_file else {}),
+        **({"tls_ca_file": tls_ca_file} if any(url.startswith("https://") for url in apps) else {}),
     }
 
 
@@ -1036,7 +1063,8 @@ def render_local(
 
     drain = str(drain_file(run_dir))
     tokens = api_tokens_document(secrets)
-    app_tls = tls_files(secrets, server=False)
+    app_tls = tls_files(secrets, server=True)  # the CA for PostgreSQL; the pair for its TLS listener
+    gateway_tls = tls_files(secrets, server=False)  # the CA for the other center's app server
     for site in (*CENTERS, DR_SITE):
         name = app_name(site)
         components.append(
@@ -1056,6 +1084,7 @@ def render_local(
                             "",
                             keys_file=KEY_RING_FILE,
                             root_cert=str(component_dir(run_dir, name) / TLS_CA_FILE) if app_tls else None,
+                            serve_tls=bool(app_tls),
                         )
                     ),
                     KEY_RING_FILE: key_ring_document(secrets),
@@ -1065,7 +1094,8 @@ def render_local(
                 ready_url=endpoints.app_url(site) + "/readyz",
                 stage=STAGE_APP,
                 on_dr_activation=site == DR_SITE,
-                listens=(_address(endpoints.app_url(site)),),
+                listens=(_address(endpoints.app_url(site)),)
+                + ((_address(endpoints.app_tls_url(site) or ""),) if app_tls else ()),
             )
         )
     for site in (*CENTERS, DR_SITE):
@@ -1084,8 +1114,13 @@ def render_local(
                     str(component_dir(run_dir, name) / "gateway.json"),
                 ],
                 files={
-                    "gateway.json": _json(gateway_settings(topology, endpoints, site, drain)),
+                    "gateway.json": _json(
+                        gateway_settings(
+                            topology, endpoints, site, drain, tls_ca_file=TLS_CA_FILE if gateway_tls else None
+                        )
+                    ),
                     API_TOKENS_FILE: tokens,
+                    **gateway_tls,
                 },
                 ready_url=endpoints.gateway_url(site) + "/readyz",
                 stage=STAGE_GATEWAY,

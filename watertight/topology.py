@@ -42,6 +42,7 @@ class Ports(msgspec.Struct, forbid_unknown_fields=True):
     postgres_base: Port = 15500
     patroni_base: Port = 18800
     app: Port = 18100
+    app_tls: Port = 18143  # the app server's TLS listener, for the other center's gateway
     gateway: Port = 18000
     postgres_exporter_base: Port = 18850  # cell N: base + N, on every site's address
 
@@ -137,6 +138,9 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True):
 
     def app_url(self, site: str) -> str:
         return f"http://{self.address(site)}:{self.ports.app}"
+
+    def app_tls_url(self, site: str) -> str:
+        return f"https://{self.address(site)}:{self.ports.app_tls}"
 
     def postgres_exporter_port(self, cell: int) -> int:
         return self.ports.postgres_exporter_base + cell

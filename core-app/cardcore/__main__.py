@@ -16,7 +16,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = settings_module.load(args.config)  # fail here, clearly, before the server starts
     os.environ[CONFIG_ENV] = os.path.abspath(args.config)
-    serve("cardcore.app:create_app", settings.host, settings.port, settings.serve_limits())
+    serve("cardcore.app:create_app", settings.host, settings.port, settings.serve_limits(), settings.tls)
 
 
 if __name__ == "__main__":

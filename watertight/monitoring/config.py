@@ -96,11 +96,14 @@ def prometheus_config(topology: Topology, rules_path: str, token_path: str | Non
     ] + [
         {
             "source_labels": ["upstream"],
-            "regex": re.escape(endpoints.app_url(site)) + "/?",
+            "regex": re.escape(url) + "/?",
             "target_label": "upstream_site",
             "replacement": site,
         }
         for site in topology.sites
+        # the other center's gateway names it by its TLS listener
+        for url in (endpoints.app_url(site), endpoints.app_tls_url(site))
+        if url
     ]
     entry = _static(_target(endpoints.entry_url()), kind="entry", site=ENTRY, component=ENTRY)
     gateways = [

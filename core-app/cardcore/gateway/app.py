@@ -37,6 +37,7 @@ from cardcore.platform import metrics
 from cardcore.platform.admission import BODY_INCOMPLETE_CODE, BODY_TIMEOUT_CODE, SHED_BODY, Admission
 from cardcore.platform.auth import AccessControl
 from cardcore.platform.http import lifespan
+from cardcore.platform.tls import client_context
 from cardcore.platform.upstream import (
     Response,
     UpstreamConnectError,
@@ -236,6 +237,7 @@ class Gateway:
             connect_timeout=settings.connect_timeout_ms / 1000,
             pool_size_max=settings.pool_size_max,
             gauge=self.m_healthy,
+            ssl_context=None if settings.tls_ca_file is None else client_context(settings.tls_ca_file),
         )
         self.drain = DrainControl(settings.drain_file, settings.drain_poll_ms / 1000, self.cells)
         self.access = AccessControl(settings.api_tokens_file)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 import msgspec
@@ -80,6 +81,7 @@ class HealthMonitor:
         connect_timeout: float,
         pool_size_max: int,
         gauge: Gauge | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.interval = interval
         self.timeout = timeout
@@ -90,8 +92,15 @@ class HealthMonitor:
             for url in cell_upstreams[cell]:
                 upstream = self.upstreams.get(url)
                 if upstream is None:
-                    pool = UpstreamPool(url, size_max=pool_size_max, connect_timeout=connect_timeout)
-                    probe = UpstreamPool(url, size_max=1, connect_timeout=min(connect_timeout, timeout))
+                    pool = UpstreamPool(
+                        url, size_max=pool_size_max, connect_timeout=connect_timeout, ssl_context=ssl_context
+                    )
+                    probe = UpstreamPool(
+                        url,
+                        size_max=1,
+                        connect_timeout=min(connect_timeout, timeout),
+                        ssl_context=ssl_context,
+                    )
                     upstream = self.upstreams[url] = Upstream(url, [], pool, probe)
                 upstream.cells.append(cell)
                 self.by_cell.setdefault(cell, []).append(upstream)

@@ -7,7 +7,9 @@ Example::
                    "2": ["http://127.0.0.1:8101", "http://127.0.0.1:8201"]},
      "api_tokens_file": "api-tokens.json"}
 
-Every cell 1..cell_count needs at least one upstream; the same URL may serve several cells.
+Every cell 1..cell_count needs at least one upstream; the same URL may serve several cells. An
+``https://`` upstream (an app server in the other center, cardcore.platform.tls) is verified
+against ``tls_ca_file``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import msgspec
 from cardcore.common.routing import Router
 from cardcore.platform import auth
 from cardcore.platform.admission import ServeLimitSettings
-from cardcore.platform.upstream import parse_base_url
+from cardcore.platform.tls import client_context
+from cardcore.platform.upstream import is_tls, parse_base_url
 
 ENV_CONFIG = "WATERTIGHT_GATEWAY_CONFIG"
 
@@ -51,6 +54,9 @@ class GatewaySettings(ServeLimitSettings, kw_only=True, forbid_unknown_fields=Tr
     # drain-cell runbook) rewrite; read again when it changes, checked every drain_poll_ms
     drain_file: str | None = None
     drain_poll_ms: Millis = 250
+    # the CA that https:// upstreams are verified with (relative to the settings file when not
+    # absolute); required when an upstream is https://
+    tls_ca_file: str | None = None
     # hostile clients (cardcore.platform.admission.ServeLimitSettings has the other limits): a
     # gateway and the entry take every client's connections, an app server only the gateways'
     connections_max: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 16384
@@ -76,6 +82,8 @@ class GatewaySettings(ServeLimitSettings, kw_only=True, forbid_unknown_fields=Tr
                     parse_base_url(url)
                 except ValueError as error:
                     raise GatewayConfigError(f"upstreams.{key}: {error}") from None
+                if is_tls(url) and self.tls_ca_file is None:
+                    raise GatewayConfigError(f"upstreams.{key}: {url} is https:// and tls_ca_file is not set")
         missing = [cell for cell in range(1, self.cell_count + 1) if str(cell) not in self.upstreams]
         if missing:
             raise GatewayConfigError(f"upstreams: no upstream for cell(s) {', '.join(map(str, missing))}")
@@ -115,6 +123,12 @@ def load(path: str | Path) -> GatewaySettings:
         auth.read_tokens_file(settings.api_tokens_file)
     except auth.TokensFileError as error:
         raise GatewayConfigError(f"{path}: api_tokens_file: {error}") from None
+    if settings.tls_ca_file is not None:
+        settings.tls_ca_file = str(Path(path).resolve().parent / settings.tls_ca_file)
+        try:
+            client_context(settings.tls_ca_file)
+        except ValueError as error:
+            raise GatewayConfigError(f"{path}: tls_ca_file: {error}") from None
     return settings
 
 

@@ -12,7 +12,9 @@ each answer with a Content-Length, closing a connection whose next request's hea
 arrived within the header read time after the last answer (or after it connected): this bounds
 a client that never finishes its headers and is also the idle keep-alive timeout, as granian's
 ``header_read_timeout`` is; and a graceful stop (requests in flight finish, at most
-``STOP_SECONDS_MAX``).
+``STOP_SECONDS_MAX``). With ``tls`` it also listens with TLS on a second port of the same host
+(cardcore.platform.tls): both listeners share the bounds, and a TLS handshake must complete
+within the header read time.
 
 Why not granian (used before): granian serves from Rust threads and hands every request to the
 Python event loop across threads (a wake-up and a context switch each way). At the rates of a
@@ -32,6 +34,7 @@ import errno
 import logging
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -312,9 +315,10 @@ class HttpProtocol(asyncio.Protocol):
     admission and its body deadline see a request whose body is slow); the body is handed over
     by ``receive`` once all of it arrived. Requests are answered one at a time, in order."""
 
-    def __init__(self, server: Server, client_address: str = "") -> None:
+    def __init__(self, server: Server, client_address: str = "", scheme: str = "http") -> None:
         self.server = server
         self.client_address = client_address  # what the server counts it under
+        self.scheme = scheme
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
         self.buffer = bytearray()
@@ -432,7 +436,7 @@ class HttpProtocol(asyncio.Protocol):
             "asgi": _ASGI,
             "http_version": request.version,
             "method": request.method,
-            "scheme": "http",
+            "scheme": self.scheme,
             "path": _path_of(request.raw_path),
             "raw_path": request.raw_path,
             "query_string": request.query,
@@ -518,6 +522,7 @@ class Server:
         connections_max: int = CONNECTIONS_MAX,
         header_read_timeout_s: float = HEADER_READ_TIMEOUT_S,
         connections_per_client_max: int = CONNECTIONS_PER_CLIENT_MAX,
+        tls: tuple[int, ssl.SSLContext] | None = None,
     ) -> None:
         if connections_max < 1 or header_read_timeout_s <= 0 or connections_per_client_max < 1:
             raise ValueError(
@@ -542,7 +547,9 @@ class Server:
         self.stopped = asyncio.Event()
         self.drained = asyncio.Event()
         self.loop = asyncio.get_running_loop()
-        self._listener: socket.socket | None = None
+        self.tls = tls  # (port, context): the TLS listener beside the clear one
+        # each listener with its TLS context (None: in clear)
+        self._listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         # the tasks running (the loop keeps only weak references to tasks)
         self._tasks: set[asyncio.Task[None]] = set()
         self._to_app: asyncio.Queue[Message] = asyncio.Queue(maxsize=4)
@@ -579,8 +586,8 @@ class Server:
 
     # -- accepting, at most connections_max open ------------------------------------------------
 
-    def _listen(self) -> socket.socket:
-        host, port = self.address
+    def _listen(self, port: int) -> socket.socket:
+        host = self.address[0]
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -596,21 +603,20 @@ class Server:
         return listener
 
     def _start_accepting(self) -> None:
-        if not self.accepting and not self.stopping and self._listener is not None:
-            self.loop.add_reader(self._listener.fileno(), self._accept)
+        if not self.accepting and not self.stopping and self._listeners:
+            for listener, context in self._listeners:
+                self.loop.add_reader(listener.fileno(), self._accept, listener, context)
             self.accepting = True
 
     def _stop_accepting(self) -> None:
-        if self.accepting and self._listener is not None:
-            self.loop.remove_reader(self._listener.fileno())
+        if self.accepting:
+            for listener, _ in self._listeners:
+                self.loop.remove_reader(listener.fileno())
         self.accepting = False
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket, context: ssl.SSLContext | None) -> None:
         """Accept what waits, up to the bound; at the bound, stop listening for more (they wait
         in the kernel's backlog, then are refused by it) until a connection closes."""
-        listener = self._listener
-        if listener is None:
-            return
         for _ in range(ACCEPTS_PER_WAKE_MAX):
             if self.open >= self.connections_max:
                 self._stop_accepting()
@@ -630,7 +636,7 @@ class Server:
                 return
             client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
             if self.by_client.get(client, 0) >= self.connections_per_client_max:
-                self._refuse(conn, client)
+                self._refuse(conn, client, tell=context is None)
                 continue
             self.by_client[client] = self.by_client.get(client, 0) + 1
             self.open += 1
@@ -641,15 +647,17 @@ class Server:
                 conn.close()
                 self.released(client)
                 continue
-            self.spawn(self._adopt(conn, client))
+            self.spawn(self._adopt(conn, client, context))
 
-    def _refuse(self, conn: socket.socket, client: str) -> None:
-        """A connection beyond its address's bound: told so (503, Retry-After) and closed at once,
-        before anything of it is read; the connections of other addresses are not touched."""
+    def _refuse(self, conn: socket.socket, client: str, tell: bool = True) -> None:
+        """A connection beyond its address's bound: told so (503, Retry-After; in clear only: a
+        TLS client is closed without an answer) and closed at once, before anything of it is read;
+        the connections of other addresses are not touched."""
         self.refused_per_client += 1
         try:
             conn.setblocking(False)
-            conn.send(REFUSED_PER_CLIENT)
+            if tell:
+                conn.send(REFUSED_PER_CLIENT)
         except OSError:
             pass
         finally:
@@ -664,10 +672,16 @@ class Server:
                 self.refused_per_client,
             )
 
-    async def _adopt(self, conn: socket.socket, client: str) -> None:
+    async def _adopt(self, conn: socket.socket, client: str, context: ssl.SSLContext | None) -> None:
+        scheme = "http" if context is None else "https"
+        # a TLS client that never completes its handshake is dropped as one that never sends its
+        # headers (the protocol, and so the sweeper, sees a connection only once it completed)
+        tls: dict[str, Any] = (
+            {} if context is None else {"ssl": context, "ssl_handshake_timeout": self.header_read_timeout_s}
+        )
         try:
-            await self.loop.connect_accepted_socket(lambda: HttpProtocol(self, client), conn)
-        except OSError:  # the client went away before it was adopted
+            await self.loop.connect_accepted_socket(lambda: HttpProtocol(self, client, scheme), conn, **tls)
+        except OSError:  # the client went away before it was adopted, or its handshake failed
             conn.close()
             self.released(client)
 
@@ -685,15 +699,23 @@ class Server:
     async def serve(self) -> None:
         lifespan = self.loop.create_task(self._run_lifespan())
         await self._lifespan_step("lifespan.startup")
-        self._listener = self._listen()
-        self._start_accepting()
+        self._listeners = [(self._listen(self.address[1]), None)]
         log.info("listening on http://%s:%d", self.address[0], self.address[1])
+        if self.tls is not None:
+            try:
+                self._listeners.append((self._listen(self.tls[0]), self.tls[1]))
+            except OSError:
+                self._listeners[0][0].close()
+                raise
+            log.info("listening on https://%s:%d (TLS)", self.address[0], self.tls[0])
+        self._start_accepting()
         sweeper = self.loop.create_task(self._sweep())
         try:
             await self.stopped.wait()
         finally:
             self._stop_accepting()
-            self._listener.close()
+            for listener, _ in self._listeners:
+                listener.close()
             sweeper.cancel()
             for conn in list(self.connections):
                 if conn.current is None and conn.transport is not None:
@@ -733,10 +755,14 @@ def run(
     connections_max: int = CONNECTIONS_MAX,
     header_read_timeout_s: float = HEADER_READ_TIMEOUT_S,
     connections_per_client_max: int = CONNECTIONS_PER_CLIENT_MAX,
+    tls: tuple[int, ssl.SSLContext] | None = None,
 ) -> None:
-    """Serve ``app`` on host:port on uvloop until SIGTERM or SIGINT."""
+    """Serve ``app`` on host:port (and with ``tls`` on its port too) on uvloop until SIGTERM or
+    SIGINT."""
     run_until_signalled(
-        lambda: Server(app, host, port, connections_max, header_read_timeout_s, connections_per_client_max)
+        lambda: Server(
+            app, host, port, connections_max, header_read_timeout_s, connections_per_client_max, tls
+        )
     )
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cardcore.platform.admission import ServeLimits
+from cardcore.platform.tls import TlsListen, server_context
 
 log = logging.getLogger("cardcore.serve")
 FILES_SPARE = 512  # open files beyond the client connections: upstreams, databases, logs
@@ -54,9 +55,17 @@ def server_choice() -> str:
     return choice
 
 
-def serve(target: str, host: str, port: int, limits: ServeLimits | None = None) -> None:
-    """Serve ``module:factory`` on host:port until SIGTERM or SIGINT."""
+def serve(
+    target: str, host: str, port: int, limits: ServeLimits | None = None, tls: TlsListen | None = None
+) -> None:
+    """Serve ``module:factory`` on host:port (and with ``tls``, with TLS on its port too) until
+    SIGTERM or SIGINT."""
     choice = server_choice()
+    if tls is not None and choice != "lean":
+        raise SystemExit(
+            f"{SERVER_ENV}={choice}: serves one listener, and these settings ask for a TLS one too "
+            f"(port {tls.port}); unset {SERVER_ENV} to serve both"
+        )
     limits = limits or ServeLimits()
     connections_max = _connections_allowed(limits.connections_max)
     app = load_factory(target)()
@@ -70,6 +79,7 @@ def serve(target: str, host: str, port: int, limits: ServeLimits | None = None) 
             connections_max=connections_max,
             header_read_timeout_s=limits.header_read_timeout_ms / 1000,
             connections_per_client_max=min(limits.connections_per_client_max, connections_max),
+            tls=None if tls is None else (tls.port, server_context(tls.cert_file, tls.key_file)),
         )
         return
 

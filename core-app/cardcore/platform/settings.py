@@ -15,6 +15,7 @@ import msgspec
 from cardcore.common.crypto import KeyRingError, PanVault, parse_ring
 from cardcore.platform import auth
 from cardcore.platform.admission import ServeLimitSettings
+from cardcore.platform.tls import TlsListen, server_context
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -42,6 +43,9 @@ class AppSettings(ServeLimitSettings, kw_only=True, forbid_unknown_fields=True):
     pan_key_hex: str | None = None
     host: str = "127.0.0.1"
     port: int = 8100
+    # a TLS listener on ``host`` beside ``port``, for the gateway of the other center
+    # (cardcore.platform.tls); its files are relative to this settings file when not absolute
+    tls: TlsListen | None = None
     slot_overrides: dict[int, int] = msgspec.field(default_factory=dict)
     hold_ttl_seconds: Positive = 7 * 24 * 3600
     batch_size_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
@@ -100,6 +104,11 @@ def load(path: str | Path) -> AppSettings:
         if not Path(settings.keys_file).is_absolute():
             settings.keys_file = str(here / settings.keys_file)
         read_key_ring(settings.keys_file)  # a KeyRingError (ValueError) names what is wrong
+    if settings.tls is not None:
+        settings.tls.resolve(here)
+        if settings.tls.port == settings.port:
+            raise ValueError(f"{path}: tls.port {settings.tls.port} is the port served in clear")
+        server_context(settings.tls.cert_file, settings.tls.key_file)  # a ValueError names the file
     return settings
 
 

@@ -18,6 +18,7 @@ Errors say how far the request got:
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import Any
@@ -306,28 +307,46 @@ def _dechunk(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
 
 
 def parse_base_url(base_url: str) -> tuple[str, int]:
-    """``http://host:port`` -> (host, port); raises ValueError naming what is wrong."""
+    """``http://host:port`` or ``https://host:port`` -> (host, port); raises ValueError naming
+    what is wrong."""
     parts = urlsplit(base_url)
-    if parts.scheme != "http":
-        raise ValueError(f"{base_url!r}: only http:// upstreams are supported")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{base_url!r}: only http:// and https:// upstreams are supported")
     if not parts.hostname:
         raise ValueError(f"{base_url!r}: no host")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"{base_url!r}: must be scheme://host:port without a path")
     try:
-        port = parts.port or 80
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise ValueError(f"{base_url!r}: invalid port") from None
     return parts.hostname, port
 
 
-class UpstreamPool:
-    """Keep-alive connections to one ``http://host:port``, at most ``size_max`` at a time."""
+def is_tls(base_url: str) -> bool:
+    return urlsplit(base_url).scheme == "https"
 
-    def __init__(self, base_url: str, *, size_max: int = 64, connect_timeout: float = 0.3) -> None:
+
+class UpstreamPool:
+    """Keep-alive connections to one ``http://host:port``, at most ``size_max`` at a time; to an
+    ``https://`` one over TLS, verifying the server with ``ssl_context`` for the host dialled (a
+    handshake that fails is a connect error: nothing was sent)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        size_max: int = 64,
+        connect_timeout: float = 0.3,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.host, self.port = parse_base_url(self.base_url)
-        host_header = self.host if self.port == 80 else f"{self.host}:{self.port}"
+        if is_tls(self.base_url) and ssl_context is None:
+            raise ValueError(f"{base_url!r}: an https:// upstream needs a CA to verify it with")
+        self.ssl_context = ssl_context if is_tls(self.base_url) else None
+        default_port = 443 if self.ssl_context is not None else 80
+        host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
         if ":" in self.host:  # IPv6 literal
             host_header = f"[{self.host}]:{self.port}"
         self._host_header = host_header.encode("ascii")
@@ -459,7 +478,12 @@ class UpstreamPool:
         seconds = min(self.connect_timeout, max(0.0, deadline - loop.time()))
         try:
             async with asyncio.timeout(seconds):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                if self.ssl_context is None:
+                    _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                else:
+                    _, conn = await loop.create_connection(
+                        _Connection, self.host, self.port, ssl=self.ssl_context, server_hostname=self.host
+                    )
         except TimeoutError:
             if seconds < self.connect_timeout:
                 raise  # the request's deadline, not the connect timeout
