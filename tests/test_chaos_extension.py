@@ -207,7 +207,8 @@ def member_diagnostics(runtime: LocalRuntime, cells: list[int], site: str) -> st
             if component.kind == "patroni" and component.cell == cell and component.site != "dr":
                 api = render.LocalEndpoints(runtime.topology).patroni_api_url(cell, component.site or "")
                 for path in ("/cluster", "/patroni"):
-                    lines.append(f"{component.name} {path}: {http_json(api + path, timeout_s=2.0)}")
+                    answer = http_json(api + path, timeout_s=2.0, ca_file=runtime.root_cert())
+                    lines.append(f"{component.name} {path}: {answer}")
                 if component.site == site:
                     log_lines = runtime.log_path(component).read_text(errors="replace").splitlines()
                     lines += [f"  | {line}" for line in log_lines[-40:]]

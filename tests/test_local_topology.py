@@ -83,7 +83,7 @@ def test_postgresql_speaks_tls_only_and_every_client_verifies_it(
     """Issue 16: links between sites are encrypted. A member refuses a connection in clear; the
     app servers' sessions and replication (to the other center and to dr) run over TLS; a client
     that verifies with another CA refuses the member."""
-    root_cert = runtime.postgres_root_cert()
+    root_cert = runtime.root_cert()
     assert root_cert is not None and Path(root_cert).stat().st_mode & 0o777 == 0o644
     password = runtime.superuser_password()
     leader = runtime.topology.leader_site(1)
@@ -105,6 +105,37 @@ def test_postgresql_speaks_tls_only_and_every_client_verifies_it(
     assert any(kind == "walsender" and name.startswith("pg-cell1-dr") for kind, name, _, _ in rows), rows
     assert ("client backend", "cardcore") in kinds, rows
     assert all(encrypted and version == "TLSv1.3" for _, _, encrypted, version in rows), rows
+
+
+def test_patronis_rest_api_speaks_tls_only_and_its_clients_verify_it(
+    runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    """Issue 16: Patroni's REST API between sites (the leader race, the app servers' leader-lock
+    probe, the probes, the runbooks, Prometheus) is TLS, verified with the run's CA: in clear it
+    answers nothing, another CA refuses it, and every member advertises an https:// URL."""
+    root_cert = runtime.root_cert()
+    member = next(m for m in runtime.members(1) if m.site == runtime.topology.leader_site(1))
+    assert member.patroni_url.startswith("https://"), member.patroni_url
+    status, body = http_json(member.patroni_url + "/cluster", timeout_s=5.0, ca_file=root_cert)
+    assert status == 200, body
+    assert all(m["api_url"].startswith("https://") for m in body["members"]), body
+    clear = member.patroni_url.replace("https://", "http://")
+    assert http_json(clear + "/patroni", timeout_s=2.0)[0] == 0
+    other = tmp_path / "other-ca.crt"
+    other.write_text(tls.make_ca()["cert"])
+    assert http_json(member.patroni_url + "/patroni", timeout_s=2.0, ca_file=str(other))[0] == 0
+    # the app servers serve (their leader-lock probe verifies Patroni) and Prometheus scrapes it
+    assert runtime.cell_view(1)["leader_site"] == runtime.topology.leader_site(1)
+    status, body = http_json(f"{runtime.topology.prometheus_url}/api/v1/targets?state=active", timeout_s=5.0)
+    assert status == 200, body
+    patroni = [t for t in body["data"]["activeTargets"] if t["labels"].get("job") == "patroni"]
+    assert patroni and all(t["scrapeUrl"].startswith("https://") for t in patroni), patroni
+    deadline = time.monotonic() + 30
+    while any(t["health"] != "up" for t in patroni) and time.monotonic() < deadline:
+        time.sleep(1)
+        body = http_json(f"{runtime.topology.prometheus_url}/api/v1/targets?state=active", timeout_s=5.0)[1]
+        patroni = [t for t in body["data"]["activeTargets"] if t["labels"].get("job") == "patroni"]
+    assert all(t["health"] == "up" for t in patroni), [(t["scrapeUrl"], t["lastError"]) for t in patroni]
 
 
 def test_a_gateway_reaches_the_other_centers_app_server_over_tls_only(runtime: LocalRuntime) -> None:

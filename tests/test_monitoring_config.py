@@ -4,6 +4,7 @@ a command line; their own ports and data under the run directory."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
@@ -52,6 +53,28 @@ def test_the_operator_token_goes_to_prometheus_in_a_file_only() -> None:
                 "type": "Bearer",
                 "credentials_file": "/run/prometheus/operator-token",
             }
+
+
+def test_prometheus_scrapes_patroni_over_tls_verified_with_the_runs_ca(tmp_path: Path) -> None:
+    """With the run's CA, Patroni's REST API speaks TLS only: Prometheus scrapes it with https and
+    the CA (a file of its own); the gateway's https upstreams are mapped to their site too."""
+    clear = config.prometheus_config(TOPOLOGY, "/run/rules.yml")
+    assert all("scheme" not in s and "tls_config" not in s for s in clear["scrape_configs"])
+    with_ca = config.prometheus_config(TOPOLOGY, "/run/rules.yml", ca_path="/run/prometheus/tls/ca.crt")
+    over_tls = {s["job_name"]: s for s in with_ca["scrape_configs"] if s.get("scheme") == "https"}
+    assert set(over_tls) == {"patroni"}
+    assert over_tls["patroni"]["tls_config"] == {"ca_file": "/run/prometheus/tls/ca.crt"}
+    gateway = next(s for s in with_ca["scrape_configs"] if s["job_name"] == "gateway")
+    mapped = {r["regex"]: r["replacement"] for r in gateway["metric_relabel_configs"]}
+    assert mapped[re.escape(TOPOLOGY.app_tls_url("samecity")) + "/?"] == "samecity"
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    prometheus = {c.name: c for c in config.components(TOPOLOGY, tmp_path, ca_cert=ca)}["prometheus"]
+    assert prometheus.files["tls/ca.crt"] == ca
+    document = yaml.safe_load(prometheus.files["prometheus.yml"])
+    patroni = next(s for s in document["scrape_configs"] if s["job_name"] == "patroni")
+    assert patroni["tls_config"]["ca_file"] == str(
+        config.component_dir(tmp_path, "prometheus") / "tls/ca.crt"
+    )
 
 
 def test_components_listen_on_the_topologys_ports_with_data_in_the_run_directory(tmp_path: Path) -> None:

@@ -547,10 +547,22 @@ def test_with_a_ca_in_the_secrets_postgresql_serves_tls_only_and_every_client_ve
     for role in ("superuser", "replication"):  # replication, pg_rewind, basebackup
         assert postgresql["authentication"][role]["sslmode"] == "verify-full"
         assert postgresql["authentication"][role]["sslrootcert"] == str(own / render.TLS_CA_FILE)
+    # Patroni's REST API over TLS too; members (the leader race) and patronictl verify it
+    assert config["restapi"]["certfile"] == str(own / render.TLS_CERT_FILE)
+    assert config["restapi"]["keyfile"] == str(own / render.TLS_KEY_FILE)
+    assert config["restapi"]["cafile"] == str(own / render.TLS_CA_FILE)
+    assert "verify_client" not in config["restapi"]
+    assert config["ctl"] == {"cacert": str(own / render.TLS_CA_FILE)}
+    assert member.ready_url is not None and member.ready_url.startswith("https://")
     app = found["app-samecity"]
-    dsn = json.loads(app.files["app.json"])["cells"]["1"]["dsn"]
+    settings = json.loads(app.files["app.json"])
+    dsn = settings["cells"]["1"]["dsn"]
     ca_path = render.component_dir(RUN_DIR, "app-samecity") / render.TLS_CA_FILE
     assert dsn.endswith(f"&sslmode=verify-full&sslrootcert={ca_path}"), dsn
+    # the app's leader-lock probe asks each member's Patroni over TLS, verified with the CA
+    urls = [url for cell in settings["cells"].values() for url in cell["patroni_urls"].values()]
+    assert urls and all(url.startswith("https://") for url in urls), urls
+    assert settings["tls_ca_file"] == str(ca_path)
 
 
 def test_with_a_ca_a_gateway_reaches_the_other_centers_app_server_over_tls_only(
@@ -585,6 +597,11 @@ def test_with_a_ca_a_gateway_reaches_the_other_centers_app_server_over_tls_only(
 
 
 def test_without_a_ca_postgresql_serves_in_clear_as_before(topo: Topology, secrets: dict[str, Any]) -> None:
-    config = yaml.safe_load(components(topo, secrets)["pg-cell1-prod"].files["patroni.yml"])
+    found = components(topo, secrets)
+    config = yaml.safe_load(found["pg-cell1-prod"].files["patroni.yml"])
     assert "ssl" not in config["postgresql"]["parameters"]
     assert "sslmode" not in config["postgresql"]["authentication"]["replication"]
+    assert "certfile" not in config["restapi"] and "ctl" not in config
+    settings = json.loads(found["app-prod"].files["app.json"])
+    assert all(url.startswith("http://") for url in settings["cells"]["1"]["patroni_urls"].values())
+    assert "tls_ca_file" not in settings

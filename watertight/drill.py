@@ -236,7 +236,7 @@ async def _ledger_lookup(
     ``partial`` when an id its stored answer names (an auth_id, transaction_id or plan_id) is not
     in its table. Keys the cells do not hold are not in the result."""
     password = runtime.superuser_password()
-    root_cert = runtime.postgres_root_cert()
+    root_cert = runtime.root_cert()
     tls: dict[str, Any] = {}
     if root_cert is not None:  # verify-full: the CA signed it, for the address dialled
         tls["ssl"] = ssl.create_default_context(cafile=root_cert)

@@ -448,7 +448,7 @@ def connect_superuser(
 ) -> psycopg.Connection[Any]:
     """A psycopg autocommit connection as the superuser to the ``postgres`` database of a member
     (probes and runbook steps that ask a member about itself or change its settings). With
-    ``root_cert`` (the target's ``postgres_root_cert``) over TLS, the server verified
+    ``root_cert`` (the target's ``root_cert``) over TLS, the server verified
     (``verify-full``); without, in clear."""
     tls: dict[str, Any] = verify_full(root_cert) if root_cert else {"sslmode": "disable"}
     return psycopg.connect(

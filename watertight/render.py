@@ -253,9 +253,14 @@ class Endpoints(abc.ABC):
 
 @dataclass(frozen=True)
 class LocalEndpoints(Endpoints):
-    """Every site is a loopback address of this machine; ports come from the topology."""
+    """Every site is a loopback address of this machine; ports come from the topology.
+
+    ``tls``: the run has a CA (``LocalRuntime`` always makes one), so the servers that speak HTTP
+    between sites have ``https://`` URLs (Patroni's REST API); False only to render a topology
+    whose secrets hold no CA."""
 
     topology: Topology
+    tls: bool = True
 
     def listen_address(self, site: str) -> str:
         return self.topology.address(site)
@@ -286,7 +291,8 @@ class LocalEndpoints(Endpoints):
         return self.topology.postgres_port(cell)
 
     def patroni_api_url(self, cell: int, site: str) -> str:
-        return f"http://{self.topology.address(site)}:{self.topology.patroni_port(cell)}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.topology.address(site)}:{self.topology.patroni_port(cell)}"
 
     def app_url(self, site: str) -> str:
         return self.topology.app_url(site)
@@ -654,7 +660,13 @@ def _patroni_common(
         "name": pg_name(cell, site),
         "namespace": PATRONI_NAMESPACE,
         "log": {"level": "INFO"},
-        "restapi": {"listen": f"{listen}:{_port(api)}", "connect_address": _netloc(api)},
+        "restapi": {
+            "listen": f"{listen}:{_port(api)}",
+            "connect_address": _netloc(api),
+            **_restapi_tls(tls_files_at),
+        },
+        # patronictl with this file verifies the members' REST API with the run's CA
+        **({"ctl": {"cacert": str(tls_files_at.ca_file)}} if tls_files_at is not None else {}),
         "watchdog": _watchdog(watchdog_device),
         "postgresql": {
             "listen": f"{listen}:{port}",
@@ -683,6 +695,15 @@ def _patroni_common(
         },
         "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
     }
+
+
+def _restapi_tls(files: PostgresTls | None) -> dict[str, str]:
+    """Patroni's REST API over TLS with the member's certificate; ``cafile``: what Patroni verifies
+    the other members' REST API with when it asks them (the leader race). No client
+    certificate is asked for (``verify_client`` unset)."""
+    if files is None:
+        return {}
+    return {"certfile": str(files.cert_file), "keyfile": str(files.key_file), "cafile": str(files.ca_file)}
 
 
 def _client_tls(files: PostgresTls | None) -> dict[str, str]:
@@ -879,6 +900,8 @@ def app_settings(
         "cell_count": topology.cells,
         **({"keys_file": keys_file} if keys_file is not None else {"pan_key_hex": pan_key_hex}),
         "api_tokens_file": api_tokens_file,
+        # what the https:// Patroni URLs are verified with
+        **({"tls_ca_file": root_cert} if root_cert is not None else {}),
         "host": endpoints.listen_address(site),
         "port": _port(url),
         **({"tls": tls_listen} if tls_listen else {}),
@@ -968,7 +991,7 @@ def render_local(
     if missing:
         raise ValueError(f"render_local: secrets missing: {', '.join(missing)}")
     run_dir = Path(run_dir).absolute()
-    endpoints = LocalEndpoints(topology)
+    endpoints = LocalEndpoints(topology, tls=bool(secrets.get(SECRET_TLS_CA)))
     bin_dir = pg.pg_bindir()
     components: list[Component] = []
 

@@ -15,7 +15,9 @@ from the first byte), or log a key.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
+import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -142,3 +144,21 @@ def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: I
         return False
     named = {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
     return set(addresses) <= named
+
+
+@functools.lru_cache(maxsize=8)
+def client_context(ca_file: str) -> ssl.SSLContext:
+    """What the toolkit's own HTTP clients (probes, runbooks, the runtime's readiness checks)
+    verify an ``https://`` server of the topology with: the run's CA only, for the name or
+    address dialled. Made once per file (a probe runs several times a second)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def context_for(url: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """The context ``urllib`` verifies ``url`` with: the run's CA for an ``https://`` URL when
+    there is one, else the default (a URL in clear needs none)."""
+    if ca_file is None or not url.startswith("https://"):
+        return None
+    return client_context(ca_file)

@@ -169,7 +169,7 @@ def primaries(
 def _primaries(runtime: Target, cell: int) -> list[dict[str, Any]]:
     members = runtime.members(cell)
     password = runtime.superuser_password()
-    root_cert = runtime.postgres_root_cert()
+    root_cert = runtime.root_cert()
     states = _in_parallel(
         {
             m.name: functools.partial(_member_state, m.postgres_host, m.postgres_port, password, root_cert)
@@ -179,7 +179,7 @@ def _primaries(runtime: Target, cell: int) -> list[dict[str, Any]]:
     )
     roles = _in_parallel(
         {
-            m.name: functools.partial(http_json, f"{m.patroni_url}/patroni", 0.5)
+            m.name: functools.partial(http_json, f"{m.patroni_url}/patroni", 0.5, ca_file=root_cert)
             for m in members
             if m.patroni_url
         },

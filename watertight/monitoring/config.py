@@ -23,6 +23,7 @@ from watertight.render import (
     ETCD_DR_NAME,
     STAGE_MONITORING,
     SUPERUSER,
+    TLS_CA_FILE,
     Component,
     LocalEndpoints,
     app_name,
@@ -75,13 +76,17 @@ def _static(target: str, **labels: Any) -> dict[str, Any]:
     return {"targets": [target], "labels": {k: str(v) for k, v in labels.items()}}
 
 
-def prometheus_config(topology: Topology, rules_path: str, token_path: str | None = None) -> dict[str, Any]:
+def prometheus_config(
+    topology: Topology, rules_path: str, token_path: str | None = None, ca_path: str | None = None
+) -> dict[str, Any]:
     """prometheus.yml: every gateway (and the entry), app server, Patroni, etcd member and
     PostgreSQL exporter of the topology, labelled by kind, site, cell and component; the rules of
     watertight.monitoring.rules; alerts to the topology's Alertmanager. ``token_path``: a file
     holding the operator's API token, sent as a bearer token to the app servers and gateways
-    (their /metrics wants it once the API has tokens)."""
-    endpoints = LocalEndpoints(topology)
+    (their /metrics wants it once the API has tokens). ``ca_path``: the run's CA, which the
+    servers that speak TLS (Patroni's REST API) are verified with; without it they speak in clear."""
+    endpoints = LocalEndpoints(topology, tls=ca_path is not None)
+    over_tls = {"scheme": "https", "tls_config": {"ca_file": ca_path}} if ca_path is not None else {}
     interval = topology.monitoring.scrape_interval_s
     auth = {"authorization": {"type": "Bearer", "credentials_file": token_path}} if token_path else {}
     # the gateways name their upstreams by URL: give the entry's a site, for SiteUnreachableFromEntry
@@ -164,7 +169,7 @@ def prometheus_config(topology: Topology, rules_path: str, token_path: str | Non
             job("entry", [entry], honor_labels=True, metric_relabel_configs=upstream_sites, **auth),
             job("gateway", gateways, honor_labels=True, metric_relabel_configs=upstream_sites, **auth),
             job("app", apps, honor_labels=True, **auth),
-            job("patroni", patroni),
+            job("patroni", patroni, **over_tls),
             job("postgres", exporters),
             job("etcd", etcd),
             job(
@@ -228,12 +233,15 @@ def exporter_name(cell: int, site: str) -> str:
     return f"pg-exporter-cell{cell}-{site}"
 
 
-def components(topology: Topology, run_dir: Path, operator_token: str | None = None) -> list[Component]:
+def components(
+    topology: Topology, run_dir: Path, operator_token: str | None = None, ca_cert: str | None = None
+) -> list[Component]:
     """Prometheus, Alertmanager and one PostgreSQL exporter per member, as components of the local
     runtime. Prometheus and Alertmanager belong to no site (like the entry, a site fault never cuts
     them); each exporter lives in its member's site and reaches it on its socket, as the service
     user, without a password. Their data is in the run directory; their ports are the topology's,
-    so a Prometheus of the host (Debian's, on :9090) is neither used nor disturbed."""
+    so a Prometheus of the host (Debian's, on :9090) is neither used nor disturbed. ``ca_cert``:
+    the run's CA certificate (PEM), what Prometheus verifies the servers that speak TLS with."""
     if not topology.monitoring.enabled:
         return []
     run_dir = Path(run_dir).absolute()
@@ -297,10 +305,15 @@ def components(topology: Topology, run_dir: Path, operator_token: str | None = N
         RULES_FILE: rules.rules_yaml(topology),
         "prometheus.yml": dump(
             prometheus_config(
-                topology, str(own / RULES_FILE), str(own / TOKEN_FILE) if operator_token else None
+                topology,
+                str(own / RULES_FILE),
+                str(own / TOKEN_FILE) if operator_token else None,
+                str(own / TLS_CA_FILE) if ca_cert else None,
             )
         ),
     }
+    if ca_cert:
+        files[TLS_CA_FILE] = ca_cert
     if operator_token:
         files[TOKEN_FILE] = operator_token  # written 0600, like every component file
     found.append(

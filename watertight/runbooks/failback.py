@@ -209,9 +209,11 @@ def promote_centers(run_dir: str, cell: int, check: bool = False) -> Result:
     started = time.monotonic()
     dr_api = render.LocalEndpoints(runtime.topology).patroni_api_url(cell, render.DR_SITE)
 
+    ca_file = runtime.root_cert()
+
     def caught_up() -> bool:
-        _, dr_state = http_json(f"{dr_api}/patroni", timeout_s=1.0)
-        _, center_state = http_json(str(standby.get("api_url")), timeout_s=1.0)
+        _, dr_state = http_json(f"{dr_api}/patroni", timeout_s=1.0, ca_file=ca_file)
+        _, center_state = http_json(str(standby.get("api_url")), timeout_s=1.0, ca_file=ca_file)
         if not isinstance(dr_state, dict) or not isinstance(center_state, dict):
             return False
         written = (dr_state.get("xlog") or {}).get("location")
@@ -225,7 +227,7 @@ def promote_centers(run_dir: str, cell: int, check: bool = False) -> Result:
         "is the cell drained? (the runbook drains every cell first)",
     )
     api = str(standby.get("api_url")).removesuffix("/patroni")
-    status, text = _send("PATCH", f"{api}/config", {"standby_cluster": None})
+    status, text = _send("PATCH", f"{api}/config", {"standby_cluster": None}, ca_file=ca_file)
     if status != 200:
         raise StepError(f"Patroni refused to change cell {cell}'s configuration: {status} {text.strip()}")
     wait_until(
@@ -256,7 +258,7 @@ def seal_dr(run_dir: str, cell: int, check: bool = False) -> Result:
     endpoints = render.LocalEndpoints(runtime.topology)
     host, port = endpoints.postgres_host(cell, render.DR_SITE), endpoints.postgres_port(cell)
     password = runtime.superuser_password()
-    root_cert = runtime.postgres_root_cert()
+    root_cert = runtime.root_cert()
     try:
         with pg.connect_superuser(host, port, password, int(SEAL_TIMEOUT_S), root_cert) as connection:
             connection.execute(f"SET statement_timeout = {int(SEAL_TIMEOUT_S * 1000)}")

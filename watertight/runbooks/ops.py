@@ -25,7 +25,7 @@ from typing import Any
 
 from cardcore.gateway import drain as gateway_drain
 
-from watertight import render
+from watertight import render, tls
 from watertight.runtime.local import LocalRuntime, RuntimeError_, http_json
 from watertight.runtime.target import Target
 from watertight.topology import CENTERS
@@ -52,13 +52,18 @@ def _runtime(run_dir: str) -> LocalRuntime:
         raise StepError(str(error)) from None
 
 
-def _send(method: str, url: str, body: Any, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, str]:
+def _send(
+    method: str, url: str, body: Any, timeout_s: float = HTTP_TIMEOUT_S, ca_file: str | None = None
+) -> tuple[int, str]:
+    """One JSON request to a Patroni (an ``https://`` one verified with ``ca_file``, the run's CA)."""
     data = json.dumps(body).encode()
     request = urllib.request.Request(
         url, data=data, method=method, headers={"content-type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(
+            request, timeout=timeout_s, context=tls.context_for(url, ca_file)
+        ) as response:
             return response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
@@ -156,6 +161,7 @@ def switchover(runtime: Target, cell: int, to_site: str, check: bool = False) ->
         f"{api}/switchover",
         {"leader": render.pg_name(cell, leader), "candidate": render.pg_name(cell, to_site)},
         timeout_s=SWITCHOVER_TIMEOUT_S,
+        ca_file=runtime.root_cert(),
     )
     if status != 200:
         raise StepError(
@@ -326,7 +332,7 @@ def promote_dr(run_dir: str, cell: int, check: bool = False) -> Result:
         raise StepError(f"cell {cell}'s dr copy does not answer; start pg-cell{cell}-dr and run again")
     started = time.monotonic()
     api = render.LocalEndpoints(runtime.topology).patroni_api_url(cell, render.DR_SITE)
-    status, text = _send("PATCH", f"{api}/config", {"standby_cluster": None})
+    status, text = _send("PATCH", f"{api}/config", {"standby_cluster": None}, ca_file=runtime.root_cert())
     if status != 200:
         raise StepError(f"Patroni refused to change cell {cell}'s dr configuration: {status} {text.strip()}")
 

@@ -24,7 +24,7 @@ def writers_in_flight(target: Target, site: str) -> int:
     """Group commits of ``site``'s app server running now: its writer sessions not idle on the
     cells' leaders."""
     password = target.superuser_password()
-    root_cert = target.postgres_root_cert()
+    root_cert = target.root_cert()
     busy = 0
     for cell in target.topology.cell_numbers:
         try:

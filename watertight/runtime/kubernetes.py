@@ -806,8 +806,8 @@ class KubernetesRuntime:
     def superuser_password(self) -> str:
         return self._secret(CREDENTIALS_SECRET)[render.SECRET_SUPERUSER_PASSWORD]
 
-    def postgres_root_cert(self) -> str | None:
-        """None: the stack makes no certificates yet, so its PostgreSQL serves without TLS."""
+    def root_cert(self) -> str | None:
+        """None: the stack makes no certificates yet, so its servers speak without TLS."""
         return None
 
     def ready_urls(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any
 
 from cardcore.platform import auth
 
-from watertight import pg, private_files, render
+from watertight import pg, private_files, render, tls
 from watertight.chaos import network
 from watertight.monitoring import config as monitoring_config
 from watertight.runtime import processes
@@ -56,13 +57,19 @@ def _quiet(_: str) -> None:
 
 
 def http_json(
-    url: str, timeout_s: float = HTTP_TIMEOUT_S, headers: dict[str, str] | None = None
+    url: str,
+    timeout_s: float = HTTP_TIMEOUT_S,
+    headers: dict[str, str] | None = None,
+    ca_file: str | None = None,
 ) -> tuple[int, Any]:
-    """GET a JSON document; (status, body) with status 0 when nothing answered. ``headers``: e.g.
-    the core's ``Authorization`` (``LocalRuntime.client_tokens().headers(...)``)."""
+    """GET a JSON document; (status, body) with status 0 when nothing answered (or an ``https://``
+    server did not verify against ``ca_file``, the run's CA: ``Target.root_cert()``). ``headers``:
+    e.g. the core's ``Authorization`` (``LocalRuntime.client_tokens().headers(...)``)."""
     try:
         request = urllib.request.Request(url, headers=headers or {})
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(
+            request, timeout=timeout_s, context=tls.context_for(url, ca_file)
+        ) as response:
             data = response.read()
             try:
                 return response.status, json.loads(data or b"null")
@@ -107,12 +114,12 @@ def choose_view(
     return next((v for v in views if _view_leader(v) is None), views[0])
 
 
-def _claims_primary(member: dict[str, Any]) -> bool:
+def _claims_primary(member: dict[str, Any], ca_file: str | None = None) -> bool:
     """The member's own Patroni says its PostgreSQL runs as a primary."""
     url = str(member.get("api_url") or "")
     if not url:
         return False
-    status, body = http_json(url, timeout_s=0.5)
+    status, body = http_json(url, timeout_s=0.5, ca_file=ca_file)
     return status == 200 and isinstance(body, dict) and body.get("role") in ("primary", "master")
 
 
@@ -150,6 +157,7 @@ class LocalRuntime:
         }
         self.mode = _mode_of(state)
         self._components: list[render.Component] | None = None
+        self._root_cert_written: str | None = None  # the CA last written to tls-ca.crt
 
     # ---- run directory --------------------------------------------------------------------------
 
@@ -208,16 +216,20 @@ class LocalRuntime:
             {endpoints.postgres_host(c, s) for c in self.topology.cell_numbers for s in self.topology.sites}
         )
 
-    def postgres_root_cert(self) -> str | None:
+    def root_cert(self) -> str | None:
         """The run's CA certificate (``tls-ca.crt`` in the run directory, readable by anyone: it
-        is no secret), written from the secrets when missing or changed."""
+        is no secret), written from the secrets when missing or changed. The probes ask several
+        times a second: once written, only the file's existence is checked."""
+        path = self.run_dir / render.TLS_ROOT_CERT
+        if self._root_cert_written is not None and path.exists():
+            return str(path)
         ca = self._secrets().get(render.SECRET_TLS_CA)
         if not ca:
             return None
-        path = self.run_dir / render.TLS_ROOT_CERT
         if not path.exists() or path.read_text() != ca["cert"]:
             private_files.write_private(path, ca["cert"])
             path.chmod(0o644)
+        self._root_cert_written = ca["cert"]
         return str(path)
 
     def read_secrets(self) -> dict[str, Any]:
@@ -274,7 +286,12 @@ class LocalRuntime:
                 sys.executable,
                 secrets,
                 centers_follow_dr=bool(self.mode["centers_follow_dr"]),
-            ) + monitoring_config.components(self.topology, self.run_dir, self.operator_token())
+            ) + monitoring_config.components(
+                self.topology,
+                self.run_dir,
+                self.operator_token(),
+                (secrets.get(render.SECRET_TLS_CA) or {}).get("cert"),
+            )
         return self._components
 
     def component(self, name: str) -> render.Component:
@@ -559,7 +576,7 @@ class LocalRuntime:
                     raise RuntimeError_(
                         f"{component.name} exited while starting; read {self.log_path(component)}, fix the cause, then run `watertight up` again"
                     )
-                status, _ = http_json(component.ready_url or "")
+                status, _ = http_json(component.ready_url or "", ca_file=self.root_cert())
                 if 200 <= status < 300:
                     pending.remove(component)
             if not pending:
@@ -673,14 +690,15 @@ class LocalRuntime:
         """Patroni's view of a cell's cluster (main, or the dr standby cluster), from every member
         that answers; when they disagree, see ``choose_view``."""
         views: list[list[dict[str, Any]]] = []
+        ca_file = self.root_cert()
         for component in self.components:
             if component.kind != "patroni" or component.cell != cell or (component.site == "dr") != dr:
                 continue
             api = render.LocalEndpoints(self.topology).patroni_api_url(cell, component.site or "")
-            status, body = http_json(f"{api}/cluster", timeout_s=0.5)
+            status, body = http_json(f"{api}/cluster", timeout_s=0.5, ca_file=ca_file)
             if status == 200 and isinstance(body, dict):
                 views.append(body.get("members", []))
-        return choose_view(views, _claims_primary)
+        return choose_view(views, functools.partial(_claims_primary, ca_file=ca_file))
 
     def site_of_member(self, member: Mapping[str, Any]) -> str | None:
         for name, site in self.topology.sites.items():

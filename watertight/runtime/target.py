@@ -97,9 +97,10 @@ class Target(Protocol):
         """PostgreSQL's superuser password (probes and ledger checks connect with it)."""
         ...
 
-    def postgres_root_cert(self) -> str | None:
-        """The CA certificate file clients verify the members' PostgreSQL with (``verify-full``);
-        None where PostgreSQL serves without TLS."""
+    def root_cert(self) -> str | None:
+        """The run's CA certificate file: what clients verify every TLS server of the topology
+        with (PostgreSQL as ``verify-full``, Patroni's REST API, the app servers' TLS listeners);
+        None where the topology serves without TLS."""
         ...
 
     # ---- views -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from cardcore.platform import db
 from cardcore.platform.http import ApiError, encode
 from cardcore.platform.settings import AppSettings, CellSettings
 from cardcore.platform.state import Writes, business_date, state_from_row, value_date
+from cardcore.platform.tls import client_context
 from cardcore.platform.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("cardcore.engine")
@@ -306,8 +307,10 @@ class CellEngine:
         # fencing: the member (host:port) every connection goes to, and a change counter
         self.serving_member: str | None = None
         self.epoch = 0
+        # an https:// Patroni is verified with the run's CA (settings.tls_ca_file, checked at load)
+        context = client_context(settings.tls_ca_file) if settings.tls_ca_file is not None else None
         self._patroni = {
-            member: UpstreamPool(url, size_max=2, connect_timeout=LEADER_PROBE_TIMEOUT_S)
+            member: UpstreamPool(url, size_max=2, connect_timeout=LEADER_PROBE_TIMEOUT_S, ssl_context=context)
             for member, url in cell_settings.patroni_urls.items()
         }
         self._probe_now = asyncio.Event()

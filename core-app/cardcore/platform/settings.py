@@ -15,7 +15,8 @@ import msgspec
 from cardcore.common.crypto import KeyRingError, PanVault, parse_ring
 from cardcore.platform import auth
 from cardcore.platform.admission import ServeLimitSettings
-from cardcore.platform.tls import TlsListen, server_context
+from cardcore.platform.tls import TlsListen, client_context, server_context
+from cardcore.platform.upstream import is_tls
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -46,6 +47,8 @@ class AppSettings(ServeLimitSettings, kw_only=True, forbid_unknown_fields=True):
     # a TLS listener on ``host`` beside ``port``, for the gateway of the other center
     # (cardcore.platform.tls); its files are relative to this settings file when not absolute
     tls: TlsListen | None = None
+    # the CA that https:// ``patroni_urls`` are verified with (relative to this file when not absolute)
+    tls_ca_file: str | None = None
     slot_overrides: dict[int, int] = msgspec.field(default_factory=dict)
     hold_ttl_seconds: Positive = 7 * 24 * 3600
     batch_size_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
@@ -104,6 +107,15 @@ def load(path: str | Path) -> AppSettings:
         if not Path(settings.keys_file).is_absolute():
             settings.keys_file = str(here / settings.keys_file)
         read_key_ring(settings.keys_file)  # a KeyRingError (ValueError) names what is wrong
+    for key, cell in settings.cells.items():
+        for member, url in cell.patroni_urls.items():
+            if is_tls(url) and settings.tls_ca_file is None:
+                raise ValueError(
+                    f"{path}: cells.{key}.patroni_urls.{member}: {url} is https:// and tls_ca_file is not set"
+                )
+    if settings.tls_ca_file is not None:
+        settings.tls_ca_file = str(here / settings.tls_ca_file)
+        client_context(settings.tls_ca_file)  # a ValueError names the file
     if settings.tls is not None:
         settings.tls.resolve(here)
         if settings.tls.port == settings.port:
