@@ -4,6 +4,8 @@ gateways and the entry as processes; the loss of the prod site under financial w
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -136,6 +138,32 @@ def test_patronis_rest_api_speaks_tls_only_and_its_clients_verify_it(
         body = http_json(f"{runtime.topology.prometheus_url}/api/v1/targets?state=active", timeout_s=5.0)[1]
         patroni = [t for t in body["data"]["activeTargets"] if t["labels"].get("job") == "patroni"]
     assert all(t["health"] == "up" for t in patroni), [(t["scrapeUrl"], t["lastError"]) for t in patroni]
+
+
+def test_etcd_speaks_tls_to_clients_and_mutual_tls_to_peers(runtime: LocalRuntime, tmp_path: Path) -> None:
+    """Issue 16: the consensus between sites is encrypted. etcd answers its clients over TLS only,
+    verified with the run's CA; a peer must present a certificate the CA signed (a client without
+    one is refused at the handshake); Patroni reaches it (every cell has its leader)."""
+    root_cert = runtime.root_cert()
+    assert root_cert is not None
+    topology = runtime.topology
+    address = topology.address("samecity")
+    client_url = f"https://{address}:{topology.ports.etcd_client}"
+    status, body = http_json(client_url + "/health", timeout_s=5.0, ca_file=root_cert)
+    assert status == 200 and body.get("health") == "true", body
+    assert http_json(f"http://{address}:{topology.ports.etcd_client}/health", timeout_s=2.0)[0] == 0
+    other = tmp_path / "other-ca.crt"
+    other.write_text(tls.make_ca()["cert"])
+    assert http_json(client_url + "/health", timeout_s=2.0, ca_file=str(other))[0] == 0
+    anonymous = ssl.create_default_context(cafile=root_cert)  # verifies the peer, presents nothing
+    with socket.create_connection((address, topology.ports.etcd_peer), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            with anonymous.wrap_socket(raw, server_hostname=address) as wrapped:
+                wrapped.sendall(b"GET /members HTTP/1.1\r\nhost: x\r\n\r\n")
+                if not wrapped.recv(1):  # TLS 1.3: the refusal arrives after the handshake
+                    raise ConnectionResetError("closed")
+    for cell in topology.cell_numbers:
+        assert runtime.cell_view(cell)["leader_site"] == topology.leader_site(cell)
 
 
 def test_a_gateway_reaches_the_other_centers_app_server_over_tls_only(runtime: LocalRuntime) -> None:

@@ -56,13 +56,13 @@ def test_the_operator_token_goes_to_prometheus_in_a_file_only() -> None:
 
 
 def test_prometheus_scrapes_patroni_over_tls_verified_with_the_runs_ca(tmp_path: Path) -> None:
-    """With the run's CA, Patroni's REST API speaks TLS only: Prometheus scrapes it with https and
+    """With the run's CA, Patroni's REST API and etcd speak TLS only: Prometheus scrapes them with https and
     the CA (a file of its own); the gateway's https upstreams are mapped to their site too."""
     clear = config.prometheus_config(TOPOLOGY, "/run/rules.yml")
     assert all("scheme" not in s and "tls_config" not in s for s in clear["scrape_configs"])
     with_ca = config.prometheus_config(TOPOLOGY, "/run/rules.yml", ca_path="/run/prometheus/tls/ca.crt")
     over_tls = {s["job_name"]: s for s in with_ca["scrape_configs"] if s.get("scheme") == "https"}
-    assert set(over_tls) == {"patroni"}
+    assert set(over_tls) == {"patroni", "etcd"}
     assert over_tls["patroni"]["tls_config"] == {"ca_file": "/run/prometheus/tls/ca.crt"}
     gateway = next(s for s in with_ca["scrape_configs"] if s["job_name"] == "gateway")
     mapped = {r["regex"]: r["replacement"] for r in gateway["metric_relabel_configs"]}

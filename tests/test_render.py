@@ -14,7 +14,7 @@ from cardcore.gateway.settings import parse as parse_gateway
 from cardcore.platform import auth
 from cardcore.platform.settings import AppSettings
 
-from watertight import pg, render, topology
+from watertight import pg, render, tls, topology
 from watertight.topology import Topology
 
 PYTHON = "/opt/venv/bin/python"
@@ -80,7 +80,7 @@ def patroni_of(component: render.Component) -> dict[str, Any]:
 
 
 def member(topo: Topology, cell: int, site: str) -> dict[str, Any]:
-    endpoints = render.LocalEndpoints(topo)
+    endpoints = render.LocalEndpoints(topo, tls=False)  # no CA: every link in clear
     return render.patroni_config(
         topo, endpoints, cell, site, RUN_DIR / "data" / render.pg_name(cell, site), Path("/pg/bin")
     )
@@ -209,9 +209,23 @@ def test_patroni_config_passes_patroni_s_own_schema(topo: Topology, tmp_path: Pa
     try:
         validator = pytest.importorskip("patroni.validator")
         validator.populate_validate_params(ignore_listen_port=True)
+        # as `up` renders it: over TLS, with the files in place (the schema checks they exist)
         endpoints = render.LocalEndpoints(topo)
+        ca = tls.make_ca()
+        server = tls.make_server(ca, [topo.address(site) for site in topo.sites])
+        files = render.TlsFiles.in_dir(tmp_path / "own")
+        files.ca_file.parent.mkdir(parents=True)
+        for path, text in (
+            (files.ca_file, ca["cert"]),
+            (files.cert_file, server["cert"]),
+            (files.key_file, server["key"]),
+        ):
+            path.write_text(text)
         for site in topo.sites:
-            config = render.patroni_config(topo, endpoints, 1, site, tmp_path / site, pg.pg_bindir())
+            config = render.patroni_config(
+                topo, endpoints, 1, site, tmp_path / site, pg.pg_bindir(), tls_files_at=files
+            )
+            assert config["restapi"]["certfile"] == str(files.cert_file)
             errors = validator.schema(config)
             # the schema also checks that etcd answers; nothing runs here
             assert [e for e in errors if "is not reachable" not in e] == [], site
@@ -222,7 +236,7 @@ def test_patroni_config_passes_patroni_s_own_schema(topo: Topology, tmp_path: Pa
 
 
 def test_unknown_site_or_cell_is_refused(topo: Topology) -> None:
-    endpoints = render.LocalEndpoints(topo)
+    endpoints = render.LocalEndpoints(topo, tls=False)
     with pytest.raises(ValueError, match="site"):
         render.patroni_config(topo, endpoints, 1, "moon", RUN_DIR, Path("/pg/bin"))
     with pytest.raises(ValueError, match="cell 4"):
@@ -242,7 +256,7 @@ def flags(argv: list[str]) -> dict[str, str]:
 
 
 def test_etcd_one_member_per_site_in_one_cluster_of_three(topo: Topology) -> None:
-    endpoints = render.LocalEndpoints(topo)
+    endpoints = render.LocalEndpoints(topo, tls=False)
     initial = set()
     for site in topo.sites:
         argv = render.etcd_args(topo, endpoints, site, Path(f"/d/{site}"))
@@ -260,7 +274,7 @@ def test_etcd_one_member_per_site_in_one_cluster_of_three(topo: Topology) -> Non
 
 
 def test_etcd_dr_local_is_a_separate_single_member_cluster(topo: Topology) -> None:
-    endpoints = render.LocalEndpoints(topo)
+    endpoints = render.LocalEndpoints(topo, tls=False)
     f = flags(render.etcd_dr_args(topo, endpoints, Path("/d/dr-local")))
     assert f["--listen-client-urls"] == "http://127.0.13.1:22479"
     assert f["--initial-cluster"] == "dr-local=http://127.0.13.1:22480"
@@ -272,7 +286,7 @@ def test_etcd_dr_local_is_a_separate_single_member_cluster(topo: Topology) -> No
 
 
 def test_app_dsn_lists_both_centers_read_write(topo: Topology) -> None:
-    endpoints = render.LocalEndpoints(topo)
+    endpoints = render.LocalEndpoints(topo, tls=False)
     for site in ("prod", "samecity"):
         settings = render.app_settings(topo, endpoints, site, "cd" * 32)
         parsed = msgspec.convert(settings, AppSettings)
@@ -297,12 +311,12 @@ def test_app_dsn_lists_both_centers_read_write(topo: Topology) -> None:
 
 
 def test_app_at_dr_names_the_dr_members(topo: Topology) -> None:
-    settings = render.app_settings(topo, render.LocalEndpoints(topo), "dr", "cd" * 32)
+    settings = render.app_settings(topo, render.LocalEndpoints(topo, tls=False), "dr", "cd" * 32)
     assert settings["cells"]["2"]["member_sites"] == {"127.0.13.1:25502": "dr"}
 
 
 def test_gateway_upstreams_own_site_first_then_the_other_center(topo: Topology) -> None:
-    endpoints = render.LocalEndpoints(topo)
+    endpoints = render.LocalEndpoints(topo, tls=False)
     for site, other in (("prod", "samecity"), ("samecity", "prod")):
         settings = render.gateway_settings(topo, endpoints, site)
         parsed = parse_gateway(json.dumps(settings))
@@ -314,7 +328,9 @@ def test_gateway_upstreams_own_site_first_then_the_other_center(topo: Topology) 
 
 
 def test_entry_is_a_gateway_over_the_site_gateways_with_dr_last(topo: Topology) -> None:
-    settings = render.entry_settings(topo, render.LocalEndpoints(topo), drain_file="/run/drained.json")
+    settings = render.entry_settings(
+        topo, render.LocalEndpoints(topo, tls=False), drain_file="/run/drained.json"
+    )
     parsed = parse_gateway(json.dumps(settings))
     assert (parsed.host, parsed.port) == ("127.0.10.1", 28080)
     assert parsed.drain_file == "/run/drained.json"
@@ -547,6 +563,20 @@ def test_with_a_ca_in_the_secrets_postgresql_serves_tls_only_and_every_client_ve
     for role in ("superuser", "replication"):  # replication, pg_rewind, basebackup
         assert postgresql["authentication"][role]["sslmode"] == "verify-full"
         assert postgresql["authentication"][role]["sslrootcert"] == str(own / render.TLS_CA_FILE)
+    # etcd: clients verify the members, peers verify each other both ways; Patroni verifies it
+    assert config["etcd3"]["protocol"] == "https"
+    assert config["etcd3"]["cacert"] == str(own / render.TLS_CA_FILE)
+    for name in ("etcd-prod", "etcd-dr-local"):
+        etcd = found[name]
+        argv = etcd.argv
+        etcd_own = render.component_dir(RUN_DIR, name)
+        assert argv[argv.index("--peer-trusted-ca-file") + 1] == str(etcd_own / render.TLS_CA_FILE)
+        assert argv[argv.index("--cert-file") + 1] == str(etcd_own / render.TLS_CERT_FILE)
+        assert "--peer-client-cert-auth" in argv
+        urls = [argv[argv.index(flag) + 1] for flag in ("--listen-client-urls", "--listen-peer-urls")]
+        assert all(url.startswith("https://") for url in urls), urls
+        assert etcd.files[render.TLS_KEY_FILE] == with_tls[render.SECRET_TLS_SERVER]["key"]
+        assert etcd.ready_url is not None and etcd.ready_url.startswith("https://")
     # Patroni's REST API over TLS too; members (the leader race) and patronictl verify it
     assert config["restapi"]["certfile"] == str(own / render.TLS_CERT_FILE)
     assert config["restapi"]["keyfile"] == str(own / render.TLS_KEY_FILE)
@@ -602,6 +632,8 @@ def test_without_a_ca_postgresql_serves_in_clear_as_before(topo: Topology, secre
     assert "ssl" not in config["postgresql"]["parameters"]
     assert "sslmode" not in config["postgresql"]["authentication"]["replication"]
     assert "certfile" not in config["restapi"] and "ctl" not in config
+    assert config["etcd3"]["protocol"] == "http" and "cacert" not in config["etcd3"]
+    assert "--cert-file" not in found["etcd-prod"].argv
     settings = json.loads(found["app-prod"].files["app.json"])
     assert all(url.startswith("http://") for url in settings["cells"]["1"]["patroni_urls"].values())
     assert "tls_ca_file" not in settings

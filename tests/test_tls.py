@@ -70,6 +70,23 @@ def test_covers_says_when_a_new_server_certificate_is_due() -> None:
         tls.make_server(ca, [])
 
 
+def test_a_server_certificate_that_is_no_client_certificate_is_made_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """etcd's peers present the run's certificate to each other as clients: one made before
+    (server use only) is not good enough any more, and `up` makes it again."""
+    ca = tls.make_ca()
+    real = tls.x509.ExtendedKeyUsage
+    client = tls.ExtendedKeyUsageOID.CLIENT_AUTH
+    monkeypatch.setattr(tls.x509, "ExtendedKeyUsage", lambda usages: real([u for u in usages if u != client]))
+    old = tls.make_server(ca, ["127.0.1.1"])
+    monkeypatch.undo()
+    assert not tls.covers(old, ca, ["127.0.1.1"])
+    assert tls.covers(tls.make_server(ca, ["127.0.1.1"]), ca, ["127.0.1.1"])
+    secrets = {render.SECRET_TLS_CA: ca, render.SECRET_TLS_SERVER: old}
+    assert render.complete_secrets(secrets, ["127.0.1.1"])[render.SECRET_TLS_SERVER] != old
+
+
 def test_secrets_keep_the_ca_and_renew_the_server_certificate_only_when_needed() -> None:
     first = render.complete_secrets({}, ["127.0.1.1"])
     again = render.complete_secrets(first, ["127.0.1.1"])

@@ -256,8 +256,8 @@ class LocalEndpoints(Endpoints):
     """Every site is a loopback address of this machine; ports come from the topology.
 
     ``tls``: the run has a CA (``LocalRuntime`` always makes one), so the servers that speak HTTP
-    between sites have ``https://`` URLs (Patroni's REST API); False only to render a topology
-    whose secrets hold no CA."""
+    between sites have ``https://`` URLs (etcd's client and peer URLs, Patroni's REST API); False
+    only to render a topology whose secrets hold no CA."""
 
     topology: Topology
     tls: bool = True
@@ -272,17 +272,21 @@ class LocalEndpoints(Endpoints):
         addresses += ["127.0.0.1", self.topology.entry.address]
         return [f"{address}/32" for address in dict.fromkeys(addresses)]
 
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
+
     def etcd_client_url(self, site: str) -> str:
-        return f"http://{self.topology.address(site)}:{self.topology.ports.etcd_client}"
+        return f"{self._scheme}://{self.topology.address(site)}:{self.topology.ports.etcd_client}"
 
     def etcd_peer_url(self, site: str) -> str:
-        return f"http://{self.topology.address(site)}:{self.topology.ports.etcd_peer}"
+        return f"{self._scheme}://{self.topology.address(site)}:{self.topology.ports.etcd_peer}"
 
     def etcd_dr_client_url(self) -> str:
-        return f"http://{self.topology.address(DR_SITE)}:{self.topology.ports.etcd_dr_client}"
+        return f"{self._scheme}://{self.topology.address(DR_SITE)}:{self.topology.ports.etcd_dr_client}"
 
     def etcd_dr_peer_url(self) -> str:
-        return f"http://{self.topology.address(DR_SITE)}:{self.topology.ports.etcd_dr_peer}"
+        return f"{self._scheme}://{self.topology.address(DR_SITE)}:{self.topology.ports.etcd_dr_peer}"
 
     def postgres_host(self, cell: int, site: str) -> str:
         return self.topology.address(site)
@@ -291,8 +295,7 @@ class LocalEndpoints(Endpoints):
         return self.topology.postgres_port(cell)
 
     def patroni_api_url(self, cell: int, site: str) -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://{self.topology.address(site)}:{self.topology.patroni_port(cell)}"
+        return f"{self._scheme}://{self.topology.address(site)}:{self.topology.patroni_port(cell)}"
 
     def app_url(self, site: str) -> str:
         return self.topology.app_url(site)
@@ -489,14 +492,45 @@ def _etcd_common(data_dir: Path) -> list[str]:
     ]
 
 
-def etcd_args(topology: Topology, endpoints: Endpoints, site: str, data_dir: Path) -> list[str]:
+def _tls_files_for(url: str, files: TlsFiles | None, name: str) -> None:
+    """A server whose endpoint is https:// needs its TLS files, and one in clear none."""
+    if url.startswith("https://") != (files is not None):
+        wanted = "needs its TLS files" if files is None else "is in clear: TLS files make no sense"
+        raise ValueError(f"{name}: {url} {wanted} (LocalEndpoints.tls and the run's CA disagree)")
+
+
+def _etcd_tls(files: TlsFiles | None) -> list[str]:
+    """etcd over TLS: clients verify the member with the CA; peers verify each other both ways
+    (each presents the run's certificate, which names every site address)."""
+    if files is None:
+        return []
+    return [
+        "--cert-file",
+        str(files.cert_file),
+        "--key-file",
+        str(files.key_file),
+        "--peer-cert-file",
+        str(files.cert_file),
+        "--peer-key-file",
+        str(files.key_file),
+        "--peer-trusted-ca-file",
+        str(files.ca_file),
+        "--peer-client-cert-auth",
+    ]
+
+
+def etcd_args(
+    topology: Topology, endpoints: Endpoints, site: str, data_dir: Path, tls_files_at: TlsFiles | None = None
+) -> list[str]:
     """etcd 3.4 command line of ``site``'s member of the three-site cluster (one member per site).
 
     The v3 API only (Patroni's etcd3 module); the same flags start the member again on its data
-    (etcd ignores the --initial-* flags once its data dir holds a member).
+    (etcd ignores the --initial-* flags once its data dir holds a member). ``tls_files_at``: it
+    speaks TLS to clients and peers (``_etcd_tls``); the endpoints' URLs must then be https://.
     """
     if site not in topology.sites:
         raise ValueError(f"etcd_args: unknown site {site!r}")
+    _tls_files_for(endpoints.etcd_client_url(site), tls_files_at, etcd_name(site))
     listen = endpoints.listen_address(site)
     initial = ",".join(f"{s}={endpoints.etcd_peer_url(s)}" for s in topology.sites)
     return [
@@ -518,13 +552,17 @@ def etcd_args(topology: Topology, endpoints: Endpoints, site: str, data_dir: Pat
         "--initial-cluster-token",
         topology.name + ETCD_CLUSTER_TOKEN_SUFFIX,
         *_etcd_common(data_dir),
+        *_etcd_tls(tls_files_at),
     ]
 
 
-def etcd_dr_args(topology: Topology, endpoints: Endpoints, data_dir: Path) -> list[str]:
+def etcd_dr_args(
+    topology: Topology, endpoints: Endpoints, data_dir: Path, tls_files_at: TlsFiles | None = None
+) -> list[str]:
     """The single-member etcd at dr that holds the dr standby clusters' leader keys, so they can be
     promoted when the three-site quorum is gone."""
     listen = endpoints.listen_address(DR_SITE)
+    _tls_files_for(endpoints.etcd_dr_client_url(), tls_files_at, ETCD_DR_NAME)
     return [
         ETCD_BIN,
         "--name",
@@ -544,6 +582,7 @@ def etcd_dr_args(topology: Topology, endpoints: Endpoints, data_dir: Path) -> li
         "--initial-cluster-token",
         topology.name + ETCD_CLUSTER_TOKEN_SUFFIX + "-dr",
         *_etcd_common(data_dir),
+        *_etcd_tls(tls_files_at),
     ]
 
 
@@ -596,9 +635,15 @@ def _pg_hba(endpoints: Endpoints, tls_only: bool = False) -> list[str]:
 
 
 @dataclass(frozen=True)
-class PostgresTls:
-    """Where a member finds its TLS files: the CA's certificate (what clients verify with, and
-    what it verifies the primary it replicates from with), its server certificate and key."""
+class TlsFiles:
+    """Where a component finds its TLS files: the CA's certificate (what it verifies its peers and
+    servers with: the primary a member replicates from, the other etcd members), its certificate
+    and key (the run's server certificate, which is also the client certificate etcd peers
+    present to each other)."""
+
+    @classmethod
+    def in_dir(cls, directory: Path) -> TlsFiles:
+        return cls(directory / TLS_CA_FILE, directory / TLS_CERT_FILE, directory / TLS_KEY_FILE)
 
     ca_file: Path
     cert_file: Path
@@ -645,7 +690,7 @@ def _patroni_common(
     data_dir: Path,
     bin_dir: Path,
     watchdog_device: Path | None = None,
-    tls_files_at: PostgresTls | None = None,
+    tls_files_at: TlsFiles | None = None,
 ) -> dict[str, Any]:
     listen = endpoints.listen_address(site)
     port = endpoints.postgres_port(cell)
@@ -697,7 +742,7 @@ def _patroni_common(
     }
 
 
-def _restapi_tls(files: PostgresTls | None) -> dict[str, str]:
+def _restapi_tls(files: TlsFiles | None) -> dict[str, str]:
     """Patroni's REST API over TLS with the member's certificate; ``cafile``: what Patroni verifies
     the other members' REST API with when it asks them (the leader race). No client
     certificate is asked for (``verify_client`` unset)."""
@@ -706,11 +751,11 @@ def _restapi_tls(files: PostgresTls | None) -> dict[str, str]:
     return {"certfile": str(files.cert_file), "keyfile": str(files.key_file), "cafile": str(files.ca_file)}
 
 
-def _client_tls(files: PostgresTls | None) -> dict[str, str]:
+def _client_tls(files: TlsFiles | None) -> dict[str, str]:
     return {} if files is None else pg.verify_full(str(files.ca_file))
 
 
-def _server_tls(files: PostgresTls | None) -> dict[str, str]:
+def _server_tls(files: TlsFiles | None) -> dict[str, str]:
     if files is None:
         return {}
     return {
@@ -747,7 +792,7 @@ def patroni_config(
     bin_dir: Path,
     centers_follow_dr: bool = False,
     watchdog_device: Path | None = None,
-    tls_files_at: PostgresTls | None = None,
+    tls_files_at: TlsFiles | None = None,
 ) -> dict[str, Any]:
     """Patroni YAML (as a dict) of a cell's member in ``site``.
 
@@ -775,6 +820,7 @@ def patroni_config(
         raise ValueError(f"patroni_config: cell {cell} is not one of 1..{topology.cells}")
     if site not in topology.sites:
         raise ValueError(f"patroni_config: unknown site {site!r}")
+    _tls_files_for(endpoints.patroni_api_url(cell, site), tls_files_at, pg_name(cell, site))
     config = _patroni_common(
         topology, endpoints, cell, site, data_dir, bin_dir, watchdog_device, tls_files_at
     )
@@ -783,7 +829,8 @@ def patroni_config(
         config["scope"] = scope(cell)
         config["etcd3"] = _etcd3_section(
             [endpoints.etcd_client_url(site)]
-            + [endpoints.etcd_client_url(s) for s in topology.sites if s != site]
+            + [endpoints.etcd_client_url(s) for s in topology.sites if s != site],
+            tls_files_at,
         )
         dcs.update(
             synchronous_mode=True,
@@ -799,7 +846,7 @@ def patroni_config(
             }
     else:
         config["scope"] = dr_scope(cell)
-        config["etcd3"] = _etcd3_section([endpoints.etcd_dr_client_url()])
+        config["etcd3"] = _etcd3_section([endpoints.etcd_dr_client_url()], tls_files_at)
         hosts = [endpoints.postgres_host(cell, s) for s in _centers_leader_first(topology, cell)]
         dcs.update(
             synchronous_mode=False,
@@ -821,11 +868,14 @@ def patroni_config(
     return {key: config[key] for key in order} | {k: v for k, v in config.items() if k not in order}
 
 
-def _etcd3_section(urls: list[str]) -> dict[str, Any]:
+def _etcd3_section(urls: list[str], files: TlsFiles | None = None) -> dict[str, Any]:
+    """Patroni's etcd3 section; over https it verifies the members with the CA."""
     schemes = {urlsplit(url).scheme for url in urls}
     if len(schemes) != 1:
         raise ValueError(f"etcd URLs mix schemes: {urls}")
-    return {"hosts": [_netloc(url) for url in urls], "protocol": schemes.pop()}
+    protocol = schemes.pop()
+    verify = {"cacert": str(files.ca_file)} if protocol == "https" and files is not None else {}
+    return {"hosts": [_netloc(url) for url in urls], "protocol": protocol, **verify}
 
 
 def _centers_leader_first(topology: Topology, cell: int) -> list[str]:
@@ -995,6 +1045,11 @@ def render_local(
     bin_dir = pg.pg_bindir()
     components: list[Component] = []
 
+    server_tls = tls_files(secrets, server=True)  # a server's TLS files (none without a CA)
+
+    def tls_at(name: str) -> TlsFiles | None:
+        return TlsFiles.in_dir(component_dir(run_dir, name)) if server_tls else None
+
     for site in topology.sites:
         name = etcd_name(site)
         components.append(
@@ -1003,7 +1058,8 @@ def render_local(
                 kind="etcd",
                 site=site,
                 cell=None,
-                argv=etcd_args(topology, endpoints, site, data_dir(run_dir, name)),
+                argv=etcd_args(topology, endpoints, site, data_dir(run_dir, name), tls_at(name)),
+                files=dict(server_tls),
                 ready_url=endpoints.etcd_client_url(site) + "/health",
                 stage=STAGE_ETCD,
                 data_dir=data_dir(run_dir, name),
@@ -1016,7 +1072,8 @@ def render_local(
             kind="etcd-dr",
             site=DR_SITE,
             cell=None,
-            argv=etcd_dr_args(topology, endpoints, data_dir(run_dir, ETCD_DR_NAME)),
+            argv=etcd_dr_args(topology, endpoints, data_dir(run_dir, ETCD_DR_NAME), tls_at(ETCD_DR_NAME)),
+            files=dict(server_tls),
             ready_url=endpoints.etcd_dr_client_url() + "/health",
             stage=STAGE_ETCD,
             data_dir=data_dir(run_dir, ETCD_DR_NAME),
@@ -1029,7 +1086,6 @@ def render_local(
         member_dir = data_dir(run_dir, name)
         own_dir = component_dir(run_dir, name)
         fifo = own_dir / WATCHDOG_PIPE if topology.fencing.member_guard else None
-        member_tls = tls_files(secrets, server=True)
         config = patroni_config(
             topology,
             endpoints,
@@ -1039,9 +1095,7 @@ def render_local(
             bin_dir,
             centers_follow_dr and site in CENTERS,
             watchdog_device=fifo,
-            tls_files_at=PostgresTls(own_dir / TLS_CA_FILE, own_dir / TLS_CERT_FILE, own_dir / TLS_KEY_FILE)
-            if member_tls
-            else None,
+            tls_files_at=tls_at(name),
         )
         postmaster_pid = pgdata(member_dir) / "postmaster.pid"
         patroni = [python, "-m", "patroni", str(own_dir / "patroni.yml")]
@@ -1065,7 +1119,7 @@ def render_local(
             env=patroni_env(secrets),
             # libyaml's dumper: the same text as safe_dump, five times faster (every LocalRuntime
             # renders the set; probes and the drill's samplers make one several times a second)
-            files={"patroni.yml": yaml.dump(config, Dumper=yaml.CSafeDumper, sort_keys=False), **member_tls},
+            files={"patroni.yml": yaml.dump(config, Dumper=yaml.CSafeDumper, sort_keys=False), **server_tls},
             service_user=True,
             ready_url=endpoints.patroni_api_url(cell, site) + "/readiness",
             stage=stage,
@@ -1086,7 +1140,7 @@ def render_local(
 
     drain = str(drain_file(run_dir))
     tokens = api_tokens_document(secrets)
-    app_tls = tls_files(secrets, server=True)  # the CA for PostgreSQL; the pair for its TLS listener
+    app_tls = server_tls  # the CA for PostgreSQL and Patroni; the pair for its TLS listener
     gateway_tls = tls_files(secrets, server=False)  # the CA for the other center's app server
     for site in (*CENTERS, DR_SITE):
         name = app_name(site)

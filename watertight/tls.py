@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
+import os
 import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -120,7 +121,11 @@ def make_server(ca: Mapping[str, str], addresses: Iterable[str]) -> dict[str, An
         .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
         .add_extension(x509.SubjectAlternativeName(_names(wanted)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # etcd's peers present it to each other as clients too (--peer-client-cert-auth)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
@@ -130,8 +135,9 @@ def make_server(ca: Mapping[str, str], addresses: Iterable[str]) -> dict[str, An
 
 
 def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: Iterable[str]) -> bool:
-    """Whether ``server`` was signed by ``ca``, names every one of ``addresses`` and is valid for
-    at least 30 more days."""
+    """Whether ``server`` was signed by ``ca``, names every one of ``addresses``, is valid for at
+    least 30 more days and serves as a client certificate too (one made before etcd spoke TLS
+    did not: it is made again)."""
     if not server or not server.get("cert"):
         return False
     cert = x509.load_pem_x509_certificate(str(server["cert"]).encode("ascii"))
@@ -142,18 +148,30 @@ def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: I
         return False
     if cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=30):
         return False
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        return False
     named = {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
     return set(addresses) <= named
 
 
 @functools.lru_cache(maxsize=8)
-def client_context(ca_file: str) -> ssl.SSLContext:
-    """What the toolkit's own HTTP clients (probes, runbooks, the runtime's readiness checks)
-    verify an ``https://`` server of the topology with: the run's CA only, for the name or
-    address dialled. Made once per file (a probe runs several times a second)."""
+def _client_context(ca_file: str, version: tuple[int, int]) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def client_context(ca_file: str) -> ssl.SSLContext:
+    """What the toolkit's own HTTP clients (probes, runbooks, the runtime's readiness checks)
+    verify an ``https://`` server of the topology with: the run's CA only, for the name or
+    address dialled. Made once per version of the file (a probe runs several times a second; a
+    new run in the same directory has a new CA)."""
+    stat = os.stat(ca_file)
+    return _client_context(ca_file, (stat.st_mtime_ns, stat.st_ino))
 
 
 def context_for(url: str, ca_file: str | None) -> ssl.SSLContext | None:
@@ -161,4 +179,7 @@ def context_for(url: str, ca_file: str | None) -> ssl.SSLContext | None:
     there is one, else the default (a URL in clear needs none)."""
     if ca_file is None or not url.startswith("https://"):
         return None
-    return client_context(ca_file)
+    try:
+        return client_context(ca_file)
+    except OSError:  # no CA file (yet): verified against the default store, so refused
+        return None

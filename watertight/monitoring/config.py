@@ -171,7 +171,7 @@ def prometheus_config(
             job("app", apps, honor_labels=True, **auth),
             job("patroni", patroni, **over_tls),
             job("postgres", exporters),
-            job("etcd", etcd),
+            job("etcd", etcd, **over_tls),
             job(
                 "monitoring",
                 [

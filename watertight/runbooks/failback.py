@@ -19,7 +19,7 @@ import urllib.request
 
 import psycopg
 
-from watertight import pg, render
+from watertight import pg, render, tls
 from watertight.runbooks.ops import (
     PROMOTE_TIMEOUT_S,
     Result,
@@ -39,8 +39,9 @@ ETCD_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 60.0
 
 
-def _etcd_delete_prefix(client_url: str, prefix: str) -> int:
-    """Delete every key under ``prefix`` through etcd's v3 JSON gateway; returns how many."""
+def _etcd_delete_prefix(client_url: str, prefix: str, ca_file: str | None = None) -> int:
+    """Delete every key under ``prefix`` through etcd's v3 JSON gateway (an https:// one verified
+    with ``ca_file``, the run's CA); returns how many."""
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     body = {
         "key": base64.b64encode(prefix.encode()).decode(),
@@ -53,7 +54,9 @@ def _etcd_delete_prefix(client_url: str, prefix: str) -> int:
         headers={"content-type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=ETCD_TIMEOUT_S) as response:
+        with urllib.request.urlopen(
+            request, timeout=ETCD_TIMEOUT_S, context=tls.context_for(client_url, ca_file)
+        ) as response:
             return int(json.loads(response.read() or b"{}").get("deleted", 0))
     except OSError as error:
         raise StepError(f"etcd at {client_url} refused to delete {prefix}: {error}") from None
@@ -78,7 +81,7 @@ def _reclone(runtime: LocalRuntime, cell: int, dr: bool, etcd_url: str) -> float
         if member.data_dir is not None:
             shutil.rmtree(render.pgdata(member.data_dir), ignore_errors=True)
     scope = render.dr_scope(cell) if dr else render.scope(cell)
-    _etcd_delete_prefix(etcd_url, f"{render.PATRONI_NAMESPACE}{scope}/")
+    _etcd_delete_prefix(etcd_url, f"{render.PATRONI_NAMESPACE}{scope}/", runtime.root_cert())
     for member in members:
         runtime.start(component=member.name)
     return time.monotonic() - started
@@ -97,7 +100,9 @@ def centers_consensus(run_dir: str, check: bool = False) -> Result:
     if (
         not runtime.fenced_sites
         and runtime.mode.get("centers_follow_dr")
-        and all(http_json(c.ready_url or "", timeout_s=2.0)[0] == 200 for c in etcds)
+        and all(
+            http_json(c.ready_url or "", timeout_s=2.0, ca_file=runtime.root_cert())[0] == 200 for c in etcds
+        )
     ):
         return {"changed": False, "msg": "the three-site consensus answers and the centers follow dr already"}
     if check:
@@ -110,7 +115,9 @@ def centers_consensus(run_dir: str, check: bool = False) -> Result:
         runtime.start(component=etcd.name)
     seconds = wait_until(
         "the three-site etcd",
-        lambda: all(http_json(c.ready_url or "", timeout_s=2.0)[0] == 200 for c in etcds),
+        lambda: all(
+            http_json(c.ready_url or "", timeout_s=2.0, ca_file=runtime.root_cert())[0] == 200 for c in etcds
+        ),
         CONSENSUS_TIMEOUT_S,
         "read the logs of etcd-prod, etcd-samecity and etcd-dr",
     )
