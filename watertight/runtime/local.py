@@ -52,6 +52,10 @@ class RuntimeError_(RuntimeError):
     """A step of the runtime failed; the message says what and what to do next."""
 
 
+# the source address of a connection between two loopback addresses made in the root namespace
+LOOPBACK_SOURCE = "127.0.0.1"
+
+
 def _quiet(_: str) -> None:
     pass
 
@@ -210,11 +214,15 @@ class LocalRuntime:
         return completed
 
     def _tls_addresses(self) -> list[str]:
-        """Where the members' PostgreSQL listens: what its server certificate names."""
+        """What the run's server certificate names: the site addresses (where the members, etcd
+        and the app servers' TLS listeners serve), and 127.0.0.1, the address a connection
+        between sites of one machine comes from (etcd checks its peers' client certificates
+        against it)."""
         endpoints = render.LocalEndpoints(self.topology)
-        return sorted(
-            {endpoints.postgres_host(c, s) for c in self.topology.cell_numbers for s in self.topology.sites}
-        )
+        sites = {
+            endpoints.postgres_host(c, s) for c in self.topology.cell_numbers for s in self.topology.sites
+        }
+        return sorted(sites | {LOOPBACK_SOURCE})
 
     def root_cert(self) -> str | None:
         """The run's CA certificate (``tls-ca.crt`` in the run directory, readable by anyone: it
