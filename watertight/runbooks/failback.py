@@ -100,9 +100,7 @@ def centers_consensus(run_dir: str, check: bool = False) -> Result:
     if (
         not runtime.fenced_sites
         and runtime.mode.get("centers_follow_dr")
-        and all(
-            http_json(c.ready_url or "", timeout_s=2.0, ca_file=runtime.root_cert())[0] == 200 for c in etcds
-        )
+        and all(runtime.ready_status(c, timeout_s=2.0) == 200 for c in etcds)
     ):
         return {"changed": False, "msg": "the three-site consensus answers and the centers follow dr already"}
     if check:
@@ -115,9 +113,7 @@ def centers_consensus(run_dir: str, check: bool = False) -> Result:
         runtime.start(component=etcd.name)
     seconds = wait_until(
         "the three-site etcd",
-        lambda: all(
-            http_json(c.ready_url or "", timeout_s=2.0, ca_file=runtime.root_cert())[0] == 200 for c in etcds
-        ),
+        lambda: all(runtime.ready_status(c, timeout_s=2.0) == 200 for c in etcds),
         CONSENSUS_TIMEOUT_S,
         "read the logs of etcd-prod, etcd-samecity and etcd-dr",
     )
@@ -184,7 +180,7 @@ def start_centers(run_dir: str, check: bool = False) -> Result:
         dead = [c.name for c in http if not runtime.running(c)]
         if dead:
             raise StepError(f"{', '.join(dead)} exited at start; read {runtime.run_dir / 'logs'}/<name>.log")
-        return all(http_json(c.ready_url or "", timeout_s=1.0)[0] != 0 for c in http)
+        return all(runtime.ready_status(c, timeout_s=1.0) != 0 for c in http)
 
     seconds = wait_until(
         "the centers' app servers and gateways answering", answering, START_TIMEOUT_S, "read their logs"

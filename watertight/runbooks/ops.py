@@ -284,15 +284,14 @@ def dr_consensus(run_dir: str, check: bool = False) -> Result:
     """dr's own etcd (the consensus of the dr standby clusters) answers; start it if it does not."""
     runtime = _runtime(run_dir)
     etcd = runtime.component(render.ETCD_DR_NAME)
-    url = etcd.ready_url or ""
-    if http_json(url, timeout_s=2.0)[0] == 200:
+    if runtime.ready_status(etcd, timeout_s=2.0) == 200:
         return {"changed": False, "msg": f"{etcd.name} has quorum (a single member at dr)"}
     if check:
         return {"changed": True, "msg": f"would start {etcd.name}"}
     runtime.start(component=etcd.name)
     wait_until(
         f"{etcd.name} healthy",
-        lambda: http_json(url, timeout_s=2.0)[0] == 200,
+        lambda: runtime.ready_status(etcd, timeout_s=2.0) == 200,
         PROMOTE_TIMEOUT_S,
         "read its log",
     )

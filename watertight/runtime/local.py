@@ -224,6 +224,11 @@ class LocalRuntime:
         }
         return sorted(sites | {LOOPBACK_SOURCE})
 
+    def ready_status(self, component: render.Component, timeout_s: float = HTTP_TIMEOUT_S) -> int:
+        """The HTTP status of the component's ``ready_url`` (0: nothing answered, or an https://
+        server that did not verify against the run's CA)."""
+        return http_json(component.ready_url or "", timeout_s=timeout_s, ca_file=self.root_cert())[0]
+
     def root_cert(self) -> str | None:
         """The run's CA certificate (``tls-ca.crt`` in the run directory, readable by anyone: it
         is no secret), written from the secrets when missing or changed. The probes ask several
@@ -584,8 +589,7 @@ class LocalRuntime:
                     raise RuntimeError_(
                         f"{component.name} exited while starting; read {self.log_path(component)}, fix the cause, then run `watertight up` again"
                     )
-                status, _ = http_json(component.ready_url or "", ca_file=self.root_cert())
-                if 200 <= status < 300:
+                if 200 <= self.ready_status(component) < 300:
                     pending.remove(component)
             if not pending:
                 return
@@ -683,7 +687,7 @@ class LocalRuntime:
             if (
                 component.kind in ("gateway", "entry")
                 and self.expected(component)
-                and http_json(component.ready_url or "")[0] != 200
+                and self.ready_status(component) != 200
             ):
                 missing.append(f"{component.name} is not ready")
         return missing
@@ -741,7 +745,7 @@ class LocalRuntime:
                 and is_alive
                 and component.ready_url
             ):
-                healthy = http_json(component.ready_url, timeout_s=0.5)[0] == 200
+                healthy = self.ready_status(component, timeout_s=0.5) == 200
             described = self.processes_of(component, tree)
             entry: dict[str, Any] = {
                 "name": component.name,
