@@ -361,7 +361,9 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.close()
         else:
             self.current.end_body()  # a body still incomplete will never be: the app hears so
-        return True  # half-closed: an answer in progress is still written
+        # half-closed: an answer in progress is still written. TLS has no half-close (the
+        # transport closes itself, and warns at every close when told otherwise)
+        return self.scheme == "http"
 
     def _next(self) -> None:
         """Start the next request whose head is complete in the buffer."""
