@@ -22,6 +22,7 @@ from cardcore.gateway import settings as gateway_settings
 from cardcore.platform import httpserver
 from cardcore.platform import settings as app_settings
 from cardcore.platform import tls as hop_tls
+from cardcore.platform.http import lifespan
 from cardcore.platform.upstream import UpstreamConnectError, UpstreamPool
 
 from watertight import tls
@@ -31,15 +32,14 @@ pytestmark = pytest.mark.timeout(60)
 SCHEMES: list[str] = []
 
 
+async def nothing() -> None:
+    pass
+
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send, nothing, nothing)
+        return
     body = (await receive()).get("body", b"")
     SCHEMES.append(scope["scheme"])
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
