@@ -22,6 +22,8 @@ import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cardcore.platform import tls as hop_tls
+from cardcore.platform.upstream import is_tls
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -160,16 +162,15 @@ def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: I
 
 @functools.lru_cache(maxsize=8)
 def _client_context(ca_file: str, version: tuple[int, int]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return hop_tls.client_context(ca_file)
 
 
 def client_context(ca_file: str) -> ssl.SSLContext:
     """What the toolkit's own HTTP clients (probes, runbooks, the runtime's readiness checks)
     verify an ``https://`` server of the topology with: the run's CA only, for the name or
-    address dialled. Made once per version of the file (a probe runs several times a second; a
-    new run in the same directory has a new CA)."""
+    address dialled, as the gateways verify the app servers (cardcore.platform.tls). Made once
+    per version of the file (a probe runs several times a second; a new run in the same directory
+    has a new CA)."""
     stat = os.stat(ca_file)
     return _client_context(ca_file, (stat.st_mtime_ns, stat.st_ino))
 
@@ -177,9 +178,9 @@ def client_context(ca_file: str) -> ssl.SSLContext:
 def context_for(url: str, ca_file: str | None) -> ssl.SSLContext | None:
     """The context ``urllib`` verifies ``url`` with: the run's CA for an ``https://`` URL when
     there is one, else the default (a URL in clear needs none)."""
-    if ca_file is None or not url.startswith("https://"):
+    if ca_file is None or not is_tls(url):
         return None
     try:
         return client_context(ca_file)
-    except OSError:  # no CA file (yet): verified against the default store, so refused
+    except (OSError, ValueError):  # no usable CA file (yet): the default store refuses the server
         return None

@@ -478,12 +478,13 @@ class UpstreamPool:
         seconds = min(self.connect_timeout, max(0.0, deadline - loop.time()))
         try:
             async with asyncio.timeout(seconds):
-                if self.ssl_context is None:
-                    _, conn = await loop.create_connection(_Connection, self.host, self.port)
-                else:
-                    _, conn = await loop.create_connection(
-                        _Connection, self.host, self.port, ssl=self.ssl_context, server_hostname=self.host
-                    )
+                _, conn = await loop.create_connection(
+                    _Connection,
+                    self.host,
+                    self.port,
+                    ssl=self.ssl_context,
+                    server_hostname=self.host if self.ssl_context is not None else None,
+                )
         except TimeoutError:
             if seconds < self.connect_timeout:
                 raise  # the request's deadline, not the connect timeout
