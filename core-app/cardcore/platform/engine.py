@@ -9,8 +9,11 @@ Fencing: where the cell's members run under Patroni (``patroni_urls``), the engi
 from the member whose Patroni says it holds the leader lock (``GET /primary``: 200 only for a
 running primary with the lock), re-asks every ``probe_interval_ms`` and at once after any database
 error, and drops every connection to a member the moment it is no longer the one: "not in
-recovery" is not enough, a deposed primary whose Patroni died or froze is writable too. ``epoch``
-changes with every change of member, so nothing cached outlives a failover.
+recovery" is not enough, a deposed primary whose Patroni died or froze is writable too. A
+connection serves only when its server is the very PostgreSQL the lock holder's Patroni reported:
+the same ``pg_postmaster_start_time()`` (an address would not do: on Kubernetes the member is a
+Service name and the server sees its pod's address). ``epoch`` changes with every change of
+member, so nothing cached outlives a failover.
 
 Never: answer a financial request before its commit; post twice for one idempotency key; read or
 write through a member that does not hold the leader lock when Patroni runs the cell.
@@ -47,6 +50,17 @@ log = logging.getLogger("cardcore.engine")
 BATCH_RETRIES_MAX = 3
 SUBMIT_TIMEOUT_S = 10.0
 LEADER_PROBE_TIMEOUT_S = 0.5
+
+
+def postmaster_started(body: bytes) -> datetime | None:
+    """``postmaster_start_time`` of a Patroni status answer (``str()`` of an aware datetime, e.g.
+    2026-12-01 07:08:57.853386+00:00), or None when it is missing or not a time."""
+    try:
+        value = msgspec.json.decode(body).get("postmaster_start_time")
+        started = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except (msgspec.DecodeError, AttributeError, ValueError):
+        return None
+    return started if started is not None and started.tzinfo is not None else None
 
 
 class NoLeaderError(Exception):
@@ -306,6 +320,7 @@ class CellEngine:
         self._writer_conn: asyncpg.Connection | None = None
         # fencing: the member (host:port) every connection goes to, and a change counter
         self.serving_member: str | None = None
+        self.holder_started: datetime | None = None  # when the lock holder's PostgreSQL started
         self.epoch = 0
         # an https:// Patroni is verified with the run's CA (settings.tls_ca_file, checked at load)
         context = client_context(settings.tls_ca_file) if settings.tls_ca_file is not None else None
@@ -414,24 +429,31 @@ class CellEngine:
         for patroni in self._patroni.values():
             await patroni.close()
 
-    async def _holds_lock(self, member: str) -> bool:
+    async def _holds_lock(self, member: str) -> tuple[bool, datetime | None]:
+        """Whether the member's Patroni says it holds the lock, and when its PostgreSQL started."""
         try:
             response = await self._patroni[member].request("GET", "/primary", seconds=LEADER_PROBE_TIMEOUT_S)
         except UpstreamError:
-            return False
-        return response.status == 200
+            return False, None
+        if response.status != 200:
+            return False, None
+        return True, postmaster_started(response.body)
 
     async def leader_member(self) -> str:
         """The member whose Patroni says it is the running primary holding the cell's leader lock;
-        raises NoLeaderError when none does or several do."""
+        raises NoLeaderError when none does or several do. Remembers when the holder's PostgreSQL
+        started (``holder_started``), which a connection's server must match."""
         members = list(self._patroni)
         answers = await asyncio.gather(*(self._holds_lock(member) for member in members))
-        holders = [member for member, holds in zip(members, answers, strict=True) if holds]
+        holders = [
+            (member, started) for member, (holds, started) in zip(members, answers, strict=True) if holds
+        ]
         if len(holders) == 1:
-            return holders[0]
+            ((member, self.holder_started),) = holders
+            return member
         if not holders:
             raise NoLeaderError("no member holds the leader lock")
-        raise NoLeaderError(f"members {', '.join(holders)} all say they hold the leader lock")
+        raise NoLeaderError(f"members {', '.join(m for m, _ in holders)} all say they hold the leader lock")
 
     async def _fence(self, member: str | None, why: str) -> None:
         """Serve from ``member`` from now on: every connection to another member is dropped."""
@@ -471,14 +493,21 @@ class CellEngine:
         )
         async with pool.acquire(timeout=1.0) as conn:
             row = await conn.fetchrow(
-                "SELECT pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()",
+                "SELECT pg_is_in_recovery(), host(inet_server_addr()), inet_server_port(),"
+                " pg_postmaster_start_time()",
                 timeout=1.0,
             )
         assert row is not None
         member = f"{row[1]}:{row[2]}"
-        if self._patroni and member != self.serving_member:
-            await self._fence(None, f"connected to {member}, not the lock holder")
-            raise NoLeaderError(f"connected to {member}, not the lock holder {self.serving_member}")
+        if self._patroni:
+            if self.holder_started is None or row[3] != self.holder_started:
+                why = (
+                    f"connected to {member}, a PostgreSQL started at {row[3]}, not the lock holder"
+                    f" {self.serving_member}'s (started at {self.holder_started or 'an unknown time'})"
+                )
+                await self._fence(None, why)
+                raise NoLeaderError(why)
+            member = self.serving_member or member
         self.leader_site = self.cell_settings.member_sites.get(member, self.cell_settings.leader_site)
         was_ready, self.ready = self.ready, not row[0]
         self.last_error = "" if self.ready else "connected to a replica"
