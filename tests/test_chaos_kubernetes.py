@@ -19,7 +19,7 @@ import pytest
 from watertight import drill, render
 from watertight.chaos import actions, probes, targets
 from watertight.cluster import deploy
-from watertight.kube_names import LABEL_COMPONENT, MEMBER_GUARD
+from watertight.kube_names import ANNOTATION_HELD_DOWN, LABEL_COMPONENT, MEMBER_GUARD
 from watertight.runbooks import kube
 from watertight.runtime import kubernetes as kube_runtime
 from watertight.runtime.kubernetes import ApiError, KubernetesRuntime, KubernetesRuntimeError
@@ -78,7 +78,7 @@ class RecordedApi:
                     }
                 if item["kind"] in ("StatefulSet", "Deployment"):
                     kind = "statefulsets" if item["kind"] == "StatefulSet" else "deployments"
-                    self.workloads[site][kind].append(item)
+                    self.workloads[site][kind].append(copy.deepcopy(item))
                     for replica in range(int(item["spec"].get("replicas") or 0)):
                         name = item["metadata"]["name"]
                         pod_name = (
@@ -123,6 +123,16 @@ class RecordedApi:
             return found[0]
         if resource in ("deployments", "statefulsets") and method == "GET":
             return {"items": self.workloads[site][resource]}
+        if resource in ("deployments", "statefulsets") and method == "PATCH":
+            (workload,) = [w for w in self.workloads[site][resource] if w["metadata"]["name"] == name]
+            annotations = workload["metadata"].setdefault("annotations", {})
+            for key, value in body["metadata"]["annotations"].items():
+                if value is None:
+                    annotations.pop(key, None)
+                else:
+                    annotations[key] = value
+            workload["spec"]["replicas"] = body["spec"]["replicas"]
+            return workload
         if resource == "secrets" and method == "GET":
             return self.secrets[site][str(name)]
         if method == "POST":
@@ -242,6 +252,26 @@ def test_losing_a_site_deletes_every_pod_of_the_sites_namespace_without_grace(
     # the load generator is not part of the site's topology: it keeps running
     assert any(p["metadata"]["name"].startswith("locust-") for p in api.pods["prod"])
     assert not any(p["metadata"]["labels"][LABEL_COMPONENT] == "app-prod" for p in api.pods["prod"])
+    # held down as a lost machine stays lost: every workload scaled to 0, after its pods were
+    # deleted (no graceful shutdown first), its replicas kept to give back
+    patches = [i for i, call in enumerate(api.calls) if call[1] == "PATCH"]
+    assert len(patches) == 5 and min(patches) > max(i for i, c in enumerate(api.calls) if c[1] == "DELETE")
+    assert held_down(api, "prod") == {
+        "etcd-prod": "1", "pg-cell1-prod": "1", "pg-cell2-prod": "1", "app-prod": "1", "gateway-prod": "1",
+    }  # fmt: skip
+    assert held_down(api, "samecity") == {}
+
+
+def held_down(api: RecordedApi, site: str) -> dict[str, str]:
+    """workload -> the replicas a kill holds it down from, for those at 0 replicas and held."""
+    found = {}
+    for kind in ("deployments", "statefulsets"):
+        for workload in api.workloads[site][kind]:
+            held = workload["metadata"].get("annotations", {}).get(ANNOTATION_HELD_DOWN)
+            if held is not None:
+                assert workload["spec"]["replicas"] == 0, workload["metadata"]["name"]
+                found[workload["metadata"]["name"]] = held
+    return found
 
 
 def test_losing_a_cell_deletes_its_members_in_both_centers_and_spares_dr(
@@ -372,6 +402,14 @@ def test_healing_a_site_waits_for_its_pods_to_be_recreated_and_the_steady_state(
     )
     result = actions.restart_site("prod", wait_s=5, target="kubernetes")
     assert result["started"] == [] and result["steady_after_s"] >= 0
+    # the replicas the kill held down are given back, and the mark removed
+    assert held_down(api, "prod") == {}
+    assert {
+        w["metadata"]["name"]: w["spec"]["replicas"]
+        for kind in ("deployments", "statefulsets")
+        for w in api.workloads["prod"][kind]
+        if not w["metadata"]["name"].startswith("locust")
+    } == {"etcd-prod": 1, "pg-cell1-prod": 1, "pg-cell2-prod": 1, "app-prod": 1, "gateway-prod": 1}
     assert api.deletes() and all(body == {"gracePeriodSeconds": 0} for _, _, body in api.deletes())
 
 

@@ -55,6 +55,9 @@ DRAIN_FILE = "drained-cells.json"
 # centers) scale it to
 ANNOTATION_ACTIVE_REPLICAS = "watertight.io/active-replicas"
 ANNOTATION_CONFIG_CHECKSUM = "watertight.io/config-sha256"
+# on a workload a chaos kill holds down (scaled to 0, as a lost machine stays lost): the replicas
+# it had, which the target's start gives it back
+ANNOTATION_HELD_DOWN = "watertight.io/held-down-replicas"
 
 # ---- inside the pods -----------------------------------------------------------------------------
 PATRONI_CONTAINER = "patroni"

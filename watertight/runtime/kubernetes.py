@@ -34,6 +34,7 @@ from cardcore.platform import auth
 from watertight import private_files, render
 from watertight import topology as topology_module
 from watertight.kube_names import (
+    ANNOTATION_HELD_DOWN,
     API_CLIENTS_FILE,
     API_CLIENTS_SECRET,
     APP_CONTAINER,
@@ -207,7 +208,9 @@ class RestApi:
 
     def request(self, site: str, method: str, path: str, body: Any = None) -> Any:
         config = self.configs[site]
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        # a PATCH is a JSON merge patch (RFC 7386: null removes a key)
+        content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
         if config.token:
             headers["Authorization"] = f"Bearer {config.token}"
         request = urllib.request.Request(
@@ -247,6 +250,17 @@ class RestApi:
 
 
 # ---- names -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A component's Deployment or StatefulSet as the cluster has it now."""
+
+    name: str
+    site: str
+    kind: str  # deployments or statefulsets (the API's resource)
+    replicas: int
+    held: int | None  # the replicas a chaos kill holds it down from (ANNOTATION_HELD_DOWN)
 
 
 @dataclass(frozen=True)
@@ -564,9 +578,14 @@ class KubernetesRuntime:
     def kill(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
     ) -> list[str]:
-        """Delete the selection's pods with no grace period (the machine is gone); their
-        controllers recreate them, as a node's replacement would."""
-        return self._delete_pods(self.select(site, cell, component), grace_period_s=0)
+        """Delete the selection's pods with no grace period (the machine is gone) and hold them
+        down, as a lost machine stays lost and a killed local process stays dead: each workload is
+        scaled to 0 with its replicas kept in an annotation, which ``start`` gives back. The pods
+        are deleted first, so no graceful shutdown (Patroni's handing over) comes before."""
+        chosen = self.select(site, cell, component)
+        killed = self._delete_pods(chosen, grace_period_s=0)
+        self._hold_down(chosen)
+        return killed
 
     def stop(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
@@ -585,9 +604,13 @@ class KubernetesRuntime:
     def start(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
     ) -> list[str]:
-        """Nothing to start: the controllers recreate deleted pods. Returns the components of the
-        selection that want pods and have none Ready now (the ones being recreated)."""
+        """Give the workloads a kill held down their replicas back (the controllers recreate
+        the pods). Returns the components of the selection that want pods and have none Ready now
+        (the ones being recreated)."""
         chosen = self.select(site, cell, component)
+        for workload in self._workloads({c.site for c in chosen}).values():
+            if workload.held is not None and workload.name in {c.name for c in chosen}:
+                self._scale(workload, workload.held, held=None)
         wanted = self._replicas_wanted({c.site for c in chosen})
         pods = self.pods_by_component(chosen)
         return [
@@ -596,17 +619,43 @@ class KubernetesRuntime:
             if wanted.get(c.name, 0) > 0 and not any(_pod_ready(p) for p in pods[c.name])
         ]
 
-    def _replicas_wanted(self, sites: set[str]) -> dict[str, int]:
-        """component -> the replicas its workload wants (0 for dr's idle app server and gateway)."""
-        wanted: dict[str, int] = {}
+    def _workloads(self, sites: set[str]) -> dict[str, Workload]:
+        """component -> its Deployment or StatefulSet in ``sites``."""
+        found: dict[str, Workload] = {}
         for site in sorted(sites):
             for kind in ("deployments", "statefulsets"):
                 path = f"/apis/apps/v1/namespaces/{self.namespaces[site]}/{kind}"
-                for workload in self.api.request(site, "GET", path)["items"]:
-                    wanted[workload["metadata"]["name"]] = int(
-                        (workload.get("spec") or {}).get("replicas") or 0
-                    )
-        return wanted
+                for item in self.api.request(site, "GET", path)["items"]:
+                    held = ((item.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_HELD_DOWN)
+                    name = item["metadata"]["name"]
+                    found[name] = Workload(
+                        name, site, kind, int((item.get("spec") or {}).get("replicas") or 0),
+                        int(held) if held is not None and str(held).isdigit() else None,
+                    )  # fmt: skip
+        return found
+
+    def _scale(self, workload: Workload, replicas: int, held: int | None) -> None:
+        """Set a workload's replicas and its held-down annotation (None removes it)."""
+        path = f"/apis/apps/v1/namespaces/{self.namespaces[workload.site]}/{workload.kind}/{workload.name}"
+        body = {
+            "metadata": {"annotations": {ANNOTATION_HELD_DOWN: None if held is None else str(held)}},
+            "spec": {"replicas": replicas},
+        }
+        self.api.request(workload.site, "PATCH", path, body)
+
+    def _hold_down(self, chosen: Sequence[Component]) -> None:
+        """Scale the chosen components' workloads to 0, keeping their replicas to give back."""
+        names = {c.name for c in chosen}
+        for workload in self._workloads({c.site for c in chosen}).values():
+            if workload.name in names and workload.held is None and workload.replicas > 0:
+                self._scale(workload, 0, held=workload.replicas)
+
+    def _replicas_wanted(self, sites: set[str]) -> dict[str, int]:
+        """component -> the replicas its workload wants (0 for dr's idle app server and gateway);
+        one a kill holds down wants what it had."""
+        return {
+            name: w.held if w.held is not None else w.replicas for name, w in self._workloads(sites).items()
+        }
 
     def freeze(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
