@@ -282,15 +282,27 @@ def test_contexts_must_name_every_site_and_only_sites() -> None:
         kube.parse_contexts("prod")
 
 
-def test_the_cli_refuses_a_kubernetes_target_without_contexts(tmp_path: Path) -> None:
-    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+def test_the_cli_refuses_a_kubernetes_target_without_contexts_or_a_local_cluster(tmp_path: Path) -> None:
+    # without contexts the local cluster of `watertight cluster` is the target: none runs here
+    env = {
+        "PATH": str(Path(sys.executable).parent),
+        "HOME": str(tmp_path),
+        "WATERTIGHT_CLUSTER_DIR": str(tmp_path / "no-cluster"),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "watertight.cli", "runbook", "switchover-site", "--target", "kubernetes",
          "--run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, check=False, env=env, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert "missing prod, samecity, dr" in result.stderr and "--kube-contexts" in result.stderr
+    assert "watertight cluster up" in result.stderr and "--kube-contexts" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+    half = subprocess.run(
+        [sys.executable, "-m", "watertight.cli", "runbook", "switchover-site", "--target", "kubernetes",
+         "--kube-contexts", "prod=a,samecity=b", "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, check=False, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert half.returncode == 2 and "missing dr" in half.stderr, half.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     runbook.add_argument(
         "--kube-contexts",
         metavar="SITE=CTX,...",
-        help="target kubernetes: one kube context per site, prod=CTX,samecity=CTX,dr=CTX (default: $WATERTIGHT_KUBE_CONTEXTS)",
+        help="target kubernetes: one kube context per site, prod=CTX,samecity=CTX,dr=CTX (default: $WATERTIGHT_KUBE_CONTEXTS, else the local cluster of `watertight cluster`)",
     )
     runbook.add_argument(
         "--kube-namespace",
@@ -475,16 +475,26 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def cmd_runbook(args: argparse.Namespace) -> int:
+    from watertight.chaos import targets
     from watertight.runbooks import kube, runner
+    from watertight.runtime.kubernetes import KubernetesRuntimeError
 
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     try:
         extras = runner.parse_extras([f"{key}={value}" for key, value in args.extra])
-        target = None
-        if args.target == "kubernetes":
+        target: runner.RunbookTarget | None = None
+        if args.target == "kubernetes" and not (args.kube_contexts or os.environ.get(kube.CONTEXTS_ENV)):
+            # no clusters named: the local cluster of `watertight cluster`, as the drill finds it
+            try:
+                target = targets.runtime(targets.KUBERNETES, str(_run_dir(args)))
+            except KubernetesRuntimeError as error:
+                raise kube.KubeTargetError(
+                    f"{error}; or name the clusters: --kube-contexts prod=CTX,samecity=CTX,dr=CTX (or ${kube.CONTEXTS_ENV})"
+                ) from None
+        elif args.target == "kubernetes":
             target = kube.KubeTarget.from_settings(args.kube_contexts, args.kube_namespace, args.topology)
         summary = runner.run(args.name, extras, _run_dir(args), check=args.check, progress=say, target=target)
-    except (runner.RunbookError, kube.KubeTargetError) as error:
+    except (runner.RunbookError, kube.KubeTargetError, KubernetesRuntimeError) as error:
         print(f"watertight runbook: {error}", file=sys.stderr)
         return 2
     if args.json:

@@ -180,6 +180,9 @@ class KubeTarget:
             "watertight_target": "kubernetes",
             "kube_contexts": dict(self.contexts),
             "kube_namespace": self.namespace,
+            # each site's namespace, which every task file addresses (the same one in every
+            # cluster here; the runtime of sites sharing one cluster gives each its own)
+            "kube_namespaces": dict.fromkeys(SITE_NAMES, self.namespace),
             "kube_cells": cells,
             "kube": {
                 "patroni_container": PATRONI_CONTAINER,

@@ -228,7 +228,15 @@ def run(
         inventory=_inventory(),
         extravars={**(extras or {}), **target_vars, "watertight_run_dir": str(base)},
         cmdline="--check" if check else None,
-        envvars=_envvars(private),
+        envvars={
+            **_envvars(private),
+            # the kubeconfig of the runtime's clusters, for kubernetes.core's client
+            **(
+                {"K8S_AUTH_KUBECONFIG": target_vars["kube_kubeconfig"]}
+                if "kube_kubeconfig" in target_vars
+                else {}
+            ),
+        },
         event_handler=on_event,
         quiet=True,
         timeout=RUNBOOK_TIMEOUT_S,

@@ -1067,9 +1067,10 @@ class KubernetesRuntime:
 
         if not self.contexts:
             raise KubernetesRuntimeError("the runbooks need the kube context of every site")
-        namespaces = set(self.namespaces.values())
         target = kube.KubeTarget(dict(self.contexts), self.namespaces[CENTERS[0]], self.topology)
         found = target.runbook_vars()
-        if len(namespaces) > 1:
-            found["kube_namespaces"] = dict(self.namespaces)
+        found["kube_namespaces"] = dict(self.namespaces)
+        kubeconfig = getattr(self.api, "kubeconfig", None)
+        if kubeconfig is not None:  # the tasks' client reads it from K8S_AUTH_KUBECONFIG
+            found["kube_kubeconfig"] = str(kubeconfig)
         return found
