@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from watertight.faults import FAULTS, Fault
 from watertight.monitoring import detection
 from watertight.monitoring.receiver import AlertReceiver
 from watertight.runtime.local import REPO_ROOT, LocalRuntime, RuntimeError_, http_json
+from watertight.runtime.processes import stop_load_generator
 from watertight.runtime.target import Target, TargetUnsupported
 
 EXPERIMENTS_DIR = REPO_ROOT / "chaos" / "experiments"
@@ -43,9 +43,9 @@ LOCUSTFILE = REPO_ROOT / "loadtests" / "locustfile.py"
 WARMUP_S = 8.0
 TAIL_S = 10.0
 CHAOS_TIMEOUT_S = 600.0
-LOAD_STOP_TIMEOUT_S = (
-    90.0  # Locust writes its CSV history, HTML and summary on the way out: slow on a loaded machine
-)
+# Locust writes its CSV history, HTML and summary on the way out: slow on a loaded machine; after
+# SIGINT it gets as long again after SIGTERM (stop_load_generator)
+LOAD_STOP_TIMEOUT_S = 60.0
 SAMPLE_INTERVAL_S = 0.5
 
 HISTORY_DEFAULT = REPO_ROOT / "reports" / trend.HISTORY_FILE
@@ -331,18 +331,8 @@ def ledger_checks(runtime: Target) -> tuple[list[dict[str, Any]], list[list[dict
 
 
 def stop_load(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)  # Locust writes its CSV, HTML and summary on the way out
-        try:
-            process.wait(timeout=LOAD_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            print(
-                f"load: Locust did not stop within {LOAD_STOP_TIMEOUT_S:.0f} s of SIGINT; killed"
-                " (its summary and reports may be missing)",
-                file=sys.stderr,
-            )
-            process.kill()
-            process.wait(timeout=LOAD_STOP_TIMEOUT_S)
+    for what in stop_load_generator(process, LOAD_STOP_TIMEOUT_S):
+        print(f"load: Locust {what} (its summary and reports may be missing)", file=sys.stderr)
 
 
 DURING_ATTEMPTS_MAX = 20  # the cycle during a fault: asked again at most this many times

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from watertight import verdicts
+from watertight.runtime.processes import stop_load_generator
 
 log = logging.getLogger("watertight.soak")
 
@@ -341,10 +341,5 @@ def _count_by(entries: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)  # Locust writes its CSV, HTML and summary on the way out
-        try:
-            process.wait(timeout=LOAD_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=LOAD_STOP_TIMEOUT_S)
+    for what in stop_load_generator(process, LOAD_STOP_TIMEOUT_S):
+        log.warning("load: Locust %s", what)

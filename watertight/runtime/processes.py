@@ -266,3 +266,24 @@ def listeners(addresses: set[tuple[str, int]]) -> dict[tuple[str, int], list[int
                     if int(name) not in pids:
                         pids.append(int(name))
     return found
+
+
+def stop_load_generator(process: subprocess.Popen[bytes], timeout_s: float) -> list[str]:
+    """Stop a Locust run we started so it writes its CSV, HTML and summary: SIGINT (Locust's
+    Ctrl-C: the HTML report too), then SIGTERM (its own handler, run from gevent's hub: everything
+    but the HTML report) when SIGINT did nothing within ``timeout_s``, then SIGKILL after as long
+    again. SIGINT alone is not enough: once in a while Locust never acts on it (seen twice under
+    load: nothing logged after it). Returns what had to be done beyond SIGINT, for the caller to say."""
+    escalated: list[str] = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+    for number, sig in enumerate(signals):
+        if process.poll() is not None:
+            break
+        if number:
+            escalated.append(f"no exit within {timeout_s:g} s of {signals[number - 1].name}: sent {sig.name}")
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return escalated
