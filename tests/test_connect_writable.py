@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -218,3 +219,58 @@ def test_the_one_member_named_is_the_only_one_tried(postgres: PostgresServer) ->
                 await conn.close()
 
     asyncio.run(scenario())
+
+
+def test_a_pooled_connection_keeps_refusing_an_unconfirmed_commit_after_its_first_release(
+    primary_without_its_standby: PostgresServer,
+) -> None:
+    """The app server's pool (the engine's: ConfirmedCommitConnection, its reset without a query)
+    hands each connection out many times, and opening an account, changing a limit or a pricing
+    rule commits through it. asyncpg clears a connection's log listeners at every release, so a
+    guard kept as a listener held only for the connection's first use: afterwards a cancelled
+    sync wait read as a commit again. It must hold on every use, and a release must not warn."""
+    from cardcore.platform import engine
+
+    server = primary_without_its_standby
+    dsn = f"postgresql://postgres@{server.host}:{server.port}/postgres"
+
+    async def scenario() -> None:
+        admin = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "local"})
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=1, server_settings={"synchronous_commit": "on"},
+            reset=engine._keep_session, connection_class=db.ConfirmedCommitConnection,
+        )  # fmt: skip
+        try:
+            await admin.execute("CREATE TABLE IF NOT EXISTS pooled (v int)")
+            for use in range(3):  # the same connection each time (max_size 1), released in between
+                async with pool.acquire() as conn:
+                    pid = conn.get_server_pid()
+
+                    async def commit(conn: asyncpg.Connection = conn, value: int = use) -> None:
+                        async with conn.transaction():
+                            await conn.execute("INSERT INTO pooled VALUES ($1)", value)
+
+                    async def cancel_when_waiting(pid: int = pid) -> None:
+                        for _ in range(200):
+                            if await admin.fetchval(
+                                "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $1", pid
+                            ):
+                                break
+                            await asyncio.sleep(0.05)
+                        else:
+                            raise AssertionError("the commit never waited on the sync standby")
+                        assert await admin.fetchval("SELECT pg_cancel_backend($1)", pid)
+
+                    outcome = await asyncio.wait_for(
+                        asyncio.gather(commit(), cancel_when_waiting(), return_exceptions=True), 20
+                    )
+                    assert isinstance(outcome[0], db.CommitNotConfirmedError), (use, outcome)
+        finally:
+            pool.terminate()
+            await admin.close()
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", asyncpg.InterfaceWarning)
+        asyncio.run(scenario())
+    # asyncpg's "is being released to the pool but has 1 active log listener", at every release
+    assert [str(w.message) for w in warned if issubclass(w.category, asyncpg.InterfaceWarning)] == []

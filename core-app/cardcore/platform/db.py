@@ -80,15 +80,16 @@ class ConfirmedCommitConnection(asyncpg.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sync_wait_cancelled = False
-        self.add_log_listener(self._on_notice)
 
-    def _on_notice(self, connection: asyncpg.Connection, message: Any) -> None:
-        if SYNC_WAIT_CANCELLED in str(getattr(message, "message", "")):
+    def _process_log_message(self, fields: dict[str, str], last_query: str) -> None:
+        # asyncpg's protocol calls this for every NOTICE or WARNING as it arrives, before the
+        # statement's result. Not a log listener: a pool clears those at every release (so the
+        # guard held for a pooled connection's first use only) and warns about each one.
+        if SYNC_WAIT_CANCELLED in fields.get("M", ""):
             self._sync_wait_cancelled = True
+        super()._process_log_message(fields, last_query)
 
     def _confirm(self, query: str) -> None:
-        # the notice's callback was scheduled (call_soon) when the notice arrived, before the
-        # statement's result woke this coroutine: it has run by now
         if self._sync_wait_cancelled:
             self._sync_wait_cancelled = False
             raise CommitNotConfirmedError(
