@@ -436,6 +436,19 @@ def test_a_partition_is_a_network_policy_in_the_sites_namespace_cutting_the_othe
     assert healed == {"healed": ["prod"]}  # not found elsewhere: nothing to heal there
 
 
+def test_a_partition_where_the_cni_enforces_no_network_policy_is_refused_and_nothing_is_made(
+    cluster: KubernetesRuntime, api: RecordedApi
+) -> None:
+    """On the local cluster (the bridge plugin) a NetworkPolicy cuts nothing: a partition drill
+    would pass on no fault. The target says so instead, and the drill reports the fault as not
+    injected."""
+    cluster.network_policy_enforced = False
+    with pytest.raises(TargetUnsupported, match="enforces NetworkPolicy") as refused:
+        cluster.partition("prod")
+    assert "kill_site" in str(refused.value)
+    assert [c for c in api.calls if c[1] != "GET"] == []
+
+
 def test_latency_is_a_chaos_mesh_delay_toward_the_other_chosen_sites(
     cluster: KubernetesRuntime, api: RecordedApi
 ) -> None:

@@ -113,6 +113,8 @@ class Cluster:
             "kube_namespaces": self.namespaces,
             "site_cidrs": {site: [self.spec.pod_network] for site in SITE_NAMES},
             "entry_url": self.spec.entry_url,
+            # the CNI bridge plugin enforces no NetworkPolicy: the target refuses a partition
+            "network_policy_enforced": False,
         }
 
     # -- REST --

@@ -386,6 +386,7 @@ class KubernetesRuntime:
         site_cidrs: Mapping[str, Sequence[str]] | None = None,
         run_dir: Path = RUN_DIR_DEFAULT,
         contexts: Mapping[str, str] | None = None,
+        network_policy_enforced: bool = True,
     ) -> None:
         missing = [site for site in SITE_NAMES if site not in namespaces]
         if missing:
@@ -397,6 +398,9 @@ class KubernetesRuntime:
         self.site_cidrs = {site: list(cidrs) for site, cidrs in (site_cidrs or {}).items()}
         self.run_dir = run_dir.absolute()
         self.contexts = dict(contexts or {})
+        # whether the clusters' CNI enforces NetworkPolicy (configuration network_policy_enforced):
+        # a partition where it does not would cut nothing and a drill would pass on no fault
+        self.network_policy_enforced = network_policy_enforced
         self.components = components_of_topology(topology)
 
     # ---- construction --------------------------------------------------------------------------
@@ -446,7 +450,10 @@ class KubernetesRuntime:
         }
         kubectl = os.environ.get(KUBECTL_ENV) or shutil.which("kubectl") or "kubectl"
         api = RestApi(kubeconfig, {site: str(contexts[site]) for site in SITE_NAMES}, kubectl)
-        return cls(api, topology, namespaces, entry_url, site_cidrs, run_dir, api.site_contexts)
+        return cls(
+            api, topology, namespaces, entry_url, site_cidrs, run_dir, api.site_contexts,
+            network_policy_enforced=bool(configuration.get("network_policy_enforced", True)),
+        )  # fmt: skip
 
     @classmethod
     def local_cluster(cls, run_dir: Path = RUN_DIR_DEFAULT, root: Path | None = None) -> KubernetesRuntime:
@@ -473,6 +480,7 @@ class KubernetesRuntime:
             configuration["site_cidrs"],
             run_dir,
             cluster.contexts,
+            network_policy_enforced=bool(configuration["network_policy_enforced"]),
         )
 
     # ---- selection -----------------------------------------------------------------------------
@@ -900,8 +908,17 @@ class KubernetesRuntime:
 
     def partition(self, site: str) -> dict[str, Any]:
         """A NetworkPolicy in ``site``'s namespace cutting the other sites' networks both ways
-        (enforced only where the CNI enforces NetworkPolicy with ipBlock)."""
+        (enforced only where the CNI enforces NetworkPolicy with ipBlock); refused where the
+        configuration says the CNI enforces none."""
         self._check_site(site)
+        if not self.network_policy_enforced:
+            raise TargetUnsupported(
+                "partition",
+                TARGET,
+                "a CNI that enforces NetworkPolicy (these clusters' configuration says theirs does not: "
+                "the bridge plugin of `watertight cluster` enforces none, so the policy would cut nothing)",
+                "lose the site instead (kill_site), or run the partition drills on the local target",
+            )
         others = [s for s in SITE_NAMES if s != site]
         policy = partition_policy(self._cidrs(others))
         path = f"/apis/networking.k8s.io/v1/namespaces/{self.namespaces[site]}/networkpolicies"
