@@ -263,6 +263,12 @@ class Workload:
     held: int | None  # the replicas a chaos kill holds it down from (ANNOTATION_HELD_DOWN)
 
 
+def wanted_replicas(workloads: Mapping[str, Workload]) -> dict[str, int]:
+    """component -> the replicas its workload wants (0 for dr's idle app server and gateway); one
+    a kill holds down wants what it had."""
+    return {name: w.held if w.held is not None else w.replicas for name, w in workloads.items()}
+
+
 @dataclass(frozen=True)
 class Component:
     """A component of the topology as the program declares it: a workload named like it."""
@@ -616,10 +622,12 @@ class KubernetesRuntime:
         the pods). Returns the components of the selection that want pods and have none Ready now
         (the ones being recreated)."""
         chosen = self.select(site, cell, component)
-        for workload in self._workloads({c.site for c in chosen}).values():
-            if workload.held is not None and workload.name in {c.name for c in chosen}:
+        names = {c.name for c in chosen}
+        workloads = self._workloads({c.site for c in chosen})
+        for workload in workloads.values():
+            if workload.held is not None and workload.name in names:
                 self._scale(workload, workload.held, held=None)
-        wanted = self._replicas_wanted({c.site for c in chosen})
+        wanted = wanted_replicas(workloads)  # what each wants is what it is given back
         pods = self.pods_by_component(chosen)
         return [
             c.name
@@ -659,11 +667,7 @@ class KubernetesRuntime:
                 self._scale(workload, 0, held=workload.replicas)
 
     def _replicas_wanted(self, sites: set[str]) -> dict[str, int]:
-        """component -> the replicas its workload wants (0 for dr's idle app server and gateway);
-        one a kill holds down wants what it had."""
-        return {
-            name: w.held if w.held is not None else w.replicas for name, w in self._workloads(sites).items()
-        }
+        return wanted_replicas(self._workloads(sites))
 
     def freeze(
         self, site: str | None = None, cell: int | None = None, component: str | None = None
