@@ -94,6 +94,22 @@ def primary_without_its_standby() -> Iterator[PostgresServer]:
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
+async def cancel_when_waiting(admin: asyncpg.Connection, victim: asyncpg.Connection) -> None:
+    """Cancel the victim's session once its commit waits on the sync standby (as an operator's
+    pg_cancel_backend does), within 10 s."""
+    pid = victim.get_server_pid()
+    deadline = time.monotonic() + 10
+    while not await admin.fetchval("SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $1", pid):
+        assert time.monotonic() < deadline, "the commit never waited on the sync standby"
+        await asyncio.sleep(0.05)
+    assert await admin.fetchval("SELECT pg_cancel_backend($1)", pid)
+
+
+async def commit(conn: asyncpg.Connection, value: int, table: str = "t") -> None:
+    async with conn.transaction():
+        await conn.execute(f"INSERT INTO {table} VALUES ($1)", value)
+
+
 def test_a_commit_the_sync_standby_never_confirmed_is_not_a_success(
     primary_without_its_standby: PostgresServer,
 ) -> None:
@@ -104,20 +120,6 @@ def test_a_commit_the_sync_standby_never_confirmed_is_not_a_success(
     server = primary_without_its_standby
     dsn = f"postgresql://postgres@{server.host}:{server.port}/postgres"
     waits = {"synchronous_commit": "on"}
-
-    async def cancel_when_waiting(admin: asyncpg.Connection, victim: asyncpg.Connection) -> None:
-        pid = victim.get_server_pid()
-        deadline = time.monotonic() + 10
-        while not await admin.fetchval(
-            "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $1", pid
-        ):
-            assert time.monotonic() < deadline, "the commit never waited on the sync standby"
-            await asyncio.sleep(0.05)
-        assert await admin.fetchval("SELECT pg_cancel_backend($1)", pid)
-
-    async def commit(conn: asyncpg.Connection, value: int) -> None:
-        async with conn.transaction():
-            await conn.execute("INSERT INTO t VALUES ($1)", value)
 
     async def scenario() -> None:
         admin = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "local"})
@@ -244,25 +246,13 @@ def test_a_pooled_connection_keeps_refusing_an_unconfirmed_commit_after_its_firs
             await admin.execute("CREATE TABLE IF NOT EXISTS pooled (v int)")
             for use in range(3):  # the same connection each time (max_size 1), released in between
                 async with pool.acquire() as conn:
-                    pid = conn.get_server_pid()
-
-                    async def commit(conn: asyncpg.Connection = conn, value: int = use) -> None:
-                        async with conn.transaction():
-                            await conn.execute("INSERT INTO pooled VALUES ($1)", value)
-
-                    async def cancel_when_waiting(pid: int = pid) -> None:
-                        for _ in range(200):
-                            if await admin.fetchval(
-                                "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $1", pid
-                            ):
-                                break
-                            await asyncio.sleep(0.05)
-                        else:
-                            raise AssertionError("the commit never waited on the sync standby")
-                        assert await admin.fetchval("SELECT pg_cancel_backend($1)", pid)
-
                     outcome = await asyncio.wait_for(
-                        asyncio.gather(commit(), cancel_when_waiting(), return_exceptions=True), 20
+                        asyncio.gather(
+                            commit(conn, use, "pooled"),
+                            cancel_when_waiting(admin, conn),
+                            return_exceptions=True,
+                        ),
+                        20,
                     )
                     assert isinstance(outcome[0], db.CommitNotConfirmedError), (use, outcome)
         finally:
