@@ -58,6 +58,7 @@ TEST_TOPOLOGY = on_test_net(
     .replace("127.0.1.1", "127.0.31.1")
     .replace("127.0.2.1", "127.0.32.1")
     .replace("127.0.3.1", "127.0.33.1")
+    .replace("address: 127.0.0.1", "address: 127.0.30.1")  # the entry and monitoring: see topologies.moved
     .replace("port: 18080", "port: 20080")
     .replace(": 123", ": 143")
     .replace(": 124", ": 144")

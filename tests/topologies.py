@@ -27,8 +27,15 @@ def on_test_net(text: str) -> str:
 
 
 def moved(site_octet_base: int, port_digit: int) -> str:
-    """The default topology with site addresses 127.0.<base+1|2|3>.1 and ports 1xxxx -> <digit>xxxx."""
+    """The default topology with site addresses 127.0.<base+1|2|3>.1, the entry and monitoring on
+    127.0.<base>.1, and ports 1xxxx -> <digit>xxxx.
+
+    Nothing listens on 127.0.0.1: every connection between loopback addresses leaves from
+    127.0.0.1, so there a client's end can hold a port of the ephemeral range (32768-60999 by
+    default; digits 3, 4 and 5 fall in it) and the server's bind fails with "address in use".
+    """
     text = topology_module.DEFAULT_PATH.read_text()
+    text = text.replace("address: 127.0.0.1", f"address: 127.0.{site_octet_base}.1")
     for index, site_octet in enumerate((1, 2, 3), start=1):
         text = text.replace(f"127.0.{site_octet}.1", f"127.0.{site_octet_base + index}.1")
     for prefix in (": 123", ": 124", ": 155", ": 188", ": 181", ": 180", "port: 180"):

@@ -150,7 +150,10 @@ def _process_exists(pid: int) -> bool:
     return state != "Z"
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path | None, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log, for an error message ("(no log written)" when there is none)."""
+    if path is None:
+        return "(no log written)"
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
@@ -321,7 +324,7 @@ class PostgresServer:
             if self._process.poll() is not None:
                 raise RuntimeError(
                     f"postgres {self.datadir} exited with code {self._process.returncode} while starting; "
-                    f"the end of {self.log_path}:\n{_tail(self.log_path) if self.log_path else ''}"
+                    f"the end of {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             ready = subprocess.run(args, env=clean_env(None), timeout=10, check=False)
             if ready.returncode == 0:
@@ -330,7 +333,7 @@ class PostgresServer:
                 raise TimeoutError(
                     f"postgres {self.datadir} did not accept connections on port {self.port} within "
                     f"{timeout_s:.0f} s; the end of {self.log_path}:\n"
-                    f"{_tail(self.log_path) if self.log_path else ''}"
+                    f"{log_tail(self.log_path)}"
                 )
             time.sleep(0.1)
 

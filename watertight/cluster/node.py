@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from watertight import pg
 from watertight.cluster import binaries, hoststate, pki
 from watertight.cluster.spec import (
     API_PORT,
@@ -294,15 +295,9 @@ def _wait(
         if check():
             return
         if record is not None and not processes.alive(record):
-            raise ClusterError(f"{what}: the process exited; see {log}\n{_tail(log)}")
+            raise ClusterError(f"{what}: the process exited; see {log}\n{pg.log_tail(log, 15)}")
         time.sleep(0.5)
-    raise ClusterError(f"{what}: not ready after {timeout_s:.0f} s; see {log}\n{_tail(log)}")
-
-
-def _tail(log: Path | None, lines: int = 15) -> str:
-    if log is None or not log.exists():
-        return ""
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    raise ClusterError(f"{what}: not ready after {timeout_s:.0f} s; see {log}\n{pg.log_tail(log, 15)}")
 
 
 # ---- configuration -------------------------------------------------------------------------------

@@ -587,7 +587,8 @@ class LocalRuntime:
             for component in list(pending):
                 if not self.running(component):
                     raise RuntimeError_(
-                        f"{component.name} exited while starting; read {self.log_path(component)}, fix the cause, then run `watertight up` again"
+                        f"{component.name} exited while starting; read {self.log_path(component)}, fix the cause, "
+                        f"then run `watertight up` again. Its last lines:\n{pg.log_tail(self.log_path(component), 10)}"
                     )
                 if 200 <= self.ready_status(component) < 300:
                     pending.remove(component)

@@ -1,0 +1,80 @@
+"""Starting components where a port is taken.
+
+CI once lost a module's topology at setup: "prometheus exited while starting", on 127.0.0.1:58090.
+Every connection between loopback addresses leaves from 127.0.0.1, so a client's end of any
+connection can hold a port of the ephemeral range (32768-60999) there, and a server binding that
+port on 127.0.0.1 fails with "address already in use". The test topologies listen nowhere on
+127.0.0.1, and the error of a component that exits while starting shows the end of its log.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.topologies import moved
+from watertight.runtime.local import LocalRuntime, RuntimeError_
+from watertight.topology import parse
+
+# every moved() topology a test module uses: (site octet base, port digit)
+MOVED = [(20, 2), (40, 2), (50, 2), (70, 3), (80, 4), (90, 5)]
+
+
+@pytest.mark.parametrize(("base", "digit"), MOVED)
+def test_no_moved_topology_listens_on_127_0_0_1(base: int, digit: int) -> None:
+    topology = parse(moved(base, digit), "moved")
+    addresses = {site.address for site in topology.sites.values()}
+    addresses |= {topology.entry.address, topology.monitoring.address}
+    assert "127.0.0.1" not in addresses
+
+
+@pytest.fixture
+def held_client_end() -> Iterator[tuple[str, int]]:
+    """A connection whose client end holds address:port, as an ephemeral port can on 127.0.0.1
+    (without SO_REUSEADDR, as most clients: a server binding there fails even with it)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.bind(("127.0.0.1", 0))
+    client.connect(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        yield client.getsockname()
+    finally:
+        for sock in (client, accepted, listener):
+            sock.close()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+def test_a_component_that_cannot_bind_fails_naming_the_cause(
+    tmp_path: Path, held_client_end: tuple[str, int]
+) -> None:
+    host, port = held_client_end
+    text = moved(90, 5)
+    monitoring = parse(text, "moved").monitoring
+    text = text.replace(f"address: {monitoring.address}", f"address: {host}")
+    text = text.replace(f"prometheus_port: {monitoring.prometheus_port}", f"prometheus_port: {port}")
+    runtime = LocalRuntime(tmp_path / "run", parse(text, "held"), text)
+    (prometheus,) = [c for c in runtime.components if c.kind == "prometheus"]
+    assert (host, port) in prometheus.listens
+    for folder in ("logs", "components"):
+        (runtime.run_dir / folder).mkdir(parents=True, exist_ok=True)
+    runtime.start_component(prometheus)
+    try:
+        with pytest.raises(RuntimeError_) as raised:
+            runtime._wait_stage(prometheus.stage, [prometheus], lambda _: None)
+    finally:
+        runtime.stop(component=prometheus.name)
+    message = str(raised.value)
+    assert f"{prometheus.name} exited while starting" in message
+    assert "address already in use" in message
+
+
+def test_components_of_a_moved_topology_are_rendered_off_127_0_0_1(tmp_path: Path) -> None:
+    runtime = LocalRuntime(tmp_path / "run", parse(moved(90, 5), "moved"), moved(90, 5))
+    listening = [(c.name, address) for c in runtime.components for address in c.listens]
+    assert listening
+    assert not [(name, a) for name, a in listening if a[0] == "127.0.0.1"], listening
