@@ -28,6 +28,11 @@ FAKE_PATRONI = textwrap.dedent(
     """
     import os, signal, subprocess, sys, time
     fifo, data_dir, postgres = sys.argv[1], sys.argv[2], sys.argv[3]
+    failures = os.path.join(os.path.dirname(data_dir), "fail-starts")  # exit 1 at start this many times
+    if os.path.exists(failures) and int(open(failures).read()) > 0:
+        left = int(open(failures).read())
+        open(failures, "w").write(str(left - 1))
+        sys.exit(1)
     if os.fork() == 0:
         os.setsid()
         child = subprocess.Popen([postgres, "-c", "import time; time.sleep(600)", "-D", data_dir],
@@ -179,6 +184,20 @@ def test_a_stop_stops_patroni_and_fences_what_it_left_running(member: Member) ->
     assert gone(postmaster)
     assert not processes.descendants(member.guard.pid)
     assert "asked to stop" in member.text()
+
+
+def test_a_patroni_that_fails_to_start_is_started_again(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Patroni 4.1 exits with 1 when etcd stops answering while it starts (its site cut off): the
+    guard starts it again, as a supervisor with Restart=on-failure would, instead of leaving the
+    member down after the partition heals."""
+    (tmp_path / "fail-starts").write_text("2")
+    started = time.monotonic()
+    member: Member = request.getfixturevalue("member")  # runs once its third start succeeds
+    assert member.guard.poll() is None
+    assert member.text().count("a start that failed") == 2
+    assert time.monotonic() - started >= 2 * guard.START_RETRY_DELAY_S
 
 
 def test_the_watchdog_reads_what_patronis_testing_driver_writes() -> None:

@@ -17,6 +17,12 @@ its children, SIGKILL them all, as Patroni's own kill does):
   (ttl // 2 here: Patroni is frozen or hung while its leader key still runs out), then kills
   Patroni too and starts it again, as a host the watchdog reset boots again (bounded: at most
   ``RESETS_MAX`` resets in ``RESET_WINDOW_S``, then it stays down);
+- when Patroni fails (exits with a code above 0, not by a signal) while PostgreSQL is not running:
+  a start that failed, as Patroni 4.1 exits when etcd stops answering between its client's start and
+  its lease (a member started again during a partition of its site). It starts Patroni again after
+  ``START_RETRY_DELAY_S``, as systemd's ``Restart=on-failure`` or a pod's restart policy would,
+  bounded: at most ``START_RETRIES_MAX`` such failures in ``START_RETRY_WINDOW_S``, then it stays
+  down. Without this a watchdog reset during a partition left the member down for good;
 - when the guard itself is killed: Patroni dies with it (PR_SET_PDEATHSIG, SIGKILL) and the
   keeper, a small child whose parent-death signal is SIGTERM, fences PostgreSQL and exits.
 
@@ -49,6 +55,9 @@ FENCE_WAIT_S = 5.0
 RESETS_MAX = 5
 RESET_WINDOW_S = 600.0
 RESTART_DELAY_S = 1.0
+START_RETRIES_MAX = 60
+START_RETRY_WINDOW_S = 600.0
+START_RETRY_DELAY_S = 2.0
 STATE_FILE = "guard.json"
 
 
@@ -217,6 +226,8 @@ class Guard:
     keeper: subprocess.Popen[bytes] | None = None
     watchdog: Watchdog = field(default_factory=Watchdog)
     resets: list[float] = field(default_factory=list)
+    start_failures: list[float] = field(default_factory=list)
+    fenced_at_exit: list[int] = field(default_factory=list)  # what Patroni's last exit left running
     stopping: bool = False
     fifo_fd: int = -1
 
@@ -294,6 +305,7 @@ class Guard:
         assert self.patroni is not None
         code = self.patroni.returncode
         victims = fence(self.pid_file)
+        self.fenced_at_exit = victims
         if self.stopping:
             if victims:
                 log(f"Patroni stopped (exit {code}) but PostgreSQL still ran: fenced PIDs {victims}")
@@ -306,6 +318,34 @@ class Guard:
         else:
             log(f"Patroni (PID {self.patroni.pid}) exited with {code}; PostgreSQL was not running")
         return 0 if self.stopping else 1
+
+    def retry_failed_start(self) -> bool:
+        """After Patroni exited with PostgreSQL not running: start it again if it failed (a code
+        above 0) and the budget allows. False when the member stays down."""
+        assert self.patroni is not None
+        code = self.patroni.returncode
+        if self.stopping or code is None or code <= 0 or self.fenced_at_exit:
+            return False
+        now = time.monotonic()
+        self.start_failures = [t for t in self.start_failures if now - t < START_RETRY_WINDOW_S] + [now]
+        if len(self.start_failures) > START_RETRIES_MAX:
+            log(
+                f"Patroni failed {len(self.start_failures)} times within {START_RETRY_WINDOW_S:g} s: staying down"
+            )
+            return False
+        log(
+            f"Patroni failed with PostgreSQL not running (a start that failed): starting it again in "
+            f"{START_RETRY_DELAY_S:g} s (failure {len(self.start_failures)} of at most {START_RETRIES_MAX})"
+        )
+        deadline = time.monotonic() + START_RETRY_DELAY_S
+        while time.monotonic() < deadline and not self.stopping:
+            self.reap()
+            time.sleep(POLL_S)
+        if self.stopping:
+            return False
+        self.open_fifo()
+        self.spawn_patroni()
+        return True
 
     def watchdog_reset(self) -> bool:
         """Patroni leads but went silent: reset the member as a watchdog resets a host. False when
@@ -359,6 +399,8 @@ class Guard:
                 assert self.patroni is not None
                 if self.patroni.returncode is not None:
                     code = self.on_patroni_exit()
+                    if code != 0 and self.retry_failed_start():
+                        continue
                     break
                 if self.keeper is not None and self.keeper.returncode is not None and not self.stopping:
                     log(
