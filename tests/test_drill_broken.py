@@ -5,7 +5,7 @@ server's writer, timed out on the deposed primary (its sync standby is gone), re
 newer timeline and acknowledges writes there, while the pooled connections it reads through stay
 on the deposed one: the drill's stale-read verdict (judged from what the clients saw) fails, every
 run, though the RTO looks fine.
-The same drill passes on the real topology (tests/test_drill.py, tests/test_member_faults.py)."""
+The same drill passes on the real topology (tests/test_drill_controls.py, tests/test_member_faults.py)."""
 
 from __future__ import annotations
 
