@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from watertight import drill
 from watertight.chaos import actions, probes
 
 
@@ -67,3 +68,15 @@ def test_bad_bounds_fail_before_anything_waits(
     with pytest.raises(ValueError, match=named):
         actions.hold_fault(**arguments)
     assert asked == []
+
+
+def test_a_failed_hold_is_not_reported_as_a_fault_never_injected() -> None:
+    def run(name: str, status: str) -> dict[str, Any]:
+        return {"activity": {"type": "action", "name": name}, "status": status, "exception": ["boom\n"]}
+
+    hold_failed = {"run": [run("kill-the-prod-site", "succeeded"), run("hold-the-fault", "failed")]}
+    fault_failed = {"run": [run("kill-the-prod-site", "failed"), run("hold-the-fault", "succeeded")]}
+    assert not drill.fault_action_failed(hold_failed)
+    assert drill.failed_actions(hold_failed) == ["hold-the-fault: boom"]
+    assert drill.fault_action_failed(fault_failed)
+    assert not drill.fault_action_failed({})

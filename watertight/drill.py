@@ -117,6 +117,12 @@ def failed_actions(journal: dict[str, Any]) -> list[str]:
     return failed
 
 
+def fault_action_failed(journal: dict[str, Any]) -> bool:
+    """The method's first action (the fault) failed."""
+    runs = [r for r in journal.get("run") or [] if (r.get("activity") or {}).get("type") == "action"]
+    return bool(runs) and runs[0].get("status") == "failed"
+
+
 def marks_of(path: Path) -> tuple[float | None, float | None]:
     """When the fault was injected (the first action of the method) and when the rollbacks began,
     from the marks the extension's controls wrote."""
@@ -568,10 +574,16 @@ def run_one(
         judged["reasons"].append(
             f"the experiment did not complete: {chaos_status} (see chaos.log and the journal)"
         )
-    for failed in failed_actions(journal_doc):
-        # Chaos Toolkit completes an experiment whose action failed: the fault was never injected
+    for index, failed in enumerate(failed_actions(journal_doc)):
+        # Chaos Toolkit completes an experiment whose action failed: the fault (the first action)
+        # was never injected, or a later one (the hold) did not do its part
         judged["passed"] = False
-        judged["reasons"].append(f"the fault was not injected: {failed} (see the journal)")
+        what = (
+            "the fault was not injected"
+            if index == 0 and fault_action_failed(journal_doc)
+            else "an action failed"
+        )
+        judged["reasons"].append(f"{what}: {failed} (see the journal)")
     if aborted is not None:
         judged["passed"] = False
         judged["reasons"].insert(0, f"aborted by a safeguard: {aborted['reason']}")
