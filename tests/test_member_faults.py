@@ -21,8 +21,8 @@ import pytest
 from tests.cards import customers_in_each_cell
 from tests.topologies import moved
 from tests.writers import Writers, ledger_transactions
+from watertight import render, verdicts
 from watertight import topology as topology_module
-from watertight import verdicts
 from watertight.chaos import probes
 from watertight.pg import service_tempdir
 from watertight.runtime import processes
@@ -32,6 +32,7 @@ TEXT = moved(70, 3)
 RECOVERY_S_MAX = 30.0
 ORPHAN_WAIT_S = 5.0
 SAMPLE_S = 0.5
+ETCD_LOST_S = 25.0  # how long a member starting without an etcd quorum is watched
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +177,44 @@ def test_killing_the_patroni_of_every_cells_leader_alone_fences_its_postgres(
         print(f"both leaders' PostgreSQL fenced {time.time() - at:.2f} s after their Patroni died")
         judge_the_fault(runtime, writers, [c["name"] for c in leaders], [], at)
     check_the_writes(runtime, writers)
+
+
+def test_a_member_started_while_etcd_has_no_quorum_joins_once_it_is_back(runtime: LocalRuntime) -> None:
+    """Patroni 4.1.5 exits at start when etcd lists its members but grants no lease (the quorum
+    lost, or the member's site cut off, as after a watchdog reset during a partition). The guard
+    starts it again, bounded, instead of leaving the member down for good: it joins once etcd has
+    its quorum back. (CI saw a member left down after a partition healed.)"""
+    heal(runtime)
+    leader = runtime.cell_view(1)["leader_site"]
+    site = next(s for s in ("prod", "samecity") if s != leader)
+    member = runtime.component(f"pg-cell1-{site}")
+    # the member's own site keeps its etcd member, which lists the members but has no quorum
+    others = [runtime.component(render.etcd_name(s)) for s in runtime.topology.sites if s != site]
+    runtime.kill(component=member.name)
+    for etcd in others:
+        runtime.kill(component=etcd.name)
+    log = runtime.log_path(member)
+    before = log.read_text(errors="replace").count("a start that failed") if log.exists() else 0
+    try:
+        runtime.start(component=member.name)
+        deadline = time.monotonic() + ETCD_LOST_S
+        while time.monotonic() < deadline:
+            assert runtime.running(member), (
+                f"{member.name} went down while etcd had no quorum:\n"
+                + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            )
+            if log.read_text(errors="replace").count("a start that failed") > before:
+                break
+            time.sleep(0.5)
+        failed_starts = log.read_text(errors="replace").count("a start that failed") - before
+        print(f"{member.name}: {failed_starts} failed starts of Patroni while etcd had no quorum")
+    finally:
+        for etcd in others:
+            runtime.start(component=etcd.name)
+    heal(runtime)  # up: every cell has its leader and a streaming sync standby again
+    assert runtime.running(member)
+    view = runtime.cell_view(1)  # either member may have won the election after the quorum came back
+    assert {view["leader_site"], view["sync_standby"]} == {"prod", "samecity"}, view
 
 
 def test_after_the_kills_down_leaves_no_process_and_nothing_listening(runtime: LocalRuntime) -> None:
