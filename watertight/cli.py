@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     down = commands.add_parser("down", help="stop everything `up` started")
-    down.add_argument("--purge", action="store_true", help="also delete the data")
+    down.add_argument(
+        "--purge",
+        action="store_true",
+        help="also delete the data (and so stop with SIGKILL: nothing is kept)",
+    )
     for sub in (up, status, down):
         sub.add_argument(
             "--run-dir", metavar="DIR", help=f"run directory (default: $WATERTIGHT_RUN_DIR or {RUN_DIR_HINT})"

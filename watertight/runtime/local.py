@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ RUN_DIR_DEFAULT = REPO_ROOT / "run"
 STAGE_TIMEOUT_S = 90.0
 TARGETS_UP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
+STOP_PARALLEL_MAX = 16  # components of one stage stopped at once
 HTTP_TIMEOUT_S = 1.0
 
 Progress = Callable[[str], None]
@@ -820,30 +822,42 @@ class LocalRuntime:
         return self._stop(self.select(site, cell, component), hard=False)
 
     def _stop(self, chosen: Iterable[render.Component], hard: bool) -> list[str]:
+        """Stop the chosen components stage by stage in reverse start order (the entry before the
+        gateways before the databases), the components of one stage together: a member's Patroni
+        takes seconds to stop PostgreSQL, and nine of them one after the other made `down` slow."""
         tree = processes.children_map()
+        stages: dict[int, list[render.Component]] = {}
+        for component in chosen:
+            stages.setdefault(component.stage, []).append(component)
         hit = []
-        # reverse start order: the entry before the gateways before the databases
-        for component in sorted(chosen, key=lambda c: -c.stage):
-            record = self.records.get(component.name)
-            pids = self.component_pids(component, tree)
-            if not pids:
-                continue
-            if record is not None and processes.alive(record):
-                processes.stop_tree(record, [p for p in pids if p != record.pid], STOP_TIMEOUT_S, hard=hard)
-            else:
-                # what outlived the component's PID: nobody is left to ask politely
-                log.warning("%s: its PID is gone but PIDs %s of it run: killing them", component.name, pids)
-                processes.signal_pids(pids, signal.SIGCONT)
-                processes.signal_pids(pids, signal.SIGKILL)
-                processes.wait_gone(pids, STOP_TIMEOUT_S)
-            group = self.component_cgroup(component)
-            if group is not None:
-                # a process the tree no longer reached (reparented to init) is still in its cgroup
-                escaped = network.kill_cgroup(group)
-                if escaped:
-                    processes.wait_gone(escaped, STOP_TIMEOUT_S)
-            hit.append(component.name)
+        for stage in sorted(stages, reverse=True):
+            group = stages[stage]
+            with ThreadPoolExecutor(max_workers=min(STOP_PARALLEL_MAX, len(group))) as pool:
+                stopped = list(pool.map(lambda c: self._stop_one(c, tree, hard), group))
+            hit += [c.name for c, done in zip(group, stopped, strict=True) if done]
         return hit
+
+    def _stop_one(self, component: render.Component, tree: dict[int, list[int]], hard: bool) -> bool:
+        """Stop one component's processes (False when none ran)."""
+        record = self.records.get(component.name)
+        pids = self.component_pids(component, tree)
+        if not pids:
+            return False
+        if record is not None and processes.alive(record):
+            processes.stop_tree(record, [p for p in pids if p != record.pid], STOP_TIMEOUT_S, hard=hard)
+        else:
+            # what outlived the component's PID: nobody is left to ask politely
+            log.warning("%s: its PID is gone but PIDs %s of it run: killing them", component.name, pids)
+            processes.signal_pids(pids, signal.SIGCONT)
+            processes.signal_pids(pids, signal.SIGKILL)
+            processes.wait_gone(pids, STOP_TIMEOUT_S)
+        group = self.component_cgroup(component)
+        if group is not None:
+            # a process the tree no longer reached (reparented to init) is still in its cgroup
+            escaped = network.kill_cgroup(group)
+            if escaped:
+                processes.wait_gone(escaped, STOP_TIMEOUT_S)
+        return True
 
     def kill_process(self, component: str, role: str) -> list[int]:
         """SIGKILL only the processes of ``role`` within a component (``patroni``, ``postgres``,
@@ -1120,8 +1134,12 @@ class LocalRuntime:
     # ---- down -----------------------------------------------------------------------------------
 
     def down(self, purge: bool = False, progress: Progress = _quiet) -> list[str]:
+        """Stop every component (politely: each gets SIGTERM and time to stop), then remove the
+        run's network faults; ``purge`` also deletes the run directory, and since every member's
+        data goes with it nothing is asked politely (SIGKILL at once: etcd's members, stopped
+        together, each wait seconds for a leader transfer that cannot happen)."""
         self.reload()
-        stopped = self._stop(self.components, hard=False)
+        stopped = self._stop(self.components, hard=purge)
         if stopped:
             progress(f"stopped {len(stopped)} components: {', '.join(stopped)}")
         else:
