@@ -9,8 +9,11 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -142,8 +145,9 @@ def test_patronis_rest_api_speaks_tls_only_and_its_clients_verify_it(
 
 def test_etcd_speaks_tls_to_clients_and_mutual_tls_to_peers(runtime: LocalRuntime, tmp_path: Path) -> None:
     """Issue 16: the consensus between sites is encrypted. etcd answers its clients over TLS only,
-    verified with the run's CA; a peer must present a certificate the CA signed (a client without
-    one is refused at the handshake); Patroni reaches it (every cell has its leader)."""
+    verified with the run's CA; clients and peers must present a certificate the CA signed (one
+    without is refused at the handshake); Patroni reaches it (every cell has its leader), and so
+    does Prometheus (every etcd target is up)."""
     root_cert = runtime.root_cert()
     assert root_cert is not None
     topology = runtime.topology
@@ -156,6 +160,11 @@ def test_etcd_speaks_tls_to_clients_and_mutual_tls_to_peers(runtime: LocalRuntim
     other.write_text(tls.make_ca()["cert"])
     assert http_json(client_url + "/health", timeout_s=2.0, ca_file=str(other))[0] == 0
     anonymous = ssl.create_default_context(cafile=root_cert)  # verifies the peer, presents nothing
+    # a client without a certificate the CA signed is refused: it could write a cell's leader key
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionResetError)):
+        urllib.request.urlopen(
+            client_url + "/v3/kv/range", data=b'{"key": "Lw=="}', timeout=5.0, context=anonymous
+        )
     with socket.create_connection((address, topology.ports.etcd_peer), timeout=5) as raw:
         with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
             with anonymous.wrap_socket(raw, server_hostname=address) as wrapped:
@@ -164,6 +173,17 @@ def test_etcd_speaks_tls_to_clients_and_mutual_tls_to_peers(runtime: LocalRuntim
                     raise ConnectionResetError("closed")
     for cell in topology.cell_numbers:
         assert runtime.cell_view(cell)["leader_site"] == topology.leader_site(cell)
+    targets: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body = http_json(f"{topology.prometheus_url}/api/v1/targets?state=active", timeout_s=5.0)[1]
+        targets = [t for t in body["data"]["activeTargets"] if t["labels"].get("job") == "etcd"]
+        if targets and all(t["health"] == "up" for t in targets):
+            break
+        time.sleep(1)
+    assert targets and all(t["health"] == "up" for t in targets), [
+        (t["scrapeUrl"], t["lastError"]) for t in targets
+    ]
 
 
 def test_a_gateway_reaches_the_other_centers_app_server_over_tls_only(runtime: LocalRuntime) -> None:

@@ -77,6 +77,27 @@ def test_prometheus_scrapes_patroni_over_tls_verified_with_the_runs_ca(tmp_path:
     )
 
 
+def test_prometheus_presents_the_toolkits_client_certificate_to_etcd_only(tmp_path: Path) -> None:
+    """etcd admits no client without a certificate the run's CA signed: Prometheus gets the
+    toolkit's (files of its own, 0600 like every component file) and presents it to etcd."""
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    client = {"cert": "CLIENT CERT", "key": "CLIENT KEY"}
+    found = {c.name: c for c in config.components(TOPOLOGY, tmp_path, ca_cert=ca, client_cert=client)}
+    prometheus = found["prometheus"]
+    assert prometheus.files["tls/client.crt"] == "CLIENT CERT"
+    assert prometheus.files["tls/client.key"] == "CLIENT KEY"
+    own = config.component_dir(tmp_path, "prometheus")
+    jobs = {s["job_name"]: s for s in yaml.safe_load(prometheus.files["prometheus.yml"])["scrape_configs"]}
+    assert jobs["etcd"]["tls_config"] == {
+        "ca_file": str(own / "tls/ca.crt"),
+        "cert_file": str(own / "tls/client.crt"),
+        "key_file": str(own / "tls/client.key"),
+    }
+    assert "cert_file" not in jobs["patroni"]["tls_config"]
+    without = {c.name: c for c in config.components(TOPOLOGY, tmp_path, client_cert=client)}["prometheus"]
+    assert "tls/client.key" not in without.files  # no CA: nothing speaks TLS, nothing to present
+
+
 def test_components_listen_on_the_topologys_ports_with_data_in_the_run_directory(tmp_path: Path) -> None:
     found = {c.name: c for c in config.components(TOPOLOGY, tmp_path, operator_token="s3cret-token")}
     prometheus, alertmanager = found["prometheus"], found["alertmanager"]

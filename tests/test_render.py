@@ -566,13 +566,17 @@ def test_with_a_ca_in_the_secrets_postgresql_serves_tls_only_and_every_client_ve
     # etcd: clients verify the members, peers verify each other both ways; Patroni verifies it
     assert config["etcd3"]["protocol"] == "https"
     assert config["etcd3"]["cacert"] == str(own / render.TLS_CA_FILE)
+    # etcd admits no client without a certificate the CA signed: Patroni presents the run's
+    assert config["etcd3"]["cert"] == str(own / render.TLS_CERT_FILE)
+    assert config["etcd3"]["key"] == str(own / render.TLS_KEY_FILE)
     for name in ("etcd-prod", "etcd-dr-local"):
         etcd = found[name]
         argv = etcd.argv
         etcd_own = render.component_dir(RUN_DIR, name)
         assert argv[argv.index("--peer-trusted-ca-file") + 1] == str(etcd_own / render.TLS_CA_FILE)
         assert argv[argv.index("--cert-file") + 1] == str(etcd_own / render.TLS_CERT_FILE)
-        assert "--peer-client-cert-auth" in argv
+        assert "--peer-client-cert-auth" in argv and "--client-cert-auth" in argv
+        assert argv[argv.index("--trusted-ca-file") + 1] == str(etcd_own / render.TLS_CA_FILE)
         urls = [argv[argv.index(flag) + 1] for flag in ("--listen-client-urls", "--listen-peer-urls")]
         assert all(url.startswith("https://") for url in urls), urls
         assert etcd.files[render.TLS_KEY_FILE] == with_tls[render.SECRET_TLS_SERVER]["key"]

@@ -3,6 +3,7 @@ verifies as libpq's verify-full does, and the renewal rules `watertight up` reli
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -85,6 +86,38 @@ def test_a_server_certificate_that_is_no_client_certificate_is_made_again(
     assert tls.covers(tls.make_server(ca, ["127.0.1.1"]), ca, ["127.0.1.1"])
     secrets = {render.SECRET_TLS_CA: ca, render.SECRET_TLS_SERVER: old}
     assert render.complete_secrets(secrets, ["127.0.1.1"])[render.SECRET_TLS_SERVER] != old
+
+
+def test_the_toolkits_client_certificate_is_made_once_and_again_for_a_new_ca() -> None:
+    first = render.complete_secrets({}, ["127.0.1.1"])
+    client = first[render.SECRET_TLS_CLIENT]
+    assert tls.client_current(client, first[render.SECRET_TLS_CA])
+    assert not tls.client_current(client, tls.make_ca())
+    assert not tls.client_current(None, first[render.SECRET_TLS_CA])
+    assert render.complete_secrets(first, ["127.0.1.1"])[render.SECRET_TLS_CLIENT] == client
+    cert = tls.x509.load_pem_x509_certificate(client["cert"].encode())
+    usages = cert.extensions.get_extension_for_class(tls.x509.ExtendedKeyUsage).value
+    assert list(usages) == [tls.ExtendedKeyUsageOID.CLIENT_AUTH]  # a client, never a server
+    renewed = render.complete_secrets({**first, render.SECRET_TLS_CA: tls.make_ca()}, ["127.0.1.1"])
+    assert renewed[render.SECRET_TLS_CLIENT] != client
+
+
+def test_the_toolkits_clients_present_the_client_certificate_beside_the_ca(tmp_path: Path) -> None:
+    secrets = render.complete_secrets({}, ["127.0.1.1"])
+    ca_file = tmp_path / render.TLS_ROOT_CERT
+    ca_file.write_text(secrets[render.SECRET_TLS_CA]["cert"])
+    alone = tls.client_context(str(ca_file))
+    (tmp_path / render.TLS_CLIENT_CERT).write_text(secrets[render.SECRET_TLS_CLIENT]["cert"])
+    (tmp_path / render.TLS_CLIENT_KEY).write_text(secrets[render.SECRET_TLS_CLIENT]["key"])
+    paired = tls.client_context(str(ca_file))
+    assert paired is not alone  # a new context once the client files are there
+    assert tls.client_context(str(ca_file)) is paired  # then cached
+    other_key = tmp_path / render.TLS_CLIENT_KEY
+    other_key.write_text(tls.make_ca()["key"])  # a key of another pair
+    later = other_key.stat().st_mtime_ns + 10**9  # file times are coarser than this test
+    os.utime(other_key, ns=(later, later))
+    with pytest.raises(ValueError, match="client certificate"):
+        tls.client_context(str(ca_file))
 
 
 def test_secrets_keep_the_ca_and_renew_the_server_certificate_only_when_needed() -> None:

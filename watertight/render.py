@@ -58,6 +58,9 @@ SECRET_KEY_RING = "key_ring"
 # target that has none serves PostgreSQL without TLS
 SECRET_TLS_CA = "tls_ca"
 SECRET_TLS_SERVER = "tls_server"
+# {"cert", "key"}: the toolkit's client certificate (probes, runbooks, readiness checks and
+# Prometheus present it to etcd, which admits no client without one the CA signed)
+SECRET_TLS_CLIENT = "tls_client"
 REQUIRED_SECRETS = (
     SECRET_PAN_KEY,
     SECRET_SUPERUSER_PASSWORD,
@@ -142,8 +145,9 @@ def generate_secrets() -> dict[str, Any]:
 def complete_secrets(secrets: Mapping[str, Any], tls_addresses: Iterable[str] = ()) -> dict[str, Any]:
     """``secrets`` with every missing key of REQUIRED_SECRETS made: random, except the key ring of
     a run that has a PAN key already, which starts from it (version 1), so its data stays readable.
-    With ``tls_addresses`` (where PostgreSQL listens), also the run's CA and a server certificate
-    naming every one of them (a new one when they changed or it expires within 30 days)."""
+    With ``tls_addresses`` (where PostgreSQL listens), also the run's CA, a server certificate
+    naming every one of them (a new one when they changed or it expires within 30 days) and the
+    toolkit's client certificate."""
     done = dict(secrets)
     wanted = sorted(set(tls_addresses))
     if wanted:
@@ -151,6 +155,8 @@ def complete_secrets(secrets: Mapping[str, Any], tls_addresses: Iterable[str] = 
             done[SECRET_TLS_CA] = tls.make_ca()
         if not tls.covers(done.get(SECRET_TLS_SERVER), done[SECRET_TLS_CA], wanted):
             done[SECRET_TLS_SERVER] = tls.make_server(done[SECRET_TLS_CA], wanted)
+        if not tls.client_current(done.get(SECRET_TLS_CLIENT), done[SECRET_TLS_CA]):
+            done[SECRET_TLS_CLIENT] = tls.make_client(done[SECRET_TLS_CA])
     done.setdefault(SECRET_PAN_KEY, secrets_module.token_hex(32))
     done.setdefault(SECRET_SUPERUSER_PASSWORD, secrets_module.token_urlsafe(24))
     done.setdefault(SECRET_REPLICATION_PASSWORD, secrets_module.token_urlsafe(24))
@@ -500,8 +506,10 @@ def _tls_files_for(url: str, files: TlsFiles | None, name: str) -> None:
 
 
 def _etcd_tls(files: TlsFiles | None) -> list[str]:
-    """etcd over TLS: clients verify the member with the CA; peers verify each other both ways
-    (each presents the run's certificate, which names every site address)."""
+    """etcd over TLS: clients verify the member with the CA and must present a certificate the CA
+    signed (Patroni the run's certificate, the toolkit and Prometheus its client certificate):
+    without it anyone who reaches etcd could write a cell's leader key. Peers verify each other
+    both ways (each presents the run's certificate, which names every site address)."""
     if files is None:
         return []
     return [
@@ -509,6 +517,9 @@ def _etcd_tls(files: TlsFiles | None) -> list[str]:
         str(files.cert_file),
         "--key-file",
         str(files.key_file),
+        "--client-cert-auth",
+        "--trusted-ca-file",
+        str(files.ca_file),
         "--peer-cert-file",
         str(files.cert_file),
         "--peer-key-file",
@@ -657,6 +668,12 @@ TLS_CERT_FILE = "tls/server.crt"
 TLS_KEY_FILE = "tls/server.key"
 # in the run directory, readable by anyone: what operators' clients verify the members with
 TLS_ROOT_CERT = "tls-ca.crt"
+# in the run directory beside it (0600): the toolkit's client certificate and key (watertight.tls)
+TLS_CLIENT_CERT = tls.CLIENT_CERT_BESIDE_CA
+TLS_CLIENT_KEY = tls.CLIENT_KEY_BESIDE_CA
+# in Prometheus' component directory: the same, which it presents to etcd
+TLS_CLIENT_CERT_FILE = "tls/client.crt"
+TLS_CLIENT_KEY_FILE = "tls/client.key"
 
 
 def tls_files(secrets: Mapping[str, Any], server: bool) -> dict[str, str]:
@@ -869,12 +886,17 @@ def patroni_config(
 
 
 def _etcd3_section(urls: list[str], files: TlsFiles | None = None) -> dict[str, Any]:
-    """Patroni's etcd3 section; over https it verifies the members with the CA."""
+    """Patroni's etcd3 section; over https it verifies the members with the CA and presents the
+    run's certificate (etcd admits no client without one)."""
     schemes = {urlsplit(url).scheme for url in urls}
     if len(schemes) != 1:
         raise ValueError(f"etcd URLs mix schemes: {urls}")
     protocol = schemes.pop()
-    verify = {"cacert": str(files.ca_file)} if protocol == "https" and files is not None else {}
+    verify = (
+        {"cacert": str(files.ca_file), "cert": str(files.cert_file), "key": str(files.key_file)}
+        if protocol == "https" and files is not None
+        else {}
+    )
     return {"hosts": [_netloc(url) for url in urls], "protocol": protocol, **verify}
 
 

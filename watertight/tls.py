@@ -34,6 +34,11 @@ CA_DAYS = 3650
 SERVER_DAYS = 825  # what browsers and most CAs still accept for a server certificate
 CA_NAME = "watertight run CA"
 SERVER_NAME = "watertight postgresql"
+CLIENT_NAME = "watertight toolkit"
+# beside the run's CA file (tls-ca.crt): the toolkit's client certificate and key, which every
+# client verifying with that CA presents (etcd asks for one)
+CLIENT_CERT_BESIDE_CA = "tls-client.crt"
+CLIENT_KEY_BESIDE_CA = "tls-client.key"
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -91,6 +96,54 @@ def make_ca() -> dict[str, str]:
     return {"cert": _pem_cert(cert), "key": _pem_key(key)}
 
 
+def make_client(ca: Mapping[str, str]) -> dict[str, str]:
+    """The toolkit's client certificate, signed by ``ca`` (clientAuth only, no address): what the
+    probes, runbooks, the runtime's readiness checks and Prometheus present to etcd, which admits
+    no client without one the run's CA signed. ``{"cert": PEM, "key": PEM}``."""
+    ca_cert = x509.load_pem_x509_certificate(ca["cert"].encode("ascii"))
+    ca_key = serialization.load_pem_private_key(ca["key"].encode("ascii"), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the run's CA key is not an ECDSA key")
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLIENT_NAME)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return {"cert": _pem_cert(cert), "key": _pem_key(key)}
+
+
+def _signed_and_current(pem: str, ca: Mapping[str, str]) -> x509.Certificate | None:
+    """The certificate when ``ca`` signed it and it is valid 30 more days, else None."""
+    cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    ca_cert = x509.load_pem_x509_certificate(ca["cert"].encode("ascii"))
+    try:  # the issuer's name, then the signature
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return None
+    if cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=30):
+        return None
+    return cert
+
+
+def client_current(client: Mapping[str, Any] | None, ca: Mapping[str, str]) -> bool:
+    """Whether ``client`` (from make_client) was signed by ``ca`` and is valid 30 more days."""
+    if not client or not client.get("cert"):
+        return False
+    return _signed_and_current(str(client["cert"]), ca) is not None
+
+
 def _names(addresses: Iterable[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for address in sorted(set(addresses)):
@@ -142,13 +195,8 @@ def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: I
     did not: it is made again)."""
     if not server or not server.get("cert"):
         return False
-    cert = x509.load_pem_x509_certificate(str(server["cert"]).encode("ascii"))
-    ca_cert = x509.load_pem_x509_certificate(ca["cert"].encode("ascii"))
-    try:  # the issuer's name, then the signature
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    if cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=30):
+    cert = _signed_and_current(str(server["cert"]), ca)
+    if cert is None:
         return False
     try:
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -161,18 +209,36 @@ def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: I
 
 
 @functools.lru_cache(maxsize=8)
-def _client_context(ca_file: str, version: tuple[int, int]) -> ssl.SSLContext:
-    return hop_tls.client_context(ca_file)
+def _client_context(
+    ca_file: str, version: tuple[tuple[int, int], ...], client: tuple[str, str] | None
+) -> ssl.SSLContext:
+    context = hop_tls.client_context(ca_file)
+    if client is not None:
+        try:
+            context.load_cert_chain(*client)
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError(f"tls: client certificate {client[0]}: not usable: {error}") from None
+    return context
+
+
+def _version(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_ino
 
 
 def client_context(ca_file: str) -> ssl.SSLContext:
     """What the toolkit's own HTTP clients (probes, runbooks, the runtime's readiness checks)
     verify an ``https://`` server of the topology with: the run's CA only, for the name or
-    address dialled, as the gateways verify the app servers (cardcore.platform.tls). Made once
-    per version of the file (a probe runs several times a second; a new run in the same directory
-    has a new CA)."""
-    stat = os.stat(ca_file)
-    return _client_context(ca_file, (stat.st_mtime_ns, stat.st_ino))
+    address dialled, as the gateways verify the app servers (cardcore.platform.tls). It presents
+    the toolkit's client certificate when one lies beside the CA file (``tls-client.crt`` and
+    ``.key``, which the runtime writes with the CA): etcd admits no client without one. Made once
+    per version of the files (a probe runs several times a second; a new run in the same
+    directory has a new CA)."""
+    cert = os.path.join(os.path.dirname(ca_file), CLIENT_CERT_BESIDE_CA)
+    key = os.path.join(os.path.dirname(ca_file), CLIENT_KEY_BESIDE_CA)
+    if os.path.exists(cert) and os.path.exists(key):
+        return _client_context(ca_file, (_version(ca_file), _version(cert), _version(key)), (cert, key))
+    return _client_context(ca_file, (_version(ca_file),), None)
 
 
 def context_for(url: str, ca_file: str | None) -> ssl.SSLContext | None:

@@ -11,6 +11,7 @@ other than the token file the runtime writes 0600.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from watertight.render import (
     STAGE_MONITORING,
     SUPERUSER,
     TLS_CA_FILE,
+    TLS_CLIENT_CERT_FILE,
+    TLS_CLIENT_KEY_FILE,
     Component,
     LocalEndpoints,
     app_name,
@@ -77,16 +80,29 @@ def _static(target: str, **labels: Any) -> dict[str, Any]:
 
 
 def prometheus_config(
-    topology: Topology, rules_path: str, token_path: str | None = None, ca_path: str | None = None
+    topology: Topology,
+    rules_path: str,
+    token_path: str | None = None,
+    ca_path: str | None = None,
+    client_paths: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """prometheus.yml: every gateway (and the entry), app server, Patroni, etcd member and
     PostgreSQL exporter of the topology, labelled by kind, site, cell and component; the rules of
     watertight.monitoring.rules; alerts to the topology's Alertmanager. ``token_path``: a file
     holding the operator's API token, sent as a bearer token to the app servers and gateways
     (their /metrics wants it once the API has tokens). ``ca_path``: the run's CA, which the
-    servers that speak TLS (Patroni's REST API) are verified with; without it they speak in clear."""
+    servers that speak TLS (Patroni's REST API) are verified with; without it they speak in clear.
+    ``client_paths``: the toolkit's client certificate and key, presented to etcd (which admits
+    no client without one)."""
     endpoints = LocalEndpoints(topology, tls=ca_path is not None)
     over_tls = {"scheme": "https", "tls_config": {"ca_file": ca_path}} if ca_path is not None else {}
+    etcd_tls = over_tls
+    if over_tls and client_paths is not None:
+        cert_file, key_file = client_paths
+        etcd_tls = {
+            "scheme": "https",
+            "tls_config": {"ca_file": ca_path, "cert_file": cert_file, "key_file": key_file},
+        }
     interval = topology.monitoring.scrape_interval_s
     auth = {"authorization": {"type": "Bearer", "credentials_file": token_path}} if token_path else {}
     # the gateways name their upstreams by URL: give the entry's a site, for SiteUnreachableFromEntry
@@ -171,7 +187,7 @@ def prometheus_config(
             job("app", apps, honor_labels=True, **auth),
             job("patroni", patroni, **over_tls),
             job("postgres", exporters),
-            job("etcd", etcd, **over_tls),
+            job("etcd", etcd, **etcd_tls),
             job(
                 "monitoring",
                 [
@@ -234,14 +250,19 @@ def exporter_name(cell: int, site: str) -> str:
 
 
 def components(
-    topology: Topology, run_dir: Path, operator_token: str | None = None, ca_cert: str | None = None
+    topology: Topology,
+    run_dir: Path,
+    operator_token: str | None = None,
+    ca_cert: str | None = None,
+    client_cert: Mapping[str, str] | None = None,
 ) -> list[Component]:
     """Prometheus, Alertmanager and one PostgreSQL exporter per member, as components of the local
     runtime. Prometheus and Alertmanager belong to no site (like the entry, a site fault never cuts
     them); each exporter lives in its member's site and reaches it on its socket, as the service
     user, without a password. Their data is in the run directory; their ports are the topology's,
     so a Prometheus of the host (Debian's, on :9090) is neither used nor disturbed. ``ca_cert``:
-    the run's CA certificate (PEM), what Prometheus verifies the servers that speak TLS with."""
+    the run's CA certificate (PEM), what Prometheus verifies the servers that speak TLS with;
+    ``client_cert``: the toolkit's client certificate (``{"cert", "key"}``), presented to etcd."""
     if not topology.monitoring.enabled:
         return []
     run_dir = Path(run_dir).absolute()
@@ -309,11 +330,17 @@ def components(
                 str(own / RULES_FILE),
                 str(own / TOKEN_FILE) if operator_token else None,
                 str(own / TLS_CA_FILE) if ca_cert else None,
+                (str(own / TLS_CLIENT_CERT_FILE), str(own / TLS_CLIENT_KEY_FILE))
+                if ca_cert and client_cert
+                else None,
             )
         ),
     }
     if ca_cert:
         files[TLS_CA_FILE] = ca_cert
+        if client_cert:
+            files[TLS_CLIENT_CERT_FILE] = client_cert["cert"]
+            files[TLS_CLIENT_KEY_FILE] = client_cert["key"]  # written 0600, like every component file
     if operator_token:
         files[TOKEN_FILE] = operator_token  # written 0600, like every component file
     found.append(

@@ -233,14 +233,24 @@ class LocalRuntime:
 
     def root_cert(self) -> str | None:
         """The run's CA certificate (``tls-ca.crt`` in the run directory, readable by anyone: it
-        is no secret), written from the secrets when missing or changed. The probes ask several
-        times a second: once written, only the file's existence is checked."""
+        is no secret), written from the secrets when missing or changed, with the toolkit's client
+        certificate and key beside it (0600: what the toolkit's clients present to etcd, see
+        ``watertight.tls.client_context``). The probes ask several times a second: once written,
+        only the files' existence is checked."""
         path = self.run_dir / render.TLS_ROOT_CERT
-        if self._root_cert_written is not None and path.exists():
+        client_cert = self.run_dir / render.TLS_CLIENT_CERT
+        client_key = self.run_dir / render.TLS_CLIENT_KEY
+        if self._root_cert_written is not None and path.exists() and client_key.exists():
             return str(path)
-        ca = self._secrets().get(render.SECRET_TLS_CA)
+        secrets = self._secrets()
+        ca = secrets.get(render.SECRET_TLS_CA)
         if not ca:
             return None
+        client = secrets.get(render.SECRET_TLS_CLIENT) or {}
+        # the key first: a client certificate without its key beside it is never read half-made
+        for target, text in ((client_key, client.get("key")), (client_cert, client.get("cert"))):
+            if text and (not target.exists() or target.read_text() != text):
+                private_files.write_private(target, text)
         if not path.exists() or path.read_text() != ca["cert"]:
             private_files.write_private(path, ca["cert"])
             path.chmod(0o644)
@@ -306,6 +316,7 @@ class LocalRuntime:
                 self.run_dir,
                 self.operator_token(),
                 (secrets.get(render.SECRET_TLS_CA) or {}).get("cert"),
+                secrets.get(render.SECRET_TLS_CLIENT),
             )
         return self._components
 
