@@ -264,9 +264,11 @@ def test_status_and_up_on_the_command_line(runtime: LocalRuntime) -> None:
         env=env,
         check=True,
     )
-    assert f'"entry": "http://127.{topologies.test_net()}.0.1:28080"' in as_json.stdout
-    assert f'"prometheus": "http://127.{topologies.test_net()}.0.1:28090"' in as_json.stdout
-    assert f'"alertmanager": "http://127.{topologies.test_net()}.0.1:28093"' in as_json.stdout
+    topology = runtime.topology  # the entry and monitoring at 127.0.20.1 (tests.topologies.moved)
+    assert topology.entry_url.endswith(".20.1:28080") and topology.prometheus_url.endswith(".20.1:28090")
+    assert f'"entry": "{topology.entry_url}"' in as_json.stdout
+    assert f'"prometheus": "{topology.prometheus_url}"' in as_json.stdout
+    assert f'"alertmanager": "{topology.alertmanager_url}"' in as_json.stdout
     assert "monitoring: Prometheus" in shown.stdout and "targets up" in shown.stdout
 
 
@@ -274,8 +276,8 @@ def test_up_starts_prometheus_and_alertmanager_with_every_target_up(runtime: Loc
     status = runtime.status()
     monitoring = status["monitoring"]
     net = topologies.test_net()
-    assert monitoring["prometheus"] == f"http://127.{net}.0.1:28090"
-    assert monitoring["alertmanager"] == f"http://127.{net}.0.1:28093"
+    assert monitoring["prometheus"] == f"http://127.{net}.20.1:28090"
+    assert monitoring["alertmanager"] == f"http://127.{net}.20.1:28093"
     targets = monitoring["targets"]
     expected = [t for t in targets if t["expected"]]
     assert expected and all(t["health"] == "up" for t in expected), [
