@@ -576,7 +576,7 @@ def run_one(
         )
     for index, failed in enumerate(failed_actions(journal_doc)):
         # Chaos Toolkit completes an experiment whose action failed: the fault (the first action)
-        # was never injected, or a later one (the hold) did not do its part
+        # was never injected, or a later one (a second fault, a sampling action) did not do its part
         judged["passed"] = False
         what = (
             "the fault was not injected"

@@ -16,8 +16,7 @@
 | add_latency | remove_latency |
 
 ``heal_everything`` undoes all of them at once and ``wait_until_steady`` waits for the steady
-state. ``hold_fault`` keeps a fault in force between its action and the rollback: long enough for
-monitoring to tell of it, then until every cell has been served a while again, within a bound. Every action takes topology names, ``target`` ("local" or "kubernetes") and ``run_dir``
+state. Every action takes topology names, ``target`` ("local" or "kubernetes") and ``run_dir``
 (default $WATERTIGHT_RUN_DIR or run/); it finds the topology again on each call and keeps nothing
 between calls. Each says what it did in its return value (the journal keeps it).
 """
@@ -28,7 +27,7 @@ import time
 from typing import Any
 
 from watertight import render
-from watertight.chaos import probes, targets
+from watertight.chaos import targets
 from watertight.runtime.target import Target
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "freeze_site",
     "heal_everything",
     "heal_partition",
-    "hold_fault",
     "kill_app_mid_batch",
     "kill_cell",
     "kill_cell_primary",
@@ -58,9 +56,6 @@ __all__ = [
 ]
 
 WAIT_S_DEFAULT = 120.0
-HOLD_S_MAX = 600.0
-HOLD_POLL_S = 1.0
-HOLD_PROBE_TIMEOUT_S = 2.0
 IN_FLIGHT_WAIT_S_MAX = 10.0
 WAIT_POLL_S = 0.5
 STEADY_TIMEOUT_S_MAX = 900.0
@@ -395,41 +390,6 @@ def wait_until_steady(
     """Wait until every cell has a leader and a sync standby and every gateway and the entry
     answer; fails after ``timeout_s`` naming what is missing."""
     return {"steady_after_s": _wait_steady(_runtime(target, run_dir, configuration), timeout_s)}
-
-
-def hold_fault(
-    min_s: float = 20.0,
-    max_s: float = 40.0,
-    served_s: float = 10.0,
-    target: str = "local",
-    run_dir: str | None = None,
-    configuration: Configuration = None,
-) -> dict[str, Any]:
-    """Keep the fault in force: at least ``min_s`` (the drill judges that monitoring told of it
-    within 15 s), then until the entry has answered ready for every cell ``served_s`` seconds in a
-    row (the cells the fault interrupted serve again, and have for a while), at most ``max_s``
-    (a fault the system does not recover from is held that long, then rolled back and judged).
-    Returns how long it held and why it ended. Bad bounds are an error before anything waits."""
-    for name, value in (("min_s", min_s), ("max_s", max_s), ("served_s", served_s)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= HOLD_S_MAX:
-            raise ValueError(f"hold_fault: {name}={value!r} must be a number of seconds in 0..{HOLD_S_MAX:g}")
-    if min_s > max_s:
-        raise ValueError(f"hold_fault: min_s={min_s:g} is more than max_s={max_s:g}")
-    started = time.monotonic()
-    served_since: float | None = None
-    while True:
-        now = time.monotonic()
-        held = now - started
-        if held >= max_s:
-            return {"held_s": round(held, 1), "ended": "max_s: not every cell served throughout served_s"}
-        if served_since is not None and held >= min_s and now - served_since >= served_s:
-            return {"held_s": round(held, 1), "ended": f"every cell served for {served_s:g} s"}
-        ready = probes.entry_answers(True, HOLD_PROBE_TIMEOUT_S, target, run_dir, configuration)
-        if ready:
-            served_since = now if served_since is None else served_since
-        else:
-            served_since = None
-        time.sleep(max(0.0, min(HOLD_POLL_S, max_s - (time.monotonic() - started))))
 
 
 # ---- runbooks -------------------------------------------------------------------------------------

@@ -179,12 +179,6 @@ class Planner:
             }
         if func == "run_runbook":
             return {"would": f"run the runbook {arguments.get('name')} with {arguments.get('extras') or {}}"}
-        if func == "hold_fault":
-            return {
-                "would": f"keep the fault in force at least {arguments.get('min_s')} s, then until the entry has "
-                f"answered ready for every cell {arguments.get('served_s')} s in a row, at most "
-                f"{arguments.get('max_s')} s; changes nothing"
-            }
         if func == "wait_until_steady":
             return {
                 "would": f"wait up to {arguments.get('timeout_s')} s for the steady state; changes nothing"
