@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,11 +204,13 @@ class CoreStack:
         return asyncio.run(run())
 
     def close(self) -> None:
+        """Stop its servers and delete its directory (their settings hold the stack's PAN key)."""
         if self._client is not None:
             self._client.close()
         for server in [self.gateway, *self.apps]:
             if server is not None:
                 server.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def in_parallel(stack: CoreStack, calls: list[Any], threads: int = 32) -> list[httpx.Response]:
