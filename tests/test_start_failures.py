@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.topologies import moved
+from watertight import pg
 from watertight.runtime.local import LocalRuntime, RuntimeError_
 from watertight.topology import parse
 
@@ -78,3 +79,20 @@ def test_components_of_a_moved_topology_are_rendered_off_127_0_0_1(tmp_path: Pat
     listening = [(c.name, address) for c in runtime.components for address in c.listens]
     assert listening
     assert not [(name, a) for name, a in listening if a[0] == "127.0.0.1"], listening
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_never_handed_out_twice() -> None:
+    """The core stacks' servers bind what pg.free_port gives: a port of the ephemeral range could
+    be taken by a client's end first, as Prometheus' was."""
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    given = [pg.free_port() for _ in range(200)]
+    assert len(set(given)) == len(given)
+    assert all(port in pg.FREE_PORTS and not low <= port <= high for port in given)
+    for port in pg.FREE_PORTS:  # a port of the range another process holds is never given
+        try:
+            held = socket.create_server(("127.0.0.1", port))
+        except OSError:
+            continue
+        with held:
+            assert port not in {pg.free_port() for _ in range(300)}
+        break

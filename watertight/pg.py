@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import random
 import re
 import signal
 import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,12 +76,35 @@ def service_user() -> str | None:
     return SERVICE_USER
 
 
+# where free_port looks: below the kernel's ephemeral range (32768-60999 by default), from which
+# the client end of every connection on 127.0.0.1 takes its port, and apart from the topologies'
+# ports (1xxxx from 12379 up, and the test topologies' 2xxxx-5xxxx)
+FREE_PORTS = range(10000, 12000)
+FREE_PORT_TRIES = 100
+_issued: set[int] = set()  # never handed out twice by one process: the server may not have bound it yet
+_issued_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the kernel's pick; another process may take it later)."""
+    """A TCP port nobody holds right now, outside the ephemeral range: a port the kernel picks
+    for a bind to 0 is one a client's connection may take before the server binds it (another
+    process may still take it later). This process never gets one port twice. Falls back to the
+    kernel's pick after ``FREE_PORT_TRIES``."""
+    for port in random.sample(FREE_PORTS, FREE_PORT_TRIES):
+        with _issued_lock:
+            if port in _issued:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _issued.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        picked: int = sock.getsockname()[1]
+        return picked
 
 
 def service_tempdir(prefix: str = "watertight-pg-") -> Path:
