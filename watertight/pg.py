@@ -78,8 +78,9 @@ def service_user() -> str | None:
 
 # where free_port looks: below the kernel's ephemeral range (32768-60999 by default), from which
 # the client end of every connection on 127.0.0.1 takes its port, and apart from the topologies'
-# ports (1xxxx from 12379 up, and the test topologies' 2xxxx-5xxxx)
-FREE_PORTS = range(10000, 12000)
+# ports (1xxxx from 12379 up, and the test topologies' 2xxxx-5xxxx), above the kubelet's and
+# kube-proxy's (10248-10259)
+FREE_PORTS = range(10300, 12300)
 FREE_PORT_TRIES = 100
 _issued: set[int] = set()  # never handed out twice by one process: the server may not have bound it yet
 _issued_lock = threading.Lock()
