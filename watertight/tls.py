@@ -96,32 +96,47 @@ def make_ca() -> dict[str, str]:
     return {"cert": _pem_cert(cert), "key": _pem_key(key)}
 
 
-def make_client(ca: Mapping[str, str]) -> dict[str, str]:
-    """The toolkit's client certificate, signed by ``ca`` (clientAuth only, no address): what the
-    probes, runbooks, the runtime's readiness checks and Prometheus present to etcd, which admits
-    no client without one the run's CA signed. ``{"cert": PEM, "key": PEM}``."""
+def _issue(
+    ca: Mapping[str, str],
+    common_name: str,
+    usages: list[x509.ObjectIdentifier],
+    names: list[x509.GeneralName] | None = None,
+) -> dict[str, str]:
+    """A certificate and its new key, signed by ``ca`` (ECDSA P-256, SERVER_DAYS), for the
+    extended key ``usages``, with ``names`` as its subject alternative names when given."""
     ca_cert = x509.load_pem_x509_certificate(ca["cert"].encode("ascii"))
     ca_key = serialization.load_pem_private_key(ca["key"].encode("ascii"), password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the run's CA key is not an ECDSA key")
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLIENT_NAME)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
         .sign(ca_key, hashes.SHA256())
     )
     return {"cert": _pem_cert(cert), "key": _pem_key(key)}
+
+
+def make_client(ca: Mapping[str, str]) -> dict[str, str]:
+    """The toolkit's client certificate, signed by ``ca`` (clientAuth only, no address): what the
+    probes, runbooks, the runtime's readiness checks and Prometheus present to etcd, which admits
+    no client without one the run's CA signed. ``{"cert": PEM, "key": PEM}``."""
+    return _issue(ca, CLIENT_NAME, [ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
 def _signed_and_current(pem: str, ca: Mapping[str, str]) -> x509.Certificate | None:
@@ -156,37 +171,13 @@ def _names(addresses: Iterable[str]) -> list[x509.GeneralName]:
 
 def make_server(ca: Mapping[str, str], addresses: Iterable[str]) -> dict[str, Any]:
     """A server certificate signed by ``ca`` for ``addresses`` (IP addresses or host names):
-    ``{"cert": PEM, "key": PEM, "addresses": [...]}``."""
+    ``{"cert": PEM, "key": PEM, "addresses": [...]}``. It serves as a client certificate too:
+    etcd's peers present it to each other (--peer-client-cert-auth), Patroni to etcd."""
     wanted = sorted(set(addresses))
     if not wanted:
         raise ValueError("a server certificate needs at least one address")
-    ca_cert = x509.load_pem_x509_certificate(ca["cert"].encode("ascii"))
-    ca_key = serialization.load_pem_private_key(ca["key"].encode("ascii"), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the run's CA key is not an ECDSA key")
-    key = _key()
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
-        .add_extension(x509.SubjectAlternativeName(_names(wanted)), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        # etcd's peers present it to each other as clients too (--peer-client-cert-auth)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return {"cert": _pem_cert(cert), "key": _pem_key(key), "addresses": wanted}
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return {**_issue(ca, SERVER_NAME, usages, _names(wanted)), "addresses": wanted}
 
 
 def covers(server: Mapping[str, Any] | None, ca: Mapping[str, str], addresses: Iterable[str]) -> bool:
