@@ -80,8 +80,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     log = tmp_path_factory.mktemp("cluster") / "progress.log"
     layout = node.Layout(directory.resolve())
     before = hoststate.record(layout.mount_prefixes(), spec.BRIDGE)
-    up = _cluster_command("up", directory, log, UP_TIMEOUT_S, "--json")
-    try:
+    try:  # `up` inside: an interrupted or failed up leaves what it started to the down below
+        up = _cluster_command("up", directory, log, UP_TIMEOUT_S, "--json")
         assert up.returncode == 0, f"watertight cluster up failed:\n{log.read_text()[-4000:]}"
         status = json.loads(up.stdout)
         status["_directory"] = directory
