@@ -5,6 +5,7 @@ every check held."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,7 @@ def main() -> int:
             agent.stop()
         network.delete_table(run_dir)
         network.release_cgroups(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
     print(f"{len(failures)} failed", flush=True)
     return 1 if failures else 0
 
