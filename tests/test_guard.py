@@ -94,9 +94,9 @@ def gone(pid: int) -> bool:
     return processes.state_of(pid) in (None, "Z", "X")
 
 
-@pytest.fixture
-def member(tmp_path: Path) -> Iterator[Member]:
-    (tmp_path / "data").mkdir()
+def start_guard(tmp_path: Path) -> Member:
+    """The guard over the stand-in Patroni in ``tmp_path`` (its log: member.log)."""
+    (tmp_path / "data").mkdir(exist_ok=True)
     script = tmp_path / "fake_patroni.py"
     script.write_text(FAKE_PATRONI)
     postgres = str(tmp_path / "bin" / "postgres")  # only its name: argv[0] of the stand-in
@@ -110,7 +110,12 @@ def member(tmp_path: Path) -> Iterator[Member]:
             ],
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
         )  # fmt: skip
-    running = Member(process, tmp_path, log)
+    return Member(process, tmp_path, log)
+
+
+@pytest.fixture
+def member(tmp_path: Path) -> Iterator[Member]:
+    running = start_guard(tmp_path)
     try:
         wait_for("the stand-in postmaster runs", lambda: running.postmaster() is not None)
         wait_for("the watchdog is armed", lambda: '"armed": true' in _state(tmp_path))
@@ -198,6 +203,20 @@ def test_a_patroni_that_fails_to_start_is_started_again(
     assert member.guard.poll() is None
     assert member.text().count("a start that failed") == 2
     assert time.monotonic() - started >= 2 * guard.START_RETRY_DELAY_S
+
+
+def test_a_guard_asked_to_stop_while_it_waits_to_start_patroni_again_stops(tmp_path: Path) -> None:
+    (tmp_path / "fail-starts").write_text("1000")  # Patroni never starts
+    member = start_guard(tmp_path)
+    try:
+        wait_for("a failed start", lambda: "a start that failed" in member.text())
+        member.guard.send_signal(signal.SIGTERM)
+        assert member.guard.wait(timeout=WAIT_S) == 0
+        assert member.text().count("a start that failed") <= 2
+    finally:
+        if member.guard.poll() is None:
+            member.guard.kill()
+            member.guard.wait(timeout=WAIT_S)
 
 
 def test_the_watchdog_reads_what_patronis_testing_driver_writes() -> None:

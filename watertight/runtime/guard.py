@@ -401,6 +401,7 @@ class Guard:
                     code = self.on_patroni_exit()
                     if code != 0 and self.retry_failed_start():
                         continue
+                    code = 0 if self.stopping else code  # asked to stop while it waited to retry
                     break
                 if self.keeper is not None and self.keeper.returncode is not None and not self.stopping:
                     log(
