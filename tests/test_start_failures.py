@@ -18,6 +18,8 @@ import pytest
 
 from tests.topologies import moved
 from watertight import pg
+from watertight import topology as topology_module
+from watertight.runtime import local
 from watertight.runtime.local import LocalRuntime, RuntimeError_
 from watertight.topology import parse
 
@@ -96,3 +98,24 @@ def test_free_ports_are_outside_the_ephemeral_range_and_never_handed_out_twice()
         with held:
             assert port not in {pg.free_port() for _ in range(300)}
         break
+
+
+def test_up_warns_of_a_listener_on_127_0_0_1_inside_the_ephemeral_range(tmp_path: Path) -> None:
+    low, high = local.ephemeral_range()
+    text = moved(90, 5)
+    inside = text.replace(f"address: {parse(text, 'm').entry.address}", "address: 127.0.0.1")  # 58080
+    on_loopback = LocalRuntime(tmp_path / "a", parse(inside, "inside"), inside)
+    warnings = local.ephemeral_listeners(on_loopback.components)
+    names = {w.split(" ", 1)[0] for w in warnings}
+    if low <= 58080 <= high:
+        assert {"entry", "prometheus", "alertmanager"} <= names, warnings
+        assert "inside the kernel's ephemeral port range" in warnings[0]
+    default = topology_module.DEFAULT_PATH.read_text()  # 1xxxx: outside the default range
+    assert (
+        local.ephemeral_listeners(LocalRuntime(tmp_path / "b", parse(default, "d"), default).components) == []
+    )
+    moved_away = moved(90, 5)  # the test topologies: 127.0.90.1, not where clients' ends are
+    assert (
+        local.ephemeral_listeners(LocalRuntime(tmp_path / "c", parse(moved_away, "m"), moved_away).components)
+        == []
+    )

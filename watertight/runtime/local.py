@@ -563,6 +563,8 @@ class LocalRuntime:
         self.run_dir.chmod(0o755)
         self._write_state()
         self._refuse_taken_addresses([c for c in self.components if self.expected(c) and not self.running(c)])
+        for warning in ephemeral_listeners(self.components):
+            progress(f"warning: {warning}")
         started: list[str] = []
         stages = sorted({c.stage for c in self.components})
         for stage in stages:
@@ -1186,6 +1188,30 @@ class LocalRuntime:
             self.records = {}
             self._write_state()
         return stopped
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for the client end of a connection (32768-60999 by default)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def ephemeral_listeners(components: Iterable[render.Component]) -> list[str]:
+    """What listens on 127.0.0.1 at a port of the ephemeral range: every connection between
+    loopback addresses leaves from 127.0.0.1, so a client's end may hold such a port when the
+    component binds it ("address already in use"; it cost CI a test topology's Prometheus)."""
+    low, high = ephemeral_range()
+    return [
+        f"{c.name} listens on {host}:{port}, inside the kernel's ephemeral port range ({low}-{high}): "
+        "a client connection's end may hold it when the component starts; choose a port outside it "
+        "or another loopback address than 127.0.0.1"
+        for c in components
+        for host, port in c.listens
+        if host == LOOPBACK_SOURCE and low <= port <= high
+    ]
 
 
 def _process_kind(component_kind: str, pid: int) -> str:
