@@ -227,7 +227,6 @@ class Guard:
     watchdog: Watchdog = field(default_factory=Watchdog)
     resets: list[float] = field(default_factory=list)
     start_failures: list[float] = field(default_factory=list)
-    fenced_at_exit: list[int] = field(default_factory=list)  # what Patroni's last exit left running
     stopping: bool = False
     fifo_fd: int = -1
 
@@ -301,11 +300,11 @@ class Guard:
                 if proc is not None and proc.pid == pid and proc.returncode is None:
                     proc.returncode = os.waitstatus_to_exitcode(status)
 
-    def on_patroni_exit(self) -> int:
+    def on_patroni_exit(self) -> tuple[int, list[int]]:
+        """Fence what Patroni left running; the guard's exit code and the PIDs fenced."""
         assert self.patroni is not None
         code = self.patroni.returncode
         victims = fence(self.pid_file)
-        self.fenced_at_exit = victims
         if self.stopping:
             if victims:
                 log(f"Patroni stopped (exit {code}) but PostgreSQL still ran: fenced PIDs {victims}")
@@ -317,14 +316,14 @@ class Guard:
             )
         else:
             log(f"Patroni (PID {self.patroni.pid}) exited with {code}; PostgreSQL was not running")
-        return 0 if self.stopping else 1
+        return (0 if self.stopping else 1), victims
 
     def retry_failed_start(self) -> bool:
         """After Patroni exited with PostgreSQL not running: start it again if it failed (a code
         above 0) and the budget allows. False when the member stays down."""
         assert self.patroni is not None
         code = self.patroni.returncode
-        if self.stopping or code is None or code <= 0 or self.fenced_at_exit:
+        if self.stopping or code is None or code <= 0:
             return False
         now = time.monotonic()
         self.start_failures = [t for t in self.start_failures if now - t < START_RETRY_WINDOW_S] + [now]
@@ -398,8 +397,8 @@ class Guard:
                 self.reap()
                 assert self.patroni is not None
                 if self.patroni.returncode is not None:
-                    code = self.on_patroni_exit()
-                    if code != 0 and self.retry_failed_start():
+                    code, fenced = self.on_patroni_exit()
+                    if code != 0 and not fenced and self.retry_failed_start():
                         continue
                     code = 0 if self.stopping else code  # asked to stop while it waited to retry
                     break
