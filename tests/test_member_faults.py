@@ -21,7 +21,7 @@ import pytest
 from tests.cards import customers_in_each_cell
 from tests.topologies import moved
 from tests.writers import Writers, ledger_transactions
-from watertight import render, verdicts
+from watertight import pg, render, verdicts
 from watertight import topology as topology_module
 from watertight.chaos import probes
 from watertight.pg import service_tempdir
@@ -194,20 +194,22 @@ def test_a_member_started_while_etcd_has_no_quorum_joins_once_it_is_back(runtime
     for etcd in others:
         runtime.kill(component=etcd.name)
     log = runtime.log_path(member)
-    before = log.read_text(errors="replace").count("a start that failed") if log.exists() else 0
+
+    def failed_starts() -> int:
+        return log.read_text(errors="replace").count("a start that failed") if log.exists() else 0
+
+    before = failed_starts()
     try:
         runtime.start(component=member.name)
         deadline = time.monotonic() + ETCD_LOST_S
         while time.monotonic() < deadline:
             assert runtime.running(member), (
-                f"{member.name} went down while etcd had no quorum:\n"
-                + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                f"{member.name} went down while etcd had no quorum:\n{pg.log_tail(log, 15)}"
             )
-            if log.read_text(errors="replace").count("a start that failed") > before:
+            if failed_starts() > before:
                 break
             time.sleep(0.5)
-        failed_starts = log.read_text(errors="replace").count("a start that failed") - before
-        print(f"{member.name}: {failed_starts} failed starts of Patroni while etcd had no quorum")
+        print(f"{member.name}: {failed_starts() - before} failed starts of Patroni while etcd had no quorum")
     finally:
         for etcd in others:
             runtime.start(component=etcd.name)
